@@ -1,0 +1,80 @@
+// Softmax-denominator compensation (SDC) and V-mean compensation (VMC) of the mass that pruning drops.
+#pragma once
+
+#include <toptheta/detail/require.hpp>
+#include <toptheta/scalar_traits.hpp>
+
+#include <cmath>
+#include <string>
+
+namespace toptheta {
+
+/// The term `C_i` added (times λ) to the kept mass `D_i` in the softmax denominator (design.md §1, step 4).
+enum class DenominatorCompensation {
+  none,           ///< `C_i = 0`: the kept elements are renormalised to sum to 1.
+  exact,          ///< `C_i = Σ_{j∉S_i} exp(a_ij - m_i)`: V traffic still drops, exp work does not.
+  exp_threshold,  ///< `C_i = (L_i - |S_i|) exp(τ_i - m_i)`: each pruned term bounded by the threshold.
+  calibrated,     ///< `C_i = c_h(L_i)`: the calibrated mean of the exact term, from the threshold table.
+};
+
+inline const char* to_string(DenominatorCompensation mode) {
+  switch (mode) {
+    case DenominatorCompensation::none: return "none";
+    case DenominatorCompensation::exact: return "exact";
+    case DenominatorCompensation::exp_threshold: return "exp_threshold";
+    case DenominatorCompensation::calibrated: return "calibrated";
+  }
+  return "unknown";
+}
+
+/// How a sparse kernel compensates for pruned elements.
+struct Compensation {
+  DenominatorCompensation denominator = DenominatorCompensation::none;
+  /// Scale λ of the denominator term: the denominator is `D_i + λ C_i`.
+  double lambda = 1.0;
+  /// V-mean compensation: add `(1 - Σ_j p_ij) vbar(L_i)`, `vbar(L) = (1/L) Σ_{j<L} v_j`.
+  bool v_mean = false;
+
+  void validate(const std::string& argument = "compensation") const {
+    detail::require(std::isfinite(lambda) && lambda >= 0, argument + ".lambda", "a finite value >= 0", lambda);
+  }
+};
+
+/// The row's scalars after selection, in units of `exp(a - m_i)`.
+template <class Acc>
+struct RowMass {
+  Acc kept_mass = 0;    ///< `D_i = Σ_{j∈S_i} exp(a_ij - m_i)`
+  Acc pruned_mass = 0;  ///< `Σ_{j∉S_i} exp(a_ij - m_i)`, tracked only for exact compensation
+  Acc total_mass = 0;   ///< `Z_i` over all visible keys, known to two-pass kernels
+  Index kept = 0;       ///< `|S_i|`
+  Index length = 0;     ///< `L_i`
+};
+
+/// The normaliser of kept probabilities `p_ij = exp(a_ij - m_i) / denominator`.
+/// \param post_softmax the probability placement: `p_ij = P_ij`, the full softmax, not renormalised.
+/// \param pruned_bound the score `τ_i` bounding each pruned score, for `exp_threshold`.
+/// \param calibrated_term `c_h(L_i)`, for `calibrated`.
+template <class Acc>
+Acc softmax_denominator(const RowMass<Acc>& mass, const Compensation& compensation, bool post_softmax, Acc row_max,
+                        Acc pruned_bound, Acc calibrated_term) {
+  if (post_softmax) return mass.total_mass;
+  const Index pruned = mass.length - mass.kept;
+  Acc term = 0;
+  if (pruned > 0) {
+    switch (compensation.denominator) {
+      case DenominatorCompensation::none: break;
+      case DenominatorCompensation::exact: term = mass.pruned_mass; break;
+      case DenominatorCompensation::exp_threshold: term = Acc(pruned) * std::exp(pruned_bound - row_max); break;
+      case DenominatorCompensation::calibrated: term = calibrated_term; break;
+    }
+  }
+  return mass.kept_mass + Acc(compensation.lambda) * term;
+}
+
+/// Weight of `vbar(L_i)` under V-mean compensation: the probability mass not given to kept rows, `1 - Σ_j p_ij`.
+template <class Acc>
+Acc v_mean_weight(const RowMass<Acc>& mass, Acc denominator) {
+  return Acc(1) - mass.kept_mass / denominator;
+}
+
+}  // namespace toptheta

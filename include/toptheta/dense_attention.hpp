@@ -1,0 +1,25 @@
+// Dense attention, tiled with an online softmax: the baseline every sparse kernel is measured against.
+#pragma once
+
+#include <toptheta/detail/identity.hpp>
+#include <toptheta/detail/tiled_attention.hpp>
+#include <toptheta/executor.hpp>
+#include <toptheta/selection.hpp>
+
+namespace toptheta {
+
+/// `o_i = Σ_{j<L_i} softmax(a_i)_j v_j` for every query head, tiled: KV tiles beyond a block's last visible key
+/// (causal tiles above the diagonal) are never touched.
+/// \tparam Tiles query block x KV block sizes. \tparam Scalar stored type, deduced from `out`.
+/// \param q `[n_q, q_heads, d]`, \param k, v `[n_kv, kv_heads, d]`, \param out `[n_q, q_heads, d]`.
+/// Extra memory: O(tile sizes x d) per work item.
+template <class Tiles = DefaultTiles, class Scalar, class Executor = DefaultExecutor>
+void dense_attention(const TensorView<const detail::identity_t<Scalar>>& q,
+                     const TensorView<const detail::identity_t<Scalar>>& k,
+                     const TensorView<const detail::identity_t<Scalar>>& v, const TensorView<Scalar>& out,
+                     const AttentionOptions& options = {}, AttentionStats* stats = nullptr,
+                     const Executor& executor = {}) {
+  detail::run_tiled_attention<Tiles, Scalar>(q, k, v, out, options, DenseSelection{}, nullptr, executor, stats);
+}
+
+}  // namespace toptheta

@@ -1,0 +1,306 @@
+// The tiled attention kernel shared by dense, Top-θ and top-k attention: a selection policy decides which
+// scores survive, the kernel streams K and V tiles and loads only the V rows some row of the block kept.
+#pragma once
+
+#include <toptheta/compensation.hpp>
+#include <toptheta/detail/require.hpp>
+#include <toptheta/online_softmax.hpp>
+#include <toptheta/scalar_traits.hpp>
+#include <toptheta/selection.hpp>
+#include <toptheta/stats.hpp>
+#include <toptheta/value_means.hpp>
+#include <toptheta/views.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace toptheta {
+
+/// Compile-time tile sizes: `QueryBlock` query rows (times the GQA group's heads) against `KvBlock` keys.
+template <Index QueryBlock, Index KvBlock>
+struct Tiles {
+  static_assert(QueryBlock >= 1 && KvBlock >= 1, "tile sizes must be positive");
+  static constexpr Index query_block = QueryBlock;
+  static constexpr Index kv_block = KvBlock;
+};
+
+using DefaultTiles = Tiles<32, 128>;
+
+namespace detail {
+
+/// Rows kept by any query row, per KV head: the union that decides which V rows an engine needs.
+class KeptRowSets {
+ public:
+  void reset(Index kv_heads, Index key_rows) {
+    words_per_head_ = (key_rows + 63) / 64;
+    bits_ = std::vector<std::atomic<std::uint64_t>>(std::size_t(kv_heads * words_per_head_));
+  }
+  void mark(Index kv_head, Index position) {
+    bits_[std::size_t(kv_head * words_per_head_ + position / 64)].fetch_or(std::uint64_t(1) << (position % 64),
+                                                                           std::memory_order_relaxed);
+  }
+  std::uint64_t count(Index kv_head) const {
+    std::uint64_t total = 0;
+    for (Index w = 0; w < words_per_head_; ++w)
+      total += std::uint64_t(__builtin_popcountll(bits_[std::size_t(kv_head * words_per_head_ + w)].load()));
+    return total;
+  }
+
+ private:
+  Index words_per_head_ = 0;
+  std::vector<std::atomic<std::uint64_t>> bits_;
+};
+
+/// One attention call split into work items (KV head, query block). A block stacks the query rows of every
+/// head of the KV head's group, so each K tile is loaded once for the group and each V row once for the
+/// union of the group's survivors.
+template <class Tiles, class Scalar, class Selection>
+class TiledAttention {
+ public:
+  using Acc = accumulator_t<Scalar>;
+  using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+  TiledAttention(const TensorView<const Scalar>& q, const TensorView<const Scalar>& k,
+                 const TensorView<const Scalar>& v, const TensorView<Scalar>& out, const AttentionShape& shape,
+                 const Selection& selection, const ValueMeans<Acc>* value_means, bool collect_stats)
+      : q_(q), k_(k), v_(v), out_(out), shape_(shape), selection_(selection), value_means_(value_means),
+        track_pruned_mass_(!selection.post_softmax() &&
+                           selection.compensation().denominator == DenominatorCompensation::exact),
+        collect_stats_(collect_stats) {
+    query_blocks_ = (shape.query_rows + Tiles::query_block - 1) / Tiles::query_block;
+    if (collect_stats_) kept_rows_.reset(shape.kv_heads, shape.key_rows);
+  }
+
+  Index work_items() const { return shape_.kv_heads * query_blocks_; }
+
+  /// Attends the query rows of block `item % query_blocks` for every head of KV head `item / query_blocks`.
+  void run(Index item, AttentionStats& stats) {
+    Block block(*this, item / query_blocks_, item % query_blocks_);
+    block.select_rows(stats);
+    const Index tiles = (block.visible_end + Tiles::kv_block - 1) / Tiles::kv_block;
+    // Tiles run from the last to the first so that a cap of k keeps the largest positions in one pass.
+    for (Index tile = tiles - 1; tile >= 0; --tile) block.accumulate_tile(tile * Tiles::kv_block, stats);
+    block.finish_rows(stats);
+  }
+
+  /// Distinct V rows kept per KV head over the whole call (only when stats are collected).
+  void count_kept_rows(AttentionStats& stats) const {
+    for (Index h = 0; h < shape_.kv_heads; ++h) {
+      stats.v_rows_kept[h] = kept_rows_.count(h);
+      stats.v_rows_visible[h] = std::uint64_t(shape_.max_row_length());
+    }
+  }
+
+ private:
+  struct Row : RowState<Acc> {
+    Index query_head = 0, query_row = 0, length = 0;
+    Acc query_norm = 0;
+  };
+
+  struct Block {
+    TiledAttention& kernel;
+    Index kv_head;
+    std::vector<Row> rows;
+    Matrix scaled_queries;  // s q_i, one row per (head of the group, query row)
+    Matrix row_scores;      // a_ij of every visible key, for selections that need whole rows
+    Matrix tile_scores, tile_weights, output;
+    Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
+    std::vector<Acc> scratch;
+
+    Block(TiledAttention& owner, Index kv, Index query_block) : kernel(owner), kv_head(kv) {
+      const AttentionShape& shape = kernel.shape_;
+      const Index first = query_block * Tiles::query_block;
+      const Index count = std::min(Tiles::query_block, shape.query_rows - first);
+      rows.reserve(std::size_t(shape.group_size * count));
+      scaled_queries.resize(shape.group_size * count, shape.head_dim);
+      for (Index g = 0; g < shape.group_size; ++g)
+        for (Index i = first; i < first + count; ++i) {
+          const Index h = kv_head * shape.group_size + g;
+          const auto query = kernel.q_.head(h).row(i).template cast<Acc>();
+          Row row;
+          row.query_head = h;
+          row.query_row = i;
+          row.length = shape.row_length(i);
+          row.query_norm = query.norm();
+          scaled_queries.row(Index(rows.size())) = Acc(shape.scale) * query;
+          visible_end = std::max(visible_end, row.length);
+          rows.push_back(row);
+        }
+      output.setZero(Index(rows.size()), shape.head_dim);
+    }
+
+    /// s Q_block K_tileᵀ for keys [first, first + width).
+    template <class Into>
+    void score(Index first, Index width, Into&& into) {
+      const auto keys = kernel.k_.head(kv_head).middleRows(first, width);
+      if constexpr (std::is_same_v<Scalar, Acc>)
+        into.noalias() = scaled_queries * keys.transpose();
+      else
+        into.noalias() = scaled_queries * keys.template cast<Acc>().transpose();
+    }
+
+    /// Decides each row's rule. Selections that need whole rows get their scores, max and sum first.
+    void select_rows(AttentionStats& stats) {
+      if (kernel.selection_.needs_row_scores()) {
+        stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(visible_end);
+        row_scores.resize(Index(rows.size()), visible_end);
+        for (Index first = 0; first < visible_end; first += Tiles::kv_block) {
+          const Index width = std::min(Tiles::kv_block, visible_end - first);
+          score(first, width, row_scores.middleCols(first, width));
+        }
+      }
+      for (Index r = 0; r < Index(rows.size()); ++r) {
+        Row& row = rows[std::size_t(r)];
+        RowFacts<Acc> facts{row.query_head, row.length, row.query_norm, 0, 0, nullptr};
+        if (row_scores.size() > 0) {
+          facts.scores = row_scores.row(r).data();
+          const auto statistics = RowStatistics<Acc>::of(facts.scores, row.length);
+          facts.max = row.max = statistics.max;
+          facts.sum = row.mass.total_mass = statistics.sum;
+        }
+        row.selection = kernel.selection_.select(facts, scratch);
+      }
+    }
+
+    /// Keys [first, first + KvBlock): update each row's max, select, and accumulate the kept V rows.
+    void accumulate_tile(Index first, AttentionStats& stats) {
+      const Index width = std::min(Tiles::kv_block, visible_end - first);
+      const Index row_count = Index(rows.size());
+      if (row_scores.size() == 0) {
+        tile_scores.resize(row_count, width);
+        score(first, width, tile_scores);
+        stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(width);
+      }
+      const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
+      tile_weights.setZero(row_count, width);
+      std::vector<char> column_kept(std::size_t(width), 0);
+      ++stats.kv_tiles;
+
+      for (Index r = 0; r < row_count; ++r) {
+        Row& row = rows[std::size_t(r)];
+        const Index visible = std::min(width, row.length - first);
+        if (visible <= 0) continue;
+        rescale_to_tile_max(r, row, scores.row(r).head(visible), first);
+        for (Index c = visible - 1; c >= 0; --c) {
+          Acc weight;
+          if (!row.admit(scores(r, c), first + c, kernel.track_pruned_mass_, weight)) continue;
+          tile_weights(r, c) = weight;
+          column_kept[std::size_t(c)] = 1;
+        }
+      }
+
+      std::vector<Index> kept_columns;
+      for (Index c = 0; c < width; ++c)
+        if (column_kept[std::size_t(c)]) kept_columns.push_back(c);
+      if (kept_columns.empty()) {
+        ++stats.kv_tiles_without_survivor;
+        return;
+      }
+      stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
+      const auto values = kernel.v_.head(kv_head);
+      if (Index(kept_columns.size()) == width) {
+        output.noalias() += tile_weights * values.middleRows(first, width).template cast<Acc>();
+      } else {
+        std::vector<Index> kept_positions(kept_columns.size());
+        for (std::size_t t = 0; t < kept_columns.size(); ++t) kept_positions[t] = first + kept_columns[t];
+        output.noalias() +=
+            tile_weights(Eigen::all, kept_columns) * values(kept_positions, Eigen::all).template cast<Acc>();
+      }
+      if (kernel.collect_stats_)
+        for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
+    }
+
+    /// Online softmax: move the row's sums to the tile's max when it is larger; remember the max-score key.
+    template <class Visible>
+    void rescale_to_tile_max(Index r, Row& row, const Visible& visible, Index first) {
+      Index position = 0;
+      const Acc tile_max = visible.maxCoeff(&position);
+      if (tile_max > row.best_score) {  // strict, and tiles run backwards: ties go to the larger position
+        for (Index c = visible.size() - 1; c > position; --c)
+          if (visible(c) == tile_max) position = c;
+        row.best_score = tile_max;
+        row.best_position = first + position;
+      }
+      if (tile_max <= row.max) return;
+      const Acc factor = rescale_factor(row.max, tile_max);
+      row.mass.kept_mass *= factor;
+      row.mass.pruned_mass *= factor;
+      output.row(r) *= factor;
+      row.max = tile_max;
+    }
+
+    /// Applies the never-empty rule, the compensations, and writes o_i.
+    void finish_rows(AttentionStats& stats) {
+      const auto values = kernel.v_.head(kv_head);
+      const Compensation& compensation = kernel.selection_.compensation();
+      for (Index r = 0; r < Index(rows.size()); ++r) {
+        Row& row = rows[std::size_t(r)];
+        row.mass.length = row.length;
+        if (Acc weight; row.keep_best_if_empty(weight)) {
+          output.row(r) = weight * values.row(row.best_position).template cast<Acc>();
+          ++stats.empty_rows;
+          ++stats.v_rows_read[std::size_t(kv_head)];
+          if (kernel.collect_stats_) kernel.kept_rows_.mark(kv_head, row.best_position);
+        }
+        const Acc denominator =
+            softmax_denominator(row.mass, compensation, kernel.selection_.post_softmax(), row.max,
+                                row.selection.pruned_bound, row.selection.calibrated_term);
+        output.row(r) /= denominator;
+        if (compensation.v_mean)
+          output.row(r) += v_mean_weight(row.mass, denominator) * kernel.value_means_->mean(kv_head, row.length);
+        Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(kernel.out_.row(row.query_row, row.query_head),
+                                                             kernel.shape_.head_dim) = output.row(r).template cast<Scalar>();
+
+        stats.elements_kept[std::size_t(row.query_head)] += std::uint64_t(row.mass.kept);
+        stats.elements_visible[std::size_t(row.query_head)] += std::uint64_t(row.length);
+        ++stats.rows;
+        stats.dense_rows += row.selection.dense;
+        stats.capped_rows += row.capped;
+        stats.extrapolated_rows += row.selection.extrapolated;
+      }
+    }
+  };
+
+  TensorView<const Scalar> q_, k_, v_;
+  TensorView<Scalar> out_;
+  AttentionShape shape_;
+  const Selection& selection_;
+  const ValueMeans<Acc>* value_means_;
+  bool track_pruned_mass_;
+  bool collect_stats_;
+  Index query_blocks_ = 0;
+  KeptRowSets kept_rows_;
+};
+
+/// Runs `selection` over one attention call on `executor`: the body of every public attention kernel.
+template <class Tiles, class Scalar, class Selection, class Executor>
+void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<const Scalar>& k,
+                         const TensorView<const Scalar>& v, const TensorView<Scalar>& out,
+                         const AttentionOptions& options, const Selection& selection,
+                         const double* value_prefix_sum, const Executor& executor, AttentionStats* stats) {
+  using Acc = accumulator_t<Scalar>;
+  const AttentionShape shape = attention_shape(q, k, v, out, options);
+  ValueMeans<Acc> value_means;
+  if (selection.compensation().v_mean) value_means = ValueMeans<Acc>::of(v, shape, value_prefix_sum);
+  TiledAttention<Tiles, Scalar, Selection> kernel(q, k, v, out, shape, selection, &value_means, stats != nullptr);
+
+  std::vector<AttentionStats> item_stats(std::size_t(kernel.work_items()));
+  executor.parallel_for(kernel.work_items(), [&](Index item) {
+    item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
+    kernel.run(item, item_stats[std::size_t(item)]);
+  });
+  if (!stats) return;
+  stats->reset(shape.q_heads, shape.kv_heads);
+  for (const auto& item : item_stats) stats->merge(item);
+  kernel.count_kept_rows(*stats);
+}
+
+}  // namespace detail
+}  // namespace toptheta

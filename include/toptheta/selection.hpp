@@ -1,0 +1,211 @@
+// Which elements of a score row survive: dense, Top-θ (a static threshold) or top-k (a per-row search).
+#pragma once
+
+#include <toptheta/compensation.hpp>
+#include <toptheta/detail/require.hpp>
+#include <toptheta/scalar_traits.hpp>
+#include <toptheta/threshold_space.hpp>
+#include <toptheta/threshold_table.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace toptheta {
+
+/// What a selection may know about query row `i` of query head `h` before testing its elements.
+template <class Acc>
+struct RowFacts {
+  Index query_head = 0;
+  Index length = 0;    ///< L_i
+  Acc query_norm = 0;  ///< ||q_i||
+  Acc max = 0;         ///< m_i, when the selection `needs_row_scores()`
+  Acc sum = 0;         ///< Z_i = Σ_j exp(a_ij - m_i), when the selection `needs_row_scores()`
+  const Acc* scores = nullptr;  ///< the L_i visible scores, when the selection `needs_row_scores()`
+};
+
+/// The rule that decides `S_i`, in score units: keep `j` when `a_ij > τ_i`, or `a_ij = τ_i` and `j >= tie_from`;
+/// at most `keep_limit` elements, those with the largest positions.
+template <class Acc>
+struct RowSelection {
+  static constexpr Acc no_threshold = -std::numeric_limits<Acc>::infinity();
+  static constexpr Index unlimited = std::numeric_limits<Index>::max();
+
+  Acc score_threshold = no_threshold;  ///< τ_i
+  Index tie_from = unlimited;
+  Index keep_limit = unlimited;
+  Acc pruned_bound = no_threshold;  ///< score bounding each pruned term, for exp-threshold compensation
+  Acc calibrated_term = 0;          ///< c_h(L_i), for calibrated compensation
+  bool dense = false;               ///< L_i <= k: every visible key kept
+  bool extrapolated = false;        ///< the threshold lookup extrapolated beyond the calibrated lengths
+
+  bool keeps(Acc score, Index position) const {
+    return score > score_threshold || (score == score_threshold && position >= tie_from);
+  }
+};
+
+/// A row during selection: its rule, the kept and pruned mass so far, and its max-score key.
+template <class Acc>
+struct RowState {
+  RowSelection<Acc> selection;
+  RowMass<Acc> mass;
+  Acc max = -std::numeric_limits<Acc>::infinity();         ///< m_i (running in a one-pass kernel)
+  Acc best_score = -std::numeric_limits<Acc>::infinity();  ///< score of the max-score key
+  Index best_position = -1;                                ///< its position (ties: the larger)
+  bool capped = false;                                     ///< a survivor was dropped by the cap
+
+  /// Tests `a_ij` (elements arrive in decreasing position `j`, so a cap keeps the largest positions).
+  /// Returns whether `j` joins `S_i`, and then its weight `exp(a_ij - m_i)`.
+  bool admit(Acc score, Index position, bool track_pruned_mass, Acc& weight) {
+    const bool survives = selection.keeps(score, position);
+    if (survives && mass.kept < selection.keep_limit) {
+      weight = std::exp(score - max);
+      mass.kept_mass += weight;
+      ++mass.kept;
+      return true;
+    }
+    if (track_pruned_mass) mass.pruned_mass += std::exp(score - max);
+    capped = capped || survives;
+    return false;
+  }
+
+  /// A row is never empty: when nothing survived, its max-score key joins `S_i`. Returns whether it did, and
+  /// then that key's weight `exp(a - m_i)`.
+  bool keep_best_if_empty(Acc& weight) {
+    if (mass.kept > 0) return false;
+    weight = std::exp(best_score - max);
+    mass.kept = 1;
+    mass.kept_mass = weight;
+    mass.pruned_mass = std::max(Acc(0), mass.pruned_mass - weight);
+    return true;
+  }
+};
+
+/// Keeps every visible key: dense attention.
+struct DenseSelection {
+  bool needs_row_scores() const { return false; }
+  bool post_softmax() const { return false; }
+  const Compensation& compensation() const { return none_; }
+  template <class Acc>
+  RowSelection<Acc> select(const RowFacts<Acc>&, std::vector<Acc>&) const {
+    RowSelection<Acc> row;
+    row.dense = true;
+    return row;
+  }
+
+ private:
+  Compensation none_{};
+};
+
+/// How many passes a Top-θ kernel makes over the keys.
+enum class Passes {
+  automatic,  ///< one where the threshold space allows it, else two
+  one,        ///< threshold test during the only pass (raw_score, score_over_query_norm)
+  two,        ///< row max and log-sum-exp first, then the threshold test (every space)
+};
+
+/// Top-θ: keep `a_ij` whose value in the table's threshold space exceeds θ_h(L_i) (design.md §1).
+class TopThetaSelection {
+ public:
+  TopThetaSelection(const LayerThresholds& thresholds, const Compensation& compensation, bool cap_k, Passes passes)
+      : thresholds_(thresholds), compensation_(compensation), cap_k_(cap_k) {
+    const ThresholdSpace space = thresholds.space();
+    compensation.validate("options.compensation");
+    detail::require(!(passes == Passes::one && needs_row_statistics(space)), "options.passes",
+                    std::string("two (threshold space ") + to_string(space) + " needs the row max first)", "one");
+    two_pass_ = passes == Passes::two || needs_row_statistics(space);
+    detail::require(space != ThresholdSpace::probability ||
+                        compensation.denominator == DenominatorCompensation::none,
+                    "options.compensation.denominator",
+                    "none for the probability space (post-softmax keeps the full softmax denominator)",
+                    to_string(compensation.denominator));
+    detail::require(compensation.denominator != DenominatorCompensation::calibrated ||
+                        thresholds.has_denominator_terms(),
+                    "thresholds", "calibrated denominator terms for calibrated compensation", "none");
+  }
+
+  bool needs_row_scores() const { return two_pass_; }
+  bool post_softmax() const { return thresholds_.space() == ThresholdSpace::probability; }
+  const Compensation& compensation() const { return compensation_; }
+  const LayerThresholds& thresholds() const { return thresholds_; }
+
+  template <class Acc>
+  RowSelection<Acc> select(const RowFacts<Acc>& row, std::vector<Acc>&) const {
+    RowSelection<Acc> selection;
+    if (row.length <= thresholds_.k()) {
+      selection.dense = true;
+      return selection;
+    }
+    const ThresholdLookup lookup = thresholds_.lookup(row.query_head, row.length);
+    selection.score_threshold = score_threshold(thresholds_.space(), lookup.theta, row.max, row.sum, row.query_norm);
+    selection.pruned_bound = selection.score_threshold;
+    selection.calibrated_term = Acc(lookup.denominator_term);
+    selection.extrapolated = lookup.extrapolated;
+    if (cap_k_) selection.keep_limit = thresholds_.k();
+    return selection;
+  }
+
+ private:
+  const LayerThresholds& thresholds_;
+  Compensation compensation_;
+  bool cap_k_;
+  bool two_pass_ = false;
+};
+
+/// Top-k, the baseline: keep the `k` largest scores of each row (ties: the larger position wins).
+/// Exp-threshold compensation bounds pruned terms by the (k+1)-th largest score.
+class TopKSelection {
+ public:
+  /// \param thresholds the calibrated terms c_h(L) for calibrated compensation, else may be null.
+  TopKSelection(Index k, const Compensation& compensation, const LayerThresholds* thresholds = nullptr)
+      : k_(k), compensation_(compensation), thresholds_(thresholds) {
+    detail::require(k >= 1, "k", "k >= 1", k);
+    compensation.validate("options.compensation");
+    detail::require(compensation.denominator != DenominatorCompensation::calibrated ||
+                        (thresholds && thresholds->has_denominator_terms()),
+                    "options.thresholds", "a table with calibrated denominator terms for calibrated compensation",
+                    "none");
+  }
+
+  bool needs_row_scores() const { return true; }
+  bool post_softmax() const { return false; }
+  const Compensation& compensation() const { return compensation_; }
+  const LayerThresholds* thresholds() const { return thresholds_; }
+
+  template <class Acc>
+  RowSelection<Acc> select(const RowFacts<Acc>& row, std::vector<Acc>& scratch) const {
+    RowSelection<Acc> selection;
+    if (row.length <= k_) {
+      selection.dense = true;
+      return selection;
+    }
+    scratch.assign(row.scores, row.scores + row.length);
+    std::nth_element(scratch.begin(), scratch.begin() + k_, scratch.end(), std::greater<Acc>());
+    const Acc largest_pruned = scratch[k_];  // the (k+1)-th largest
+    const Acc kth = *std::min_element(scratch.begin(), scratch.begin() + k_);
+    const Index above = Index(std::count_if(scratch.begin(), scratch.begin() + k_, [&](Acc a) { return a > kth; }));
+    // Of the scores equal to the k-th largest, the k - above with the largest positions survive.
+    Index ties_left = k_ - above;
+    Index tie_from = row.length;
+    for (Index j = row.length - 1; j >= 0 && ties_left > 0; --j)
+      if (row.scores[j] == kth) {
+        tie_from = j;
+        --ties_left;
+      }
+    selection.score_threshold = kth;
+    selection.tie_from = tie_from;
+    selection.pruned_bound = largest_pruned;
+    if (thresholds_ && thresholds_->has_denominator_terms())
+      selection.calibrated_term = Acc(thresholds_->lookup(row.query_head, row.length).denominator_term);
+    return selection;
+  }
+
+ private:
+  Index k_;
+  Compensation compensation_;
+  const LayerThresholds* thresholds_;
+};
+
+}  // namespace toptheta

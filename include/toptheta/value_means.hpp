@@ -1,0 +1,55 @@
+// vbar(L) = (1/L) Σ_{j<L} v_j for the row lengths of one attention call, for V-mean compensation.
+#pragma once
+
+#include <toptheta/scalar_traits.hpp>
+#include <toptheta/views.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+
+namespace toptheta {
+
+/// The V means one call needs: for a causal call the lengths `past + 1 ... past + n_q`, otherwise `n_kv`.
+///
+/// Built from `Σ_{j<past} v_j` (a KV cache keeps it in O(head_dim) per appended token) plus the V rows from
+/// `past` on, so a decode step reads one V row for it. Without that prefix sum the rows before `past` are read.
+template <class Acc>
+class ValueMeans {
+ public:
+  using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+  /// \param prefix_sum `kv_heads x head_dim` row-major sums `Σ_{j<past} v_j`, or null to read those rows.
+  template <class Scalar>
+  static ValueMeans of(const TensorView<const Scalar>& v, const AttentionShape& shape, const double* prefix_sum) {
+    ValueMeans means;
+    const Index start = std::min(shape.past, shape.key_rows);
+    means.first_length_ = shape.causal ? shape.past + 1 : shape.key_rows;
+    means.lengths_ = shape.causal ? shape.query_rows : 1;
+    means.means_.resize(shape.kv_heads * means.lengths_, shape.head_dim);
+    Eigen::RowVectorXd sum(shape.head_dim);
+    for (Index h = 0; h < shape.kv_heads; ++h) {
+      const auto values = v.head(h);
+      if (prefix_sum)
+        sum = Eigen::Map<const Eigen::RowVectorXd>(prefix_sum + h * shape.head_dim, shape.head_dim);
+      else
+        sum = values.topRows(start).template cast<double>().colwise().sum();
+      Index summed = start;  // rows in `sum`
+      for (Index l = 0; l < means.lengths_; ++l) {
+        const Index length = means.first_length_ + l;
+        for (; summed < length; ++summed) sum += values.row(summed).template cast<double>();
+        means.means_.row(h * means.lengths_ + l) = (sum / double(length)).template cast<Acc>();
+      }
+    }
+    return means;
+  }
+
+  /// vbar(L) for KV head `kv_head`; `length` must be one of the call's row lengths.
+  auto mean(Index kv_head, Index length) const { return means_.row(kv_head * lengths_ + length - first_length_); }
+
+ private:
+  Index first_length_ = 0, lengths_ = 0;
+  Matrix means_;
+};
+
+}  // namespace toptheta
