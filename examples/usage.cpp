@@ -1,3 +1,30 @@
-// Placeholder: replaced by the README usage example.
+// The README's usage example: Top-θ attention over an engine's own [tokens, heads, head_dim] buffers.
 #include <toptheta/toptheta.hpp>
-int main() { return 0; }
+
+#include <cstdio>
+#include <vector>
+
+int main() {
+  using namespace toptheta;
+  const Index tokens = 512, q_heads = 8, kv_heads = 2, head_dim = 64;
+  std::vector<float> q(tokens * q_heads * head_dim), k(tokens * kv_heads * head_dim), v(k.size()), out(q.size());
+  for (std::size_t t = 0; t < q.size(); ++t) q[t] = float((t * 37 % 101) - 50) / 50;  // any engine data
+  for (std::size_t t = 0; t < k.size(); ++t) k[t] = float((t * 53 % 97) - 48) / 48;
+  for (std::size_t t = 0; t < v.size(); ++t) v[t] = float((t * 71 % 89) - 44) / 44;
+
+  // One threshold per query head (a calibrated table also varies them with the row length L).
+  const auto thresholds =
+      LayerThresholds::uniform(/*k=*/32, ThresholdSpace::probability, std::vector<double>(q_heads, 0.002));
+
+  TopThetaOptions options;
+  options.attention.causal = true;  // prefill of a new sequence: query row i sees keys j <= i
+  options.compensation.v_mean = true;
+  AttentionStats stats;
+  top_theta_attention(TensorView<const float>(q.data(), tokens, q_heads, head_dim),
+                      TensorView<const float>(k.data(), tokens, kv_heads, head_dim),
+                      TensorView<const float>(v.data(), tokens, kv_heads, head_dim),
+                      TensorView<float>(out.data(), tokens, q_heads, head_dim), thresholds, options, &stats);
+  std::printf("kept %.1f%% of attention elements; V rows kept per KV head: %.1f%%\n", 100 * stats.kept_fraction(),
+              100 * stats.v_rows_kept_fraction());
+  return 0;
+}

@@ -5,6 +5,7 @@
 #include <toptheta/scalar_traits.hpp>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace toptheta {
@@ -40,35 +41,46 @@ struct Compensation {
   }
 };
 
-/// The row's scalars after selection, in units of `exp(a - m_i)`.
+/// The row's scalars after selection. Kept weights are taken relative to the kept max `m_S` (equal to `m_i`
+/// unless a cap dropped the row's max), so that no choice of kept set can underflow every kept weight.
 template <class Acc>
 struct RowMass {
-  Acc kept_mass = 0;    ///< `D_i = Σ_{j∈S_i} exp(a_ij - m_i)`
+  Acc max = -std::numeric_limits<Acc>::infinity();       ///< m_i over the visible keys
+  Acc kept_max = -std::numeric_limits<Acc>::infinity();  ///< m_S over the kept keys
+  Acc kept_mass = 0;    ///< `Σ_{j∈S_i} exp(a_ij - m_S)`: D_i in units of exp(m_S - m_i)
   Acc pruned_mass = 0;  ///< `Σ_{j∉S_i} exp(a_ij - m_i)`, tracked only for exact compensation
-  Acc total_mass = 0;   ///< `Z_i` over all visible keys, known to two-pass kernels
+  Acc total_mass = 0;   ///< `Z_i = Σ_j exp(a_ij - m_i)`, known to two-pass kernels
   Index kept = 0;       ///< `|S_i|`
   Index length = 0;     ///< `L_i`
 };
 
-/// The normaliser of kept probabilities `p_ij = exp(a_ij - m_i) / denominator`.
+/// The normaliser of the kept weights: `p_ij = exp(a_ij - m_S) / denominator`, the denominator being
+/// `(D_i + λ C_i) exp(m_i - m_S)` in design.md §1's units (`Z_i exp(m_i - m_S)` for the post-softmax placement).
 /// \param post_softmax the probability placement: `p_ij = P_ij`, the full softmax, not renormalised.
 /// \param pruned_bound the score `τ_i` bounding each pruned score, for `exp_threshold`.
 /// \param calibrated_term `c_h(L_i)`, for `calibrated`.
+/// `C_i = 0` when nothing is pruned. A term too large for `Acc` gives an infinite denominator: every
+/// `p_ij = 0`, and V-mean compensation gives the row `vbar(L_i)`.
 template <class Acc>
-Acc softmax_denominator(const RowMass<Acc>& mass, const Compensation& compensation, bool post_softmax, Acc row_max,
+Acc softmax_denominator(const RowMass<Acc>& mass, const Compensation& compensation, bool post_softmax,
                         Acc pruned_bound, Acc calibrated_term) {
-  if (post_softmax) return mass.total_mass;
+  const auto in_kept_units = [&](Acc term) {  // a term relative to m_i, times exp(m_i - m_S)
+    return term == Acc(0) ? Acc(0) : term * std::exp(mass.max - mass.kept_max);
+  };
+  if (post_softmax) return in_kept_units(mass.total_mass);
   const Index pruned = mass.length - mass.kept;
   Acc term = 0;
   if (pruned > 0) {
     switch (compensation.denominator) {
       case DenominatorCompensation::none: break;
-      case DenominatorCompensation::exact: term = mass.pruned_mass; break;
-      case DenominatorCompensation::exp_threshold: term = Acc(pruned) * std::exp(pruned_bound - row_max); break;
-      case DenominatorCompensation::calibrated: term = calibrated_term; break;
+      case DenominatorCompensation::exact: term = in_kept_units(mass.pruned_mass); break;
+      case DenominatorCompensation::exp_threshold:
+        term = Acc(pruned) * std::exp(pruned_bound - mass.kept_max);
+        break;
+      case DenominatorCompensation::calibrated: term = in_kept_units(calibrated_term); break;
     }
   }
-  return mass.kept_mass + Acc(compensation.lambda) * term;
+  return term == Acc(0) ? mass.kept_mass : mass.kept_mass + Acc(compensation.lambda) * term;
 }
 
 /// Weight of `vbar(L_i)` under V-mean compensation: the probability mass not given to kept rows, `1 - Σ_j p_ij`.

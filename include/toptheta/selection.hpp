@@ -3,6 +3,7 @@
 
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/require.hpp>
+#include <toptheta/online_softmax.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/threshold_space.hpp>
 #include <toptheta/threshold_table.hpp>
@@ -14,6 +15,14 @@
 #include <vector>
 
 namespace toptheta {
+namespace detail {
+
+inline void require_head(Index head, Index heads, const std::string& argument) {
+  require(head >= 0 && head < heads, argument,
+          "a query head of the threshold table, in [0, " + std::to_string(heads) + ")", head);
+}
+
+}  // namespace detail
 
 /// What a selection may know about query row `i` of query head `h` before testing its elements.
 template <class Acc>
@@ -46,39 +55,52 @@ struct RowSelection {
   }
 };
 
-/// A row during selection: its rule, the kept and pruned mass so far, and its max-score key.
+/// A row during selection: its rule, its masses, and its max-score key.
 template <class Acc>
 struct RowState {
   RowSelection<Acc> selection;
   RowMass<Acc> mass;
-  Acc max = -std::numeric_limits<Acc>::infinity();         ///< m_i (running in a one-pass kernel)
   Acc best_score = -std::numeric_limits<Acc>::infinity();  ///< score of the max-score key
   Index best_position = -1;                                ///< its position (ties: the larger)
   bool capped = false;                                     ///< a survivor was dropped by the cap
 
-  /// Tests `a_ij` (elements arrive in decreasing position `j`, so a cap keeps the largest positions).
-  /// Returns whether `j` joins `S_i`, and then its weight `exp(a_ij - m_i)`.
-  bool admit(Acc score, Index position, bool track_pruned_mass, Acc& weight) {
+  /// Tests `a_ij` and counts it when `j` joins `S_i`. Elements arrive in decreasing position `j`, so a cap
+  /// keeps the largest positions.
+  bool admit(Acc score, Index position) {
     const bool survives = selection.keeps(score, position);
     if (survives && mass.kept < selection.keep_limit) {
-      weight = std::exp(score - max);
-      mass.kept_mass += weight;
       ++mass.kept;
       return true;
     }
-    if (track_pruned_mass) mass.pruned_mass += std::exp(score - max);
     capped = capped || survives;
     return false;
   }
 
-  /// A row is never empty: when nothing survived, its max-score key joins `S_i`. Returns whether it did, and
-  /// then that key's weight `exp(a - m_i)`.
-  bool keep_best_if_empty(Acc& weight) {
+  /// Online softmax over all visible keys: moves the pruned mass to a larger row max.
+  void raise_max(Acc candidate) {
+    if (candidate <= mass.max) return;
+    mass.pruned_mass *= rescale_factor(mass.max, candidate);
+    mass.max = candidate;
+  }
+
+  /// Online softmax over the kept keys: moves the kept mass to a larger kept max and returns the factor that
+  /// the row's accumulated output must be multiplied by (1 when the kept max stays).
+  Acc raise_kept_max(Acc candidate) {
+    if (candidate <= mass.kept_max) return Acc(1);
+    const Acc factor = rescale_factor(mass.kept_max, candidate);
+    mass.kept_mass *= factor;
+    mass.kept_max = candidate;
+    return factor;
+  }
+
+  /// A row is never empty: when nothing survived, its max-score key joins `S_i` with weight
+  /// `exp(a - m_S) = 1`. Returns whether it did.
+  bool keep_best_if_empty() {
     if (mass.kept > 0) return false;
-    weight = std::exp(best_score - max);
     mass.kept = 1;
-    mass.kept_mass = weight;
-    mass.pruned_mass = std::max(Acc(0), mass.pruned_mass - weight);
+    mass.kept_max = best_score;
+    mass.kept_mass = 1;
+    mass.pruned_mass = std::max(Acc(0), mass.pruned_mass - std::exp(best_score - mass.max));
     return true;
   }
 };
@@ -86,6 +108,7 @@ struct RowState {
 /// Keeps every visible key: dense attention.
 struct DenseSelection {
   bool needs_row_scores() const { return false; }
+  void require_query_head(Index, const std::string&) const {}
   bool post_softmax() const { return false; }
   const Compensation& compensation() const { return none_; }
   template <class Acc>
@@ -127,6 +150,9 @@ class TopThetaSelection {
   }
 
   bool needs_row_scores() const { return two_pass_; }
+  void require_query_head(Index head, const std::string& argument) const {
+    detail::require_head(head, thresholds_.heads(), argument);
+  }
   bool post_softmax() const { return thresholds_.space() == ThresholdSpace::probability; }
   const Compensation& compensation() const { return compensation_; }
   const LayerThresholds& thresholds() const { return thresholds_; }
@@ -170,6 +196,9 @@ class TopKSelection {
   }
 
   bool needs_row_scores() const { return true; }
+  void require_query_head(Index head, const std::string& argument) const {
+    if (thresholds_) detail::require_head(head, thresholds_->heads(), argument);
+  }
   bool post_softmax() const { return false; }
   const Compensation& compensation() const { return compensation_; }
   const LayerThresholds* thresholds() const { return thresholds_; }

@@ -53,6 +53,7 @@ SparseProbabilities<typename Derived::Scalar> thresholded_softmax(const Eigen::M
     detail::require(selection.thresholds().space() != ThresholdSpace::score_over_query_norm ||
                         !rows.query_norms.empty(),
                     "rows.query_norms", "one norm per row for the score_over_query_norm space", "none");
+  selection.require_query_head(rows.query_head, "rows.query_head");
   const bool track_pruned_mass =
       !selection.post_softmax() && selection.compensation().denominator == DenominatorCompensation::exact;
   if (stats) stats->reset(1, 1);
@@ -70,32 +71,35 @@ SparseProbabilities<typename Derived::Scalar> thresholded_softmax(const Eigen::M
     const auto statistics = RowStatistics<Acc>::of(row_scores.data(), length);
     const Acc norm = rows.query_norms.empty() ? Acc(0) : Acc(rows.query_norms[std::size_t(r)]);
     RowState<Acc> row;
-    row.max = statistics.max;
+    row.mass.max = statistics.max;
     row.mass.total_mass = statistics.sum;
     row.mass.length = length;
     row.selection = selection.select(
         RowFacts<Acc>{rows.query_head, length, norm, statistics.max, statistics.sum, row_scores.data()}, scratch);
     kept.clear();
-    weights.clear();
     for (Index j = length - 1; j >= 0; --j) {
       const Acc a = row_scores[std::size_t(j)];
       if (a > row.best_score) {
         row.best_score = a;
         row.best_position = j;
       }
-      Acc weight;
-      if (!row.admit(a, j, track_pruned_mass, weight)) continue;
-      kept.push_back(j);
-      weights.push_back(weight);
+      if (row.admit(a, j)) {
+        kept.push_back(j);
+        row.mass.kept_max = std::max(row.mass.kept_max, a);
+      } else if (track_pruned_mass) {
+        row.mass.pruned_mass += std::exp(a - row.mass.max);
+      }
     }
-    Acc best_weight;
-    const bool filled_empty_row = row.keep_best_if_empty(best_weight);
-    if (filled_empty_row) {
-      kept.push_back(row.best_position);
-      weights.push_back(best_weight);
+    const bool filled_empty_row = row.keep_best_if_empty();
+    if (filled_empty_row) kept.push_back(row.best_position);
+    weights.clear();
+    row.mass.kept_mass = 0;
+    for (Index j : kept) {
+      weights.push_back(std::exp(row_scores[std::size_t(j)] - row.mass.kept_max));
+      row.mass.kept_mass += weights.back();
     }
     const Acc denominator = softmax_denominator(row.mass, selection.compensation(), selection.post_softmax(),
-                                                row.max, row.selection.pruned_bound, row.selection.calibrated_term);
+                                                row.selection.pruned_bound, row.selection.calibrated_term);
     for (std::size_t t = kept.size(); t-- > 0;) {
       result.columns.push_back(kept[t]);
       result.probabilities.push_back(weights[t] / denominator);

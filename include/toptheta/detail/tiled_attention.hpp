@@ -162,7 +162,7 @@ class TiledAttention {
         if (row_scores.size() > 0) {
           facts.scores = row_scores.row(r).data();
           const auto statistics = RowStatistics<Acc>::of(facts.scores, row.length);
-          facts.max = row.max = statistics.max;
+          facts.max = row.mass.max = statistics.max;
           facts.sum = row.mass.total_mass = statistics.sum;
         }
         row.selection = kernel.selection_.select(facts, scratch);
@@ -187,11 +187,25 @@ class TiledAttention {
         Row& row = rows[std::size_t(r)];
         const Index visible = std::min(width, row.length - first);
         if (visible <= 0) continue;
-        rescale_to_tile_max(r, row, scores.row(r).head(visible), first);
+        track_max_score_key(row, scores.row(r).head(visible), first);
+        // Select (marking kept elements with weight 1), then weigh the kept ones relative to the kept max.
+        Acc tile_kept_max = -std::numeric_limits<Acc>::infinity();
         for (Index c = visible - 1; c >= 0; --c) {
-          Acc weight;
-          if (!row.admit(scores(r, c), first + c, kernel.track_pruned_mass_, weight)) continue;
+          const Acc a = scores(r, c);
+          if (row.admit(a, first + c)) {
+            tile_weights(r, c) = 1;
+            tile_kept_max = std::max(tile_kept_max, a);
+          } else if (kernel.track_pruned_mass_) {
+            row.mass.pruned_mass += std::exp(a - row.mass.max);
+          }
+        }
+        if (tile_kept_max == -std::numeric_limits<Acc>::infinity()) continue;
+        if (const Acc factor = row.raise_kept_max(tile_kept_max); factor != Acc(1)) output.row(r) *= factor;
+        for (Index c = 0; c < visible; ++c) {
+          if (tile_weights(r, c) == Acc(0)) continue;
+          const Acc weight = std::exp(scores(r, c) - row.mass.kept_max);
           tile_weights(r, c) = weight;
+          row.mass.kept_mass += weight;
           column_kept[std::size_t(c)] = 1;
         }
       }
@@ -217,9 +231,9 @@ class TiledAttention {
         for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
     }
 
-    /// Online softmax: move the row's sums to the tile's max when it is larger; remember the max-score key.
+    /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax).
     template <class Visible>
-    void rescale_to_tile_max(Index r, Row& row, const Visible& visible, Index first) {
+    void track_max_score_key(Row& row, const Visible& visible, Index first) {
       Index position = 0;
       const Acc tile_max = visible.maxCoeff(&position);
       if (tile_max > row.best_score) {  // strict, and tiles run backwards: ties go to the larger position
@@ -228,12 +242,7 @@ class TiledAttention {
         row.best_score = tile_max;
         row.best_position = first + position;
       }
-      if (tile_max <= row.max) return;
-      const Acc factor = rescale_factor(row.max, tile_max);
-      row.mass.kept_mass *= factor;
-      row.mass.pruned_mass *= factor;
-      output.row(r) *= factor;
-      row.max = tile_max;
+      row.raise_max(tile_max);
     }
 
     /// Applies the never-empty rule, the compensations, and writes o_i.
@@ -243,15 +252,15 @@ class TiledAttention {
       for (Index r = 0; r < Index(rows.size()); ++r) {
         Row& row = rows[std::size_t(r)];
         row.mass.length = row.length;
-        if (Acc weight; row.keep_best_if_empty(weight)) {
-          output.row(r) = weight * values.row(row.best_position).template cast<Acc>();
+        if (row.keep_best_if_empty()) {
+          output.row(r) = values.row(row.best_position).template cast<Acc>();
           ++stats.empty_rows;
           ++stats.v_rows_read[std::size_t(kv_head)];
           if (kernel.collect_stats_) kernel.kept_rows_.mark(kv_head, row.best_position);
         }
         const Acc denominator =
-            softmax_denominator(row.mass, compensation, kernel.selection_.post_softmax(), row.max,
-                                row.selection.pruned_bound, row.selection.calibrated_term);
+            softmax_denominator(row.mass, compensation, kernel.selection_.post_softmax(), row.selection.pruned_bound,
+                                row.selection.calibrated_term);
         output.row(r) /= denominator;
         if (compensation.v_mean)
           output.row(r) += v_mean_weight(row.mass, denominator) * kernel.value_means_->mean(kv_head, row.length);
