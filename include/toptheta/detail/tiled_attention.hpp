@@ -104,6 +104,9 @@ class TiledAttention {
     Acc query_norm = 0;
   };
 
+  /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
+  static constexpr Index streaming_rows = 8;
+
   struct Block {
     TiledAttention& kernel;
     Index kv_head;
@@ -111,6 +114,10 @@ class TiledAttention {
     Matrix scaled_queries;  // s q_i, one row per (head of the group, query row)
     Matrix row_scores;      // a_ij of every visible key, for selections that need whole rows
     Matrix tile_scores, tile_weights, output;
+    Matrix converted_rows;              // K or V rows converted to Acc (stored type other than Acc)
+    Matrix gathered_weights, gathered_values;  // the kept columns of a tile, for one GEMM
+    std::vector<char> column_kept;
+    std::vector<Index> kept_columns;
     Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
     std::vector<Acc> scratch;
 
@@ -136,14 +143,29 @@ class TiledAttention {
       output.setZero(Index(rows.size()), shape.head_dim);
     }
 
-    /// s Q_block K_tileᵀ for keys [first, first + width).
+    /// Rows `[first, first + width)` of `stored` as Acc: the map itself when the stored type is Acc, else a copy.
+    template <class StoredRows>
+    auto as_accumulator(const StoredRows& stored) {
+      if constexpr (std::is_same_v<Scalar, Acc>) {
+        return stored;
+      } else {
+        converted_rows.resize(stored.rows(), stored.cols());
+        converted_rows = stored.template cast<Acc>();
+        return Eigen::Ref<const Matrix>(converted_rows);
+      }
+    }
+
+    /// s Q_block K_tileᵀ for keys [first, first + width). A block of few rows (decode) streams the keys: each
+    /// key row is loaded once and dotted with every query row; a larger block uses a GEMM.
     template <class Into>
     void score(Index first, Index width, Into&& into) {
-      const auto keys = kernel.k_.head(kv_head).middleRows(first, width);
-      if constexpr (std::is_same_v<Scalar, Acc>)
+      const auto keys = as_accumulator(kernel.k_.head(kv_head).middleRows(first, width));
+      if (scaled_queries.rows() <= streaming_rows) {
+        for (Index r = 0; r < scaled_queries.rows(); ++r)
+          into.row(r).transpose().noalias() = keys * scaled_queries.row(r).transpose();
+      } else {
         into.noalias() = scaled_queries * keys.transpose();
-      else
-        into.noalias() = scaled_queries * keys.template cast<Acc>().transpose();
+      }
     }
 
     /// Decides each row's rule. Selections that need whole rows get their scores, max and sum first.
@@ -180,37 +202,19 @@ class TiledAttention {
       }
       const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
       tile_weights.setZero(row_count, width);
-      std::vector<char> column_kept(std::size_t(width), 0);
+      column_kept.assign(std::size_t(width), 0);
       ++stats.kv_tiles;
-
       for (Index r = 0; r < row_count; ++r) {
         Row& row = rows[std::size_t(r)];
         const Index visible = std::min(width, row.length - first);
         if (visible <= 0) continue;
         track_max_score_key(row, scores.row(r).head(visible), first);
-        // Select (marking kept elements with weight 1), then weigh the kept ones relative to the kept max.
-        Acc tile_kept_max = -std::numeric_limits<Acc>::infinity();
-        for (Index c = visible - 1; c >= 0; --c) {
-          const Acc a = scores(r, c);
-          if (row.admit(a, first + c)) {
-            tile_weights(r, c) = 1;
-            tile_kept_max = std::max(tile_kept_max, a);
-          } else if (kernel.track_pruned_mass_) {
-            row.mass.pruned_mass += std::exp(a - row.mass.max);
-          }
-        }
-        if (tile_kept_max == -std::numeric_limits<Acc>::infinity()) continue;
-        if (const Acc factor = row.raise_kept_max(tile_kept_max); factor != Acc(1)) output.row(r) *= factor;
-        for (Index c = 0; c < visible; ++c) {
-          if (tile_weights(r, c) == Acc(0)) continue;
-          const Acc weight = std::exp(scores(r, c) - row.mass.kept_max);
-          tile_weights(r, c) = weight;
-          row.mass.kept_mass += weight;
-          column_kept[std::size_t(c)] = 1;
-        }
+        if (row.selection.dense)
+          weigh_all(r, row, scores.row(r).head(visible));
+        else
+          select_and_weigh(r, row, scores.row(r).head(visible), first);
       }
-
-      std::vector<Index> kept_columns;
+      kept_columns.clear();
       for (Index c = 0; c < width; ++c)
         if (column_kept[std::size_t(c)]) kept_columns.push_back(c);
       if (kept_columns.empty()) {
@@ -218,17 +222,71 @@ class TiledAttention {
         return;
       }
       stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
-      const auto values = kernel.v_.head(kv_head);
-      if (Index(kept_columns.size()) == width) {
-        output.noalias() += tile_weights * values.middleRows(first, width).template cast<Acc>();
-      } else {
-        std::vector<Index> kept_positions(kept_columns.size());
-        for (std::size_t t = 0; t < kept_columns.size(); ++t) kept_positions[t] = first + kept_columns[t];
-        output.noalias() +=
-            tile_weights(Eigen::all, kept_columns) * values(kept_positions, Eigen::all).template cast<Acc>();
-      }
+      accumulate_values(first, width);
       if (kernel.collect_stats_)
         for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
+    }
+
+    /// A dense row keeps every visible key: one vectorised exp over the tile.
+    template <class Visible>
+    void weigh_all(Index r, Row& row, const Visible& visible) {
+      row.mass.kept += visible.size();
+      if (const Acc factor = row.raise_kept_max(row.mass.max); factor != Acc(1)) output.row(r) *= factor;
+      auto weights = tile_weights.row(r).head(visible.size());
+      weights = (visible.array() - row.mass.kept_max).exp().matrix();
+      row.mass.kept_mass += weights.sum();
+      std::fill(column_kept.begin(), column_kept.begin() + visible.size(), char(1));
+    }
+
+    /// Tests each visible score against the row's rule (in decreasing position, for the cap), then weighs the
+    /// kept ones relative to the kept max. Pruned scores feed the exact compensation when it is on.
+    template <class Visible>
+    void select_and_weigh(Index r, Row& row, const Visible& visible, Index first) {
+      Acc tile_kept_max = -std::numeric_limits<Acc>::infinity();
+      for (Index c = visible.size() - 1; c >= 0; --c) {
+        const Acc a = visible(c);
+        if (row.admit(a, first + c)) {
+          tile_weights(r, c) = 1;  // marks c as kept
+          tile_kept_max = std::max(tile_kept_max, a);
+        } else if (kernel.track_pruned_mass_) {
+          row.mass.pruned_mass += std::exp(a - row.mass.max);
+        }
+      }
+      if (tile_kept_max == -std::numeric_limits<Acc>::infinity()) return;
+      if (const Acc factor = row.raise_kept_max(tile_kept_max); factor != Acc(1)) output.row(r) *= factor;
+      for (Index c = 0; c < visible.size(); ++c) {
+        if (tile_weights(r, c) == Acc(0)) continue;
+        const Acc weight = std::exp(visible(c) - row.mass.kept_max);
+        tile_weights(r, c) = weight;
+        row.mass.kept_mass += weight;
+        column_kept[std::size_t(c)] = 1;
+      }
+    }
+
+    /// output += P_tile V_tile over the kept columns only: V rows no row kept are never loaded.
+    void accumulate_values(Index first, Index width) {
+      const auto values = kernel.v_.head(kv_head);
+      const Index kept = Index(kept_columns.size());
+      if (output.rows() <= streaming_rows && kept == width) {
+        const auto tile = as_accumulator(values.middleRows(first, width));
+        for (Index r = 0; r < output.rows(); ++r) output.row(r).noalias() += tile_weights.row(r) * tile;
+      } else if (output.rows() <= streaming_rows) {  // each kept V row once, added to every row that kept it
+        for (Index c : kept_columns) {
+          const auto value = as_accumulator(values.middleRows(first + c, 1));
+          for (Index r = 0; r < output.rows(); ++r)
+            if (tile_weights(r, c) != Acc(0)) output.row(r).noalias() += tile_weights(r, c) * value;
+        }
+      } else if (kept == width) {
+        output.noalias() += tile_weights * as_accumulator(values.middleRows(first, width));
+      } else {
+        gathered_weights.resize(output.rows(), kept);
+        gathered_values.resize(kept, output.cols());
+        for (Index t = 0; t < kept; ++t) {
+          gathered_weights.col(t) = tile_weights.col(kept_columns[std::size_t(t)]);
+          gathered_values.row(t) = values.row(first + kept_columns[std::size_t(t)]).template cast<Acc>();
+        }
+        output.noalias() += gathered_weights * gathered_values;
+      }
     }
 
     /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax).
