@@ -157,7 +157,7 @@ TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larg
                                 &stats);
 
   ReferenceSparsity sparsity;
-  sparsity.keep = [k](const ReferenceRow& row) { return top_k_kept(row, k); };
+  sparsity.keep = [&](const ReferenceRow& row) { return top_k_kept(row, k); };
   sparsity.denominator_term = [&](const ReferenceRow& row, const std::vector<bool>& kept) {
     std::vector<double> sorted(row.scores.data(), row.scores.data() + row.length);
     std::sort(sorted.begin(), sorted.end(), std::greater<double>());
