@@ -1,0 +1,50 @@
+# Settings shared by every target this project builds for itself (tests, examples, benchmarks):
+# warnings, -Werror, sanitizers, -march=native, the model data directory and the JSON reader.
+# Never linked into toptheta::toptheta, so consumers of the library inherit none of it.
+#
+# Use: target_link_libraries(<own target> PRIVATE toptheta::toptheta toptheta_project_options)
+
+add_library(toptheta_project_options INTERFACE)
+
+target_compile_options(toptheta_project_options INTERFACE
+  $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang>:-Wall -Wextra -Wpedantic>
+  $<$<CXX_COMPILER_ID:MSVC>:/W4 /permissive->)
+
+if(TOPTHETA_WERROR)
+  target_compile_options(toptheta_project_options INTERFACE
+    $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang>:-Werror>
+    $<$<CXX_COMPILER_ID:MSVC>:/WX>)
+endif()
+
+if(TOPTHETA_SANITIZE)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+    message(FATAL_ERROR "TOPTHETA_SANITIZE needs GCC or Clang (compiler is ${CMAKE_CXX_COMPILER_ID})")
+  endif()
+  set(_toptheta_sanitize_flags
+    -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
+  target_compile_options(toptheta_project_options INTERFACE ${_toptheta_sanitize_flags})
+  target_link_options(toptheta_project_options INTERFACE ${_toptheta_sanitize_flags})
+  # GCC's ASan instrumentation makes -Wmaybe-uninitialized fire falsely inside libstdc++
+  # (std::function in <regex>, pulled in by Catch2; GCC PR 105616). The uninstrumented builds
+  # keep the warning; this build is here to find real uninitialised reads at run time.
+  target_compile_options(toptheta_project_options INTERFACE
+    $<$<CXX_COMPILER_ID:GNU>:-Wno-maybe-uninitialized>)
+endif()
+
+if(TOPTHETA_NATIVE)
+  target_compile_options(toptheta_project_options INTERFACE
+    $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang>:-march=native>)
+endif()
+
+# Model data (models/stories260K, ...) used by tests and examples when it is present.
+get_filename_component(_toptheta_shared_dir "${TOPTHETA_SHARED_DIR}" ABSOLUTE)
+target_compile_definitions(toptheta_project_options INTERFACE
+  TOPTHETA_SHARED_DIR="${_toptheta_shared_dir}")
+
+# JSON reader for tests/examples that load reference data (e.g. reference-logits.json).
+# The library itself never needs it.
+find_package(nlohmann_json 3 QUIET)
+if(nlohmann_json_FOUND)
+  target_link_libraries(toptheta_project_options INTERFACE nlohmann_json::nlohmann_json)
+  target_compile_definitions(toptheta_project_options INTERFACE TOPTHETA_HAVE_NLOHMANN_JSON=1)
+endif()

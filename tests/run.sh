@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds everything and runs the test suite:
+#   tests/run.sh [extra cmake configure args...]
+# Environment:
+#   TOPTHETA_BUILD_DIR   build directory (default: build, relative to the repo root)
+#   TOPTHETA_CMAKE_ARGS  extra configure args, word-split (e.g. "-DTOPTHETA_WERROR=ON")
+#   TOPTHETA_JOBS        parallel build/test jobs (default: 2)
+#   TOPTHETA_SKIP_DEPS=1 do not check/install apt packages
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+build_dir=${TOPTHETA_BUILD_DIR:-build}
+jobs=${TOPTHETA_JOBS:-2}
+read -r -a env_args <<<"${TOPTHETA_CMAKE_ARGS:-}"
+
+[ "${TOPTHETA_SKIP_DEPS:-0}" = 1 ] || cmake/install-deps.sh
+
+cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release "${env_args[@]}" "$@"
+cmake --build "$build_dir" -j "$jobs"
+ctest --test-dir "$build_dir" --output-on-failure -j "$jobs"
