@@ -50,6 +50,9 @@ struct RowSelection {
   bool dense = false;               ///< L_i <= k: every visible key kept
   bool extrapolated = false;        ///< the threshold lookup extrapolated beyond the calibrated lengths
 
+  /// True when `a > τ` alone decides (no tie rule, no cap), so elements may be tested in any order.
+  bool threshold_only() const { return tie_from == unlimited && keep_limit == unlimited; }
+
   bool keeps(Acc score, Index position) const {
     return score > score_threshold || (score == score_threshold && position >= tie_from);
   }

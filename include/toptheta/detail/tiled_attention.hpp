@@ -4,6 +4,7 @@
 
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/require.hpp>
+#include <toptheta/detail/serial_product.hpp>
 #include <toptheta/online_softmax.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/selection.hpp>
@@ -106,6 +107,9 @@ class TiledAttention {
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
+  /// A tile whose selected elements fill less than 1 / sparse_tile_ratio of (rows x kept columns) is
+  /// accumulated element by element instead of by a GEMM.
+  static constexpr Index sparse_tile_ratio = 8;
 
   struct Block {
     TiledAttention& kernel;
@@ -118,6 +122,7 @@ class TiledAttention {
     Matrix gathered_weights, gathered_values;  // the kept columns of a tile, for one GEMM
     std::vector<char> column_kept;
     std::vector<Index> kept_columns;
+    std::vector<std::pair<Index, Index>> kept_elements;  // (row, column) of the tile's selected elements
     Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
     std::vector<Acc> scratch;
 
@@ -164,7 +169,7 @@ class TiledAttention {
         for (Index r = 0; r < scaled_queries.rows(); ++r)
           into.row(r).transpose().noalias() = keys * scaled_queries.row(r).transpose();
       } else {
-        into.noalias() = scaled_queries * keys.transpose();
+        serial_product<false>(into, scaled_queries, keys.transpose());
       }
     }
 
@@ -203,15 +208,18 @@ class TiledAttention {
       const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
       tile_weights.setZero(row_count, width);
       column_kept.assign(std::size_t(width), 0);
+      kept_elements.clear();
+      Index dense_elements = 0;
       ++stats.kv_tiles;
       for (Index r = 0; r < row_count; ++r) {
         Row& row = rows[std::size_t(r)];
         const Index visible = std::min(width, row.length - first);
         if (visible <= 0) continue;
         track_max_score_key(row, scores.row(r).head(visible), first);
-        if (row.selection.dense)
+        if (row.selection.dense) {
           weigh_all(r, row, scores.row(r).head(visible));
-        else
+          dense_elements += visible;
+        } else
           select_and_weigh(r, row, scores.row(r).head(visible), first);
       }
       kept_columns.clear();
@@ -222,7 +230,7 @@ class TiledAttention {
         return;
       }
       stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
-      accumulate_values(first, width);
+      accumulate_values(first, width, dense_elements);
       if (kernel.collect_stats_)
         for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
     }
@@ -242,20 +250,31 @@ class TiledAttention {
     /// kept ones relative to the kept max. Pruned scores feed the exact compensation when it is on.
     template <class Visible>
     void select_and_weigh(Index r, Row& row, const Visible& visible, Index first) {
-      Acc tile_kept_max = -std::numeric_limits<Acc>::infinity();
-      for (Index c = visible.size() - 1; c >= 0; --c) {
-        const Acc a = visible(c);
-        if (row.admit(a, first + c)) {
-          tile_weights(r, c) = 1;  // marks c as kept
-          tile_kept_max = std::max(tile_kept_max, a);
-        } else if (kernel.track_pruned_mass_) {
-          row.mass.pruned_mass += std::exp(a - row.mass.max);
+      const std::size_t first_kept = kept_elements.size();
+      if (row.selection.threshold_only()) {  // a > τ alone decides: test in any order
+        const Acc threshold = row.selection.score_threshold;
+        if (kernel.track_pruned_mass_)
+          row.mass.pruned_mass += (visible.array() <= threshold).select((visible.array() - row.mass.max).exp(), 0).sum();
+        if (!(visible.array() > threshold).any()) return;  // the common case, vectorised
+        for (Index c = 0; c < visible.size(); ++c)
+          if (visible(c) > threshold) kept_elements.push_back({r, c});
+        row.mass.kept += Index(kept_elements.size() - first_kept);
+      } else {  // ties or a cap: elements in decreasing position
+        for (Index c = visible.size() - 1; c >= 0; --c) {
+          const Acc a = visible(c);
+          if (row.admit(a, first + c))
+            kept_elements.push_back({r, c});
+          else if (kernel.track_pruned_mass_)
+            row.mass.pruned_mass += std::exp(a - row.mass.max);
         }
       }
-      if (tile_kept_max == -std::numeric_limits<Acc>::infinity()) return;
+      if (kept_elements.size() == first_kept) return;
+      Acc tile_kept_max = -std::numeric_limits<Acc>::infinity();
+      for (std::size_t t = first_kept; t < kept_elements.size(); ++t)
+        tile_kept_max = std::max(tile_kept_max, visible(kept_elements[t].second));
       if (const Acc factor = row.raise_kept_max(tile_kept_max); factor != Acc(1)) output.row(r) *= factor;
-      for (Index c = 0; c < visible.size(); ++c) {
-        if (tile_weights(r, c) == Acc(0)) continue;
+      for (std::size_t t = first_kept; t < kept_elements.size(); ++t) {
+        const Index c = kept_elements[t].second;
         const Acc weight = std::exp(visible(c) - row.mass.kept_max);
         tile_weights(r, c) = weight;
         row.mass.kept_mass += weight;
@@ -263,21 +282,29 @@ class TiledAttention {
       }
     }
 
-    /// output += P_tile V_tile over the kept columns only: V rows no row kept are never loaded.
-    void accumulate_values(Index first, Index width) {
+    /// output += P_tile V_tile over the kept columns only: V rows no row kept are never loaded. A sparse tile
+    /// (few selected elements among many rows) adds each selected element's V row to its output row; a dense
+    /// one uses a GEMM over the kept columns.
+    void accumulate_values(Index first, Index width, Index dense_elements) {
       const auto values = kernel.v_.head(kv_head);
       const Index kept = Index(kept_columns.size());
-      if (output.rows() <= streaming_rows && kept == width) {
+      const Index selected = dense_elements + Index(kept_elements.size());
+      const bool few_rows = output.rows() <= streaming_rows;
+      const bool sparse = dense_elements == 0 && (few_rows ? kept < width
+                                                           : selected * sparse_tile_ratio < output.rows() * kept);
+      if (sparse) {
+        const Index dim = output.cols();
+        for (const auto& [r, c] : kept_elements) {
+          const Acc weight = tile_weights(r, c);
+          const Scalar* value = kernel.v_.row(first + c, kv_head);
+          Acc* into = output.data() + r * dim;
+          for (Index t = 0; t < dim; ++t) into[t] += weight * Acc(value[t]);
+        }
+      } else if (few_rows) {
         const auto tile = as_accumulator(values.middleRows(first, width));
         for (Index r = 0; r < output.rows(); ++r) output.row(r).noalias() += tile_weights.row(r) * tile;
-      } else if (output.rows() <= streaming_rows) {  // each kept V row once, added to every row that kept it
-        for (Index c : kept_columns) {
-          const auto value = as_accumulator(values.middleRows(first + c, 1));
-          for (Index r = 0; r < output.rows(); ++r)
-            if (tile_weights(r, c) != Acc(0)) output.row(r).noalias() += tile_weights(r, c) * value;
-        }
       } else if (kept == width) {
-        output.noalias() += tile_weights * as_accumulator(values.middleRows(first, width));
+        serial_product<true>(output, tile_weights, as_accumulator(values.middleRows(first, width)));
       } else {
         gathered_weights.resize(output.rows(), kept);
         gathered_values.resize(kept, output.cols());
@@ -285,18 +312,17 @@ class TiledAttention {
           gathered_weights.col(t) = tile_weights.col(kept_columns[std::size_t(t)]);
           gathered_values.row(t) = values.row(first + kept_columns[std::size_t(t)]).template cast<Acc>();
         }
-        output.noalias() += gathered_weights * gathered_values;
+        serial_product<true>(output, gathered_weights, gathered_values);
       }
     }
 
     /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax).
     template <class Visible>
     void track_max_score_key(Row& row, const Visible& visible, Index first) {
-      Index position = 0;
-      const Acc tile_max = visible.maxCoeff(&position);
+      const Acc tile_max = visible.maxCoeff();
       if (tile_max > row.best_score) {  // strict, and tiles run backwards: ties go to the larger position
-        for (Index c = visible.size() - 1; c > position; --c)
-          if (visible(c) == tile_max) position = c;
+        Index position = visible.size() - 1;
+        while (visible(position) != tile_max) --position;
         row.best_score = tile_max;
         row.best_position = first + position;
       }
