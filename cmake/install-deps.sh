@@ -13,6 +13,7 @@ packages=(
   libeigen3-dev                       # the library's one dependency
   catch2 libbenchmark-dev             # tests and benchmarks
   nlohmann-json3-dev                  # reference data in tests/examples
+  python3 python3-matplotlib          # benchmarks/report: markdown table and PNG plot
 )
 
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,140 @@
+// decode/<kernel>/kv:<n>/<kv_type>: one new token (all 32 query heads) attends to a KV cache of n tokens.
+// Memory-bound: dense reads all of K and V; top_theta all of K and only the kept V rows.
+#include "kernels.hpp"
+#include "layers.hpp"
+#include "suite.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace toptheta::bench {
+namespace {
+
+constexpr Index context_lengths[] = {1024, 4096, 16384, 65536};
+constexpr Index quick_context_length = 16384;
+/// Bytes of KV cache a decode case cycles through: like the probe, twice the 480 MiB L3 this VM reports.
+constexpr double rotation_bytes = double(Index(1) << 30);
+
+/// Copies of one layer's K and V, used call after call in turn as a model's layers would be, so that every
+/// call streams its KV cache from memory as a real decode step does (a single 4-512 MiB cache would partly
+/// stay in the 480 MiB L3 between calls, and the time would no longer be the memory-bound one design.md §3
+/// describes).
+template <class Scalar>
+class KvRotation {
+ public:
+  explicit KvRotation(const Layer<Scalar>& layer)
+      : tokens_(layer.tokens),
+        copy_size_(layer.k.size()),
+        copies_(std::max<Index>(
+            1, Index(std::ceil(rotation_bytes / (2.0 * double(copy_size_) * sizeof(Scalar)))))),
+        data_(2 * std::size_t(copies_) * copy_size_) {
+    for (Index c = 0; c < copies_; ++c) {
+      std::copy(layer.k.begin(), layer.k.end(),
+                data_.begin() + std::ptrdiff_t(2 * std::size_t(c) * copy_size_));
+      std::copy(layer.v.begin(), layer.v.end(),
+                data_.begin() + std::ptrdiff_t((2 * std::size_t(c) + 1) * copy_size_));
+    }
+  }
+
+  Index tokens() const { return tokens_; }
+  Index copies() const { return copies_; }
+  TensorView<const Scalar> keys(Index copy) const { return view(2 * std::size_t(copy)); }
+  TensorView<const Scalar> values(Index copy) const { return view(2 * std::size_t(copy) + 1); }
+
+ private:
+  TensorView<const Scalar> view(std::size_t slot) const {
+    return {data_.data() + slot * copy_size_, tokens_, LayerShape::kv_heads, LayerShape::head_dim};
+  }
+
+  Index tokens_;
+  std::size_t copy_size_;
+  Index copies_;
+  std::vector<Scalar> data_;
+};
+
+/// The rotation of the measured layer at `tokens` in `Scalar`. One rotation (1 GiB) is kept at a time, for
+/// all types: cases run context length by context length, so the cases of one (n, type) share it.
+template <class Scalar>
+const KvRotation<Scalar>& kv_rotation(Index tokens) {
+  static std::shared_ptr<const void> current;
+  static std::pair<Index, std::string> current_key;
+  const std::pair<Index, std::string> key{tokens, type_name<Scalar>()};
+  if (!current || current_key != key) {
+    current.reset();  // free the old copies before making the new ones
+    current = std::make_shared<const KvRotation<Scalar>>(measured_layer<Scalar>(tokens));
+    current_key = key;
+  }
+  return *static_cast<const KvRotation<Scalar>*>(current.get());
+}
+
+/// The decode step of the measured layer at `tokens`: its last query row, at position n - 1, attends to keys
+/// and values 0 .. n - 1.
+template <class Scalar>
+AttentionCall<Scalar> decode_call(Index tokens, std::vector<Scalar>& out) {
+  const Layer<Scalar>& layer = measured_layer<Scalar>(tokens);
+  constexpr Index row_size = LayerShape::q_heads * LayerShape::head_dim;
+  out.assign(std::size_t(row_size), Scalar(0));
+  AttentionCall<Scalar> call{TensorView<const Scalar>(layer.q.data() + (tokens - 1) * row_size, 1,
+                                                      LayerShape::q_heads, LayerShape::head_dim),
+                             layer.keys(), layer.values(),
+                             TensorView<Scalar>(out.data(), 1, LayerShape::q_heads, LayerShape::head_dim),
+                             AttentionOptions{}};
+  call.attention.causal = true;
+  call.attention.past = tokens - 1;
+  return call;
+}
+
+template <class Scalar>
+const std::vector<Scalar>& dense_decode_output(Index tokens) {
+  static std::map<Index, std::vector<Scalar>> cache;
+  auto found = cache.find(tokens);
+  if (found == cache.end()) {
+    std::vector<Scalar> out;
+    kernel<Scalar>("dense").attend(decode_call(tokens, out), nullptr, OpenMPExecutor{settings().threads},
+                                   nullptr);
+    found = cache.emplace(tokens, std::move(out)).first;
+  }
+  return found->second;
+}
+
+template <class Scalar>
+void register_decode_case(const Kernel<Scalar>& entry, Index tokens) {
+  const std::string name =
+      "decode/" + entry.name + "/kv:" + std::to_string(tokens) + "/" + type_name<Scalar>();
+  auto summary = std::make_shared<std::optional<CallSummary>>();  // set by the case's first run
+  register_case(name, tokens == quick_context_length, [&entry, tokens, summary](benchmark::State& state) {
+    const OpenMPExecutor executor{settings().threads};
+    const LayerThresholds* thresholds = thresholds_for(entry, Phase::decode, tokens);
+    std::vector<Scalar> out;
+    AttentionCall<Scalar> call = decode_call<Scalar>(tokens, out);
+    if (!*summary)
+      *summary = summarize_call(entry, call, thresholds, executor, dense_decode_output<Scalar>(tokens));
+    const KvRotation<Scalar>& rotation = kv_rotation<Scalar>(tokens);
+    Index copy = 0;
+    const double seconds = timed_loop(state, [&] {
+      call.k = rotation.keys(copy);
+      call.v = rotation.values(copy);
+      entry.attend(call, thresholds, executor, nullptr);
+      copy = (copy + 1) % rotation.copies();
+    });
+    report_call_counters(state, **summary, seconds, executor.threads);
+  });
+}
+
+}  // namespace
+
+void register_decode_benchmarks() {
+  for (Index tokens : context_lengths) {
+    for (const Kernel<float>& entry : kernels<float>()) register_decode_case(entry, tokens);
+    for (const Kernel<Eigen::bfloat16>& entry : kernels<Eigen::bfloat16>())
+      register_decode_case(entry, tokens);
+  }
+}
+
+}  // namespace toptheta::bench

@@ -1,0 +1,350 @@
+// The llama2.c forward pass with a toptheta::KvCache per layer and every attention call through the library.
+#pragma once
+
+#include "llama2c/attention_policy.hpp"
+#include "llama2c/model.hpp"
+
+#include <toptheta/toptheta.hpp>
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace llama2c {
+
+/// How an `Engine` is set up.
+struct EngineOptions {
+  /// Tokens the KV caches hold (prefill plus decode); 0 means the model's `seq_len`.
+  Index max_tokens = 0;
+  /// Threads of the attention kernels' executor; 0 means OpenMP's default. Eigen's matrix products follow
+  /// Eigen's own setting (`Eigen::setNbThreads`).
+  int threads = 0;
+  /// Collect `toptheta::AttentionStats` per layer (costs a little time in the sparse kernels).
+  bool collect_stats = true;
+};
+
+/// Per-layer attention statistics, merged over calls, kept apart for prefill calls and decode steps.
+struct EngineStats {
+  /// [layer]: merged over prefill calls.
+  std::vector<toptheta::AttentionStats> prefill;
+  /// [layer]: merged over decode steps (distinct V rows are counted per step, so they add over steps).
+  std::vector<toptheta::AttentionStats> decode;
+
+  /// The counters of all layers together.
+  static toptheta::AttentionStats total(const std::vector<toptheta::AttentionStats>& layers) {
+    toptheta::AttentionStats sum;
+    for (const auto& layer : layers) sum.merge(layer);
+    return sum;
+  }
+};
+
+/// Which logits `Engine::prefill` returns.
+enum class LogitRows {
+  all,   ///< one row per token: the next-token logits after each position (for perplexity)
+  last,  ///< only the last token's row (for generation)
+};
+
+/// The llama2.c transformer over a `Model`: RMSNorm (eps 1e-5), RoPE on interleaved pairs with frequency
+/// 10000^(-2i/hs), GQA, SwiGLU FFN, final RMSNorm and classifier; activations in `Real`, Eigen products.
+///
+/// Attention runs only through toptheta's kernels, per layer as the `AttentionPlan` says, on K and V kept in
+/// a `toptheta::KvCache<KvScalar>` per layer. A sequence is fed by `prefill` (any number of tokens in one
+/// kernel call per layer, causal, `past` = tokens already cached, so it also does chunked prefill) and
+/// `decode` (one token, the same kernels with one query row); both give the same logits for the same tokens.
+/// \tparam Real activations and matrix products: `float` (the engine), or `double` (a reference: it keeps a
+/// double copy of the weights; on stories260K it matches a float64 implementation to ~1e-7, where float
+/// rounding alone moves logits by ~1e-4).
+/// \tparam KvScalar stored type of K, V and the kernels' Q and output: float, double, Eigen::half or
+/// Eigen::bfloat16; the kernels accumulate in float (double for double).
+/// An `Engine` refers to its `Model`, which must outlive it. After an exception from `prefill` or `decode`
+/// the caches may hold part of the call: `reset()` before reuse.
+template <class Real = float, class KvScalar = Real>
+class Engine {
+ public:
+  using Matrix = RowMatrix<Real>;
+  using Vector = ColumnVector<Real>;
+
+  explicit Engine(const Model& model, const EngineOptions& options = {})
+      : model_(model), options_(options), executor_{options.threads}, plan_(dense_plan(model.config.layers)) {
+    if constexpr (!std::is_same_v<Real, float>) converted_weights_ = model.template cast<Real>();
+    const Config& c = model.config;
+    capacity_ = options.max_tokens > 0 ? options.max_tokens : c.seq_len;
+    caches_.reserve(std::size_t(c.layers));
+    for (Index l = 0; l < c.layers; ++l) caches_.emplace_back(c.kv_heads, c.head_dim(), capacity_);
+    rope_tables(c.head_dim());
+    reset_stats();
+  }
+
+  const Model& model() const { return model_; }
+  const Config& config() const { return model_.config; }
+  /// Tokens processed since the last `reset()`: the position of the next token.
+  Index position() const { return position_; }
+  /// Most tokens a sequence may have.
+  Index capacity() const { return capacity_; }
+  const toptheta::KvCache<KvScalar>& cache(Index layer) const { return caches_.at(std::size_t(layer)); }
+
+  /// Sets every layer's attention policy. Throws `toptheta::invalid_argument` naming the layer when the plan
+  /// has the wrong length or a policy does not fit the model (threshold table heads, k, compensation).
+  void set_attention(AttentionPlan plan) {
+    const Config& c = config();
+    if (Index(plan.size()) != c.layers)
+      throw toptheta::invalid_argument("llama2c: attention plan: expected one policy per layer (" +
+                                       std::to_string(c.layers) + "), got " + std::to_string(plan.size()));
+    for (Index l = 0; l < c.layers; ++l) validate(plan[std::size_t(l)], l);
+    plan_ = std::move(plan);
+  }
+  const AttentionPlan& attention() const { return plan_; }
+
+  /// Sets (or, with an empty function, removes) the observer that sees every attention score row.
+  void set_observer(AttentionObserver observer) { observer_ = std::move(observer); }
+
+  /// Forgets the sequence: empties the caches. Statistics are kept (see `reset_stats`).
+  void reset() {
+    for (auto& cache : caches_) cache.clear();
+    position_ = 0;
+  }
+
+  const EngineStats& stats() const { return stats_; }
+  void reset_stats() {
+    stats_.prefill.assign(std::size_t(config().layers), {});
+    stats_.decode.assign(std::size_t(config().layers), {});
+  }
+
+  /// Runs `tokens` at positions `position() ...` through the model, one attention call per layer, and returns
+  /// the next-token logits `[tokens, vocab]` (`LogitRows::all`) or `[1, vocab]` of the last token.
+  Matrix prefill(const std::vector<int>& tokens, LogitRows rows = LogitRows::all) {
+    return forward(tokens, /*decode=*/false, rows);
+  }
+
+  /// Runs one token at `position()` and returns its next-token logits `[vocab]`.
+  Vector decode(int token) { return forward({token}, /*decode=*/true, LogitRows::last).row(0).transpose(); }
+
+ private:
+  using KvMatrix = RowMatrix<KvScalar>;
+  static constexpr bool kv_is_real = std::is_same_v<KvScalar, Real>;
+
+  /// The weights in `Real`: the model's own for float, else the engine's converted copy.
+  const ModelWeights<Real>& weights() const {
+    if constexpr (std::is_same_v<Real, float>)
+      return model_;
+    else
+      return converted_weights_;
+  }
+
+  Matrix forward(const std::vector<int>& tokens, bool decode, LogitRows rows) {
+    const Config& c = config();
+    const Index n = Index(tokens.size());
+    check_tokens(tokens);
+
+    Matrix x(n, c.dim);
+    for (Index t = 0; t < n; ++t) x.row(t) = weights().token_embedding.row(tokens[std::size_t(t)]);
+    for (Index l = 0; l < c.layers; ++l) {
+      const LayerWeights<Real>& w = weights().layers[std::size_t(l)];
+      Matrix normed = rms_norm(x, w.attention_norm);
+      Matrix q = normed * w.wq.transpose();  // [n, heads * hs] = [n, heads, hs]
+      Matrix k = normed * w.wk.transpose();  // [n, kv_heads * hs]
+      Matrix v = normed * w.wv.transpose();
+      rotate(q, position_);
+      rotate(k, position_);
+      x.noalias() += attend(l, q, k, v, decode) * w.wo.transpose();
+
+      normed = rms_norm(x, w.ffn_norm);
+      Matrix gate = normed * w.w1.transpose();
+      const Matrix up = normed * w.w3.transpose();
+      gate = (gate.array() / (Real(1) + (-gate.array()).exp())) * up.array();  // silu(w1 x) * w3 x
+      x.noalias() += gate * w.w2.transpose();
+    }
+    position_ += n;
+    const Index first = rows == LogitRows::all ? 0 : n - 1;
+    return rms_norm(x.bottomRows(n - first), weights().final_norm) * weights().output_weights().transpose();
+  }
+
+  /// Appends the new K and V rows to the layer's cache, runs the layer's kernel, and returns its output
+  /// `[n, heads * hs]`.
+  Matrix attend(Index layer, const Matrix& q, const Matrix& k, const Matrix& v, bool decode) {
+    const Config& c = config();
+    const Index n = q.rows(), hs = c.head_dim();
+    toptheta::KvCache<KvScalar>& cache = caches_[std::size_t(layer)];
+    const Index past = cache.length();
+    cache.append(toptheta::TensorView<const Real>(k.data(), n, c.kv_heads, hs),
+                 toptheta::TensorView<const Real>(v.data(), n, c.kv_heads, hs));
+
+    // The kernels take Q and the output in the cache's stored type.
+    KvMatrix q_stored, out_stored;
+    Matrix out(n, c.heads * hs);
+    const KvScalar* q_data;
+    KvScalar* out_data;
+    if constexpr (kv_is_real) {
+      q_data = q.data();
+      out_data = out.data();
+    } else {
+      q_stored = q.template cast<KvScalar>();
+      out_stored.resize(n, c.heads * hs);
+      q_data = q_stored.data();
+      out_data = out_stored.data();
+    }
+    const toptheta::TensorView<const KvScalar> queries(q_data, n, c.heads, hs);
+    const toptheta::TensorView<KvScalar> output(out_data, n, c.heads, hs);
+    if (observer_) observe(layer, queries, cache, past, decode);
+
+    toptheta::AttentionOptions placement;
+    placement.causal = true;
+    placement.past = past;
+    toptheta::AttentionStats call_stats;
+    toptheta::AttentionStats* stats = options_.collect_stats ? &call_stats : nullptr;
+    const auto keys = cache.keys();
+    const auto values = cache.values();
+    const LayerAttention& policy = plan_[std::size_t(layer)];
+    if (std::holds_alternative<DenseAttention>(policy)) {
+      toptheta::dense_attention(queries, keys, values, output, placement, stats, executor_);
+    } else if (const auto* top_k = std::get_if<TopKAttention>(&policy)) {
+      toptheta::TopKOptions kernel_options;
+      kernel_options.attention = placement;
+      kernel_options.compensation = top_k->compensation;
+      kernel_options.value_prefix_sum = cache.value_sum_before(past);
+      kernel_options.k = top_k->k;
+      kernel_options.thresholds = top_k->denominator_terms ? &*top_k->denominator_terms : nullptr;
+      toptheta::top_k_attention(queries, keys, values, output, kernel_options, stats, executor_);
+    } else {
+      const auto& top_theta = std::get<TopThetaAttention>(policy);
+      toptheta::TopThetaOptions kernel_options;
+      kernel_options.attention = placement;
+      kernel_options.compensation = top_theta.compensation;
+      kernel_options.value_prefix_sum = cache.value_sum_before(past);
+      kernel_options.cap_k = top_theta.cap_k;
+      kernel_options.passes = top_theta.passes;
+      toptheta::top_theta_attention(queries, keys, values, output, top_theta.thresholds, kernel_options,
+                                    stats, executor_);
+    }
+    if (stats) (decode ? stats_.decode : stats_.prefill)[std::size_t(layer)].merge(call_stats);
+    if constexpr (!kv_is_real) out = out_stored.template cast<Real>();
+    return out;
+  }
+
+  /// Hands every score row of this call to the observer: `a_ij = <q_i, k_j> / sqrt(hs)` in double, from the Q
+  /// and K the kernel reads. Cost O(heads x n x L x hs); meant for calibration, not speed.
+  void observe(Index layer, const toptheta::TensorView<const KvScalar>& queries,
+               const toptheta::KvCache<KvScalar>& cache, Index past, bool decode) {
+    const Config& c = config();
+    const Index n = queries.tokens(), group = c.heads / c.kv_heads;
+    const double scale = 1.0 / std::sqrt(double(c.head_dim()));
+    Eigen::VectorXd row_scores;
+    for (Index h = 0; h < c.heads; ++h) {
+      const Eigen::MatrixXd q = queries.head(h).template cast<double>();
+      const Eigen::MatrixXd keys = cache.keys().head(h / group).template cast<double>();
+      const Eigen::MatrixXd scores = scale * (q * keys.transpose());  // [n, past + n]
+      for (Index i = 0; i < n; ++i) {
+        const Index length = past + i + 1;
+        row_scores = scores.row(i).head(length).transpose();
+        ScoreRow row(row_scores.data(), length);
+        row.layer = layer;
+        row.query_head = h;
+        row.kv_head = h / group;
+        row.position = past + i;
+        row.decode = decode;
+        row.max = row_scores.maxCoeff();
+        row.sum = (row_scores.array() - row.max).exp().sum();
+        row.query_norm = q.row(i).norm();
+        observer_(row);
+      }
+    }
+  }
+
+  /// y = w ⊙ x / sqrt(mean(x²) + 1e-5), row by row.
+  static Matrix rms_norm(const Matrix& x, const Vector& weight) {
+    Matrix y(x.rows(), x.cols());
+    for (Index t = 0; t < x.rows(); ++t) {
+      const Real inverse_rms = Real(1) / std::sqrt(x.row(t).squaredNorm() / Real(x.cols()) + Real(1e-5));
+      y.row(t) = (x.row(t).array() * inverse_rms) * weight.transpose().array();
+    }
+    return y;
+  }
+
+  /// cos and sin of `p * 10000^(-2i/hs)` for every position p < capacity and pair i < hs/2, computed in
+  /// double.
+  void rope_tables(Index hs) {
+    cos_.resize(capacity_, hs / 2);
+    sin_.resize(capacity_, hs / 2);
+    for (Index p = 0; p < capacity_; ++p)
+      for (Index i = 0; i < hs / 2; ++i) {
+        const double angle = double(p) * std::pow(10000.0, -2.0 * double(i) / double(hs));
+        cos_(p, i) = Real(std::cos(angle));
+        sin_(p, i) = Real(std::sin(angle));
+      }
+  }
+
+  /// Rotates each pair (x[2i], x[2i+1]) of every head of token row t by the angle of position `first + t`.
+  void rotate(Matrix& x, Index first) const {
+    const Index hs = config().head_dim();
+    for (Index t = 0; t < x.rows(); ++t)
+      for (Index head_start = 0; head_start < x.cols(); head_start += hs)
+        for (Index i = 0; i < hs / 2; ++i) {
+          Real& even = x(t, head_start + 2 * i);
+          Real& odd = x(t, head_start + 2 * i + 1);
+          const Real c = cos_(first + t, i), s = sin_(first + t, i);
+          const Real rotated_even = even * c - odd * s;
+          odd = even * s + odd * c;
+          even = rotated_even;
+        }
+  }
+
+  void check_tokens(const std::vector<int>& tokens) const {
+    const Index n = Index(tokens.size());
+    if (n == 0) throw toptheta::invalid_argument("llama2c: tokens: expected at least one token, got none");
+    if (position_ + n > capacity_)
+      throw toptheta::invalid_argument("llama2c: tokens: expected at most " +
+                                       std::to_string(capacity_ - position_) + " (capacity " +
+                                       std::to_string(capacity_) + " minus position " +
+                                       std::to_string(position_) + "), got " + std::to_string(n));
+    for (Index t = 0; t < n; ++t)
+      if (tokens[std::size_t(t)] < 0 || tokens[std::size_t(t)] >= config().vocab_size)
+        throw toptheta::invalid_argument("llama2c: tokens[" + std::to_string(t) +
+                                         "]: expected an id in [0, " + std::to_string(config().vocab_size) +
+                                         "), got " + std::to_string(tokens[std::size_t(t)]));
+  }
+
+  /// Throws naming `layer` when `policy` cannot run on this model.
+  void validate(const LayerAttention& policy, Index layer) const {
+    const Index heads = config().heads;
+    const std::string where = "llama2c: attention plan, layer " + std::to_string(layer) + ": ";
+    const auto heads_match = [&](const toptheta::LayerThresholds& table, const char* name) {
+      if (table.heads() != heads)
+        throw toptheta::invalid_argument(where + name + ": expected one row per query head (" +
+                                         std::to_string(heads) + "), got " + std::to_string(table.heads()));
+    };
+    try {
+      if (const auto* top_k = std::get_if<TopKAttention>(&policy)) {
+        if (top_k->denominator_terms) heads_match(*top_k->denominator_terms, "denominator_terms");
+        // The kernel's selection checks k and the compensation; build it once here to fail early.
+        (void)toptheta::TopKSelection(top_k->k, top_k->compensation,
+                                      top_k->denominator_terms ? &*top_k->denominator_terms : nullptr);
+      } else if (const auto* top_theta = std::get_if<TopThetaAttention>(&policy)) {
+        heads_match(top_theta->thresholds, "thresholds");
+        (void)toptheta::TopThetaSelection(top_theta->thresholds, top_theta->compensation, top_theta->cap_k,
+                                          top_theta->passes);
+      }
+    } catch (const toptheta::invalid_argument& error) {
+      const std::string message = error.what();
+      if (message.rfind("llama2c:", 0) == 0) throw;
+      throw toptheta::invalid_argument(where + message);
+    }
+  }
+
+  const Model& model_;
+  ModelWeights<Real> converted_weights_;  // the weights in Real, unless Real is float (then empty)
+  EngineOptions options_;
+  toptheta::OpenMPExecutor executor_;
+  AttentionPlan plan_;
+  AttentionObserver observer_;
+  std::vector<toptheta::KvCache<KvScalar>> caches_;
+  Index capacity_ = 0, position_ = 0;
+  Matrix cos_, sin_;  // [capacity, hs / 2]
+  EngineStats stats_;
+};
+
+}  // namespace llama2c

@@ -1,0 +1,516 @@
+// The llama2.c example engine (examples/llama2c): checkpoint loading and its errors, dense logits against an
+// independent float64 implementation on stories260K, prefill equal to token-by-token decode for dense and
+// Top-θ attention, and Top-θ with keep-everything thresholds equal to dense.
+#include "test_support.hpp"
+
+#include "llama2c/engine.hpp"
+
+#if __has_include(<nlohmann/json.hpp>)
+#include <nlohmann/json.hpp>
+#define LLAMA2C_HAVE_JSON 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using llama2c::Index;
+
+#if defined(TOPTHETA_CATCH2_V3) && defined(SKIP)  // SKIP exists from Catch2 3.3 on
+#define LLAMA2C_SKIP(message) SKIP(message)
+#else
+#define LLAMA2C_SKIP(message) \
+  do {                        \
+    WARN(message);            \
+    return;                   \
+  } while (false)
+#endif
+
+/// ../shared/models/stories260K, or "" when the build did not say where ../shared is.
+std::string model_directory() {
+#ifdef TOPTHETA_SHARED_DIR
+  return std::string(TOPTHETA_SHARED_DIR) + "/models/stories260K";
+#else
+  return "";
+#endif
+}
+
+bool model_present() {
+  const std::string directory = model_directory();
+  return !directory.empty() && std::filesystem::exists(directory + "/stories260K.bin") &&
+         std::filesystem::exists(directory + "/reference-logits.json") &&
+         std::filesystem::exists(directory + "/eval.tokens");
+}
+
+#define LLAMA2C_REQUIRE_MODEL()                                                            \
+  if (!model_present())                                                                    \
+  LLAMA2C_SKIP("llama2c model test skipped: " +                                            \
+               (model_directory().empty() ? std::string("TOPTHETA_SHARED_DIR not defined") \
+                                          : model_directory() + "/stories260K.bin") +      \
+               " not found (the shared models directory is absent, e.g. in a fresh clone)")
+
+const llama2c::Model& stories260k() {
+  static const llama2c::Model model = llama2c::load_model(model_directory() + "/stories260K.bin");
+  return model;
+}
+
+/// The first `count` lines of a token file, each a sequence of space-separated ids.
+std::vector<std::vector<int>> read_token_lines(const std::string& path, std::size_t count) {
+  std::ifstream in(path);
+  REQUIRE(in.good());
+  std::vector<std::vector<int>> lines;
+  std::string line;
+  while (lines.size() < count && std::getline(in, line)) {
+    std::istringstream ids(line);
+    std::vector<int> tokens;
+    for (int id; ids >> id;) tokens.push_back(id);
+    if (!tokens.empty()) lines.push_back(tokens);
+  }
+  return lines;
+}
+
+std::vector<int> first_eval_line() { return read_token_lines(model_directory() + "/eval.tokens", 1).at(0); }
+
+/// Largest logit difference float rounding makes on stories260K (measured ~1.1e-4 over 512 tokens against a
+/// float64 implementation, ~5e-5 even with double matrix products): float engines are checked to this, and
+/// the double engine to the 1e-4 of the reference file (it matches to ~1e-7).
+constexpr double float_tolerance = 5e-4;
+
+template <class Real>
+double tolerance() {
+  return std::is_same_v<Real, double> ? 1e-6 : float_tolerance;
+}
+
+/// Engines in these tests use one thread for attention (`one_thread`) and for Eigen's products
+/// (`SerialEigen`, restored at the end of a test): the work per call is tiny, and OpenMP workers spinning on
+/// a loaded machine (ctest -j) made the prefill-equals-decode test take 30 s instead of 2 s.
+struct SerialEigen {
+  int previous = Eigen::nbThreads();
+  SerialEigen() { Eigen::setNbThreads(1); }
+  ~SerialEigen() { Eigen::setNbThreads(previous); }
+  SerialEigen(const SerialEigen&) = delete;
+  SerialEigen& operator=(const SerialEigen&) = delete;
+};
+
+llama2c::EngineOptions one_thread() {
+  llama2c::EngineOptions options;
+  options.threads = 1;
+  return options;
+}
+
+/// Logits of `tokens` fed one token at a time: row t after token t.
+template <class Engine>
+typename Engine::Matrix decode_all(Engine& engine, const std::vector<int>& tokens) {
+  typename Engine::Matrix logits(Index(tokens.size()), engine.config().vocab_size);
+  for (std::size_t t = 0; t < tokens.size(); ++t) logits.row(Index(t)) = engine.decode(tokens[t]).transpose();
+  return logits;
+}
+
+template <class A, class B>
+double max_abs_difference(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  REQUIRE(a.rows() == b.rows());
+  REQUIRE(a.cols() == b.cols());
+  return (a.template cast<double>() - b.template cast<double>()).cwiseAbs().maxCoeff();
+}
+
+/// The value a threshold in `space` is compared with, for element j of an observed row.
+double space_value(toptheta::ThresholdSpace space, const llama2c::ScoreRow& row, Index j) {
+  const double a = row.scores(j);
+  switch (space) {
+    case toptheta::ThresholdSpace::raw_score:
+      return a;
+    case toptheta::ThresholdSpace::probability:
+      return std::exp(a - row.max) / row.sum;
+    case toptheta::ThresholdSpace::score_minus_max:
+      return a - row.max;
+    case toptheta::ThresholdSpace::score_over_query_norm:
+      return a / row.query_norm;
+  }
+  return a;
+}
+
+/// Per-layer, per-head thresholds for `tokens` that keep about `keep_fraction` of each head's elements in
+/// rows longer than `k`, each placed in the middle of a gap of at least `margin * |value|` between
+/// neighbouring values, so that float rounding (prefill vs decode) cannot move an element across θ. Chosen
+/// layer by layer with the earlier layers already sparse, since their output changes the later layers'
+/// scores.
+std::vector<toptheta::LayerThresholds> separated_thresholds(const llama2c::Model& model,
+                                                            const std::vector<int>& tokens,
+                                                            toptheta::ThresholdSpace space, Index k,
+                                                            const toptheta::Compensation& compensation,
+                                                            double keep_fraction, double margin = 1e-3) {
+  const llama2c::Config& config = model.config;
+  std::vector<toptheta::LayerThresholds> tables;
+  for (Index layer = 0; layer < config.layers; ++layer) {
+    llama2c::AttentionPlan plan = llama2c::top_theta_plan(tables, compensation);
+    plan.resize(std::size_t(config.layers), llama2c::DenseAttention{});
+    std::vector<std::vector<double>> values(std::size_t(config.heads));
+    llama2c::Engine<float> engine(model, one_thread());
+    engine.set_attention(plan);
+    engine.set_observer([&](const llama2c::ScoreRow& row) {
+      if (row.layer != layer || row.length <= k) return;
+      for (Index j = 0; j < row.length; ++j)
+        values[std::size_t(row.query_head)].push_back(space_value(space, row, j));
+    });
+    engine.prefill(tokens, llama2c::LogitRows::last);
+
+    std::vector<double> theta;
+    for (auto& head_values : values) {
+      std::sort(head_values.begin(), head_values.end(), std::greater<double>());
+      REQUIRE(head_values.size() > 2);
+      std::size_t t = std::size_t(keep_fraction * double(head_values.size()));
+      while (t + 2 < head_values.size() &&
+             head_values[t] - head_values[t + 1] < margin * std::max(std::abs(head_values[t]), 1e-30))
+        ++t;
+      theta.push_back(0.5 * (head_values[t] + head_values[t + 1]));
+    }
+    tables.push_back(toptheta::LayerThresholds::uniform(k, space, theta));
+  }
+  return tables;
+}
+
+// ---- checkpoint files written by the test ----
+
+/// A temporary file, removed at the end of the test, whose name ends in `name` (a random prefix keeps
+/// concurrent test runs apart).
+struct TemporaryFile {
+  std::string path;
+  explicit TemporaryFile(const std::string& name)
+      : path((std::filesystem::temp_directory_path() /
+              ("toptheta_llama2c_" + std::to_string(std::random_device{}()) + "_" + name))
+                 .string()) {}
+  ~TemporaryFile() { std::remove(path.c_str()); }
+  void write(const std::vector<char>& bytes) const {
+    std::ofstream out(path, std::ios::binary);
+    out.write(bytes.data(), std::streamsize(bytes.size()));
+  }
+};
+
+/// A small random checkpoint in the legacy format; `vocab_size < 0` appends a separate classifier.
+std::vector<char> synthetic_checkpoint(std::vector<std::int32_t> header, unsigned seed = 7) {
+  llama2c::Config c;
+  c.dim = header[0];
+  c.hidden_dim = header[1];
+  c.layers = header[2];
+  c.heads = header[3];
+  c.kv_heads = header[4];
+  c.vocab_size = std::abs(header[5]);
+  c.shared_classifier = header[5] > 0;
+  c.seq_len = header[6];
+  std::vector<char> bytes(header.size() * sizeof(std::int32_t));
+  std::memcpy(bytes.data(), header.data(), bytes.size());
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (Index i = 0; i < llama2c::detail::checkpoint_floats(c); ++i) {
+    const float value = normal(rng);
+    const char* raw = reinterpret_cast<const char*>(&value);
+    bytes.insert(bytes.end(), raw, raw + sizeof(float));
+  }
+  return bytes;
+}
+
+const std::vector<std::int32_t> small_header = {16, 24, 2, 4, 2, 32, 64};  // hs = 4, GQA 2:1
+
+}  // namespace
+
+TEST_CASE("llama2c dense logits match the float64 reference of stories260K", "[llama2c]") {
+  LLAMA2C_REQUIRE_MODEL();
+#ifndef LLAMA2C_HAVE_JSON
+  LLAMA2C_SKIP("llama2c reference-logits test skipped: nlohmann/json.hpp not found");
+#else
+  const SerialEigen serial_eigen;
+  std::ifstream file(model_directory() + "/reference-logits.json");
+  const nlohmann::json reference = nlohmann::json::parse(file);
+  const auto tokens = reference.at("tokens").get<std::vector<int>>();
+  const auto positions = reference.at("positions").get<std::vector<Index>>();
+  const llama2c::Model& model = stories260k();
+  CHECK(model.config.dim == 64);
+  CHECK(model.config.layers == 5);
+  CHECK(model.config.shared_classifier);
+
+  const auto check = [&](const auto& logits, const char* what, double tolerance) {
+    double worst = 0, nll = 0;
+    for (Index p : positions) {
+      const auto expected = reference.at("logits").at(std::to_string(p)).get<std::vector<double>>();
+      REQUIRE(Index(expected.size()) == logits.cols());
+      for (Index v = 0; v < logits.cols(); ++v)
+        worst = std::max(worst, std::abs(double(logits(p, v)) - expected[std::size_t(v)]));
+    }
+    for (Index t = 0; t + 1 < logits.rows(); ++t) {  // mean NLL of each next token
+      const Eigen::VectorXd row = logits.row(t).transpose().template cast<double>();
+      const double log_sum = row.maxCoeff() + std::log((row.array() - row.maxCoeff()).exp().sum());
+      nll += log_sum - row(tokens[std::size_t(t + 1)]);
+    }
+    nll /= double(logits.rows() - 1);
+    INFO(what << ": max |logit - reference| = " << worst << " (tolerance " << tolerance << "), mean NLL "
+              << nll << " (reference " << reference.at("mean_nll").get<double>() << ")");
+    CHECK(worst < tolerance);
+    CHECK(std::abs(nll - reference.at("mean_nll").get<double>()) < tolerance);
+  };
+  llama2c::Engine<double> reference_engine(model, one_thread());
+  check(reference_engine.prefill(tokens), "double prefill", tolerance<double>());
+  reference_engine.reset();
+  check(decode_all(reference_engine, tokens), "double decode", tolerance<double>());
+
+  llama2c::Engine<float> engine(model, one_thread());
+  check(engine.prefill(tokens), "float prefill", tolerance<float>());
+  engine.reset();
+  check(decode_all(engine, tokens), "float decode", tolerance<float>());
+  llama2c::Engine<float, double> double_kv_engine(model, one_thread());
+  check(double_kv_engine.prefill(tokens), "float with double KV, prefill", tolerance<float>());
+  llama2c::Engine<float, Eigen::bfloat16> bfloat16_kv_engine(model, one_thread());
+  check(bfloat16_kv_engine.prefill(tokens), "float with bfloat16 KV, prefill", 0.5);
+#endif
+}
+
+/// Runs `plan` over `tokens` as one prefill, token by token, and in two chunks, checks that all three give
+/// the same logits and keep the same elements, and returns the decode statistics.
+template <class Real>
+toptheta::AttentionStats check_prefill_equals_decode(const llama2c::Model& model,
+                                                     const std::vector<int>& tokens,
+                                                     const llama2c::AttentionPlan& plan,
+                                                     const std::string& name) {
+  llama2c::Engine<Real> engine(model, one_thread());
+  engine.set_attention(plan);
+  const auto prefill = engine.prefill(tokens);
+  engine.reset();
+  const auto decode = decode_all(engine, tokens);
+  engine.reset();
+  const std::size_t split = tokens.size() / 3;
+  typename llama2c::Engine<Real>::Matrix chunked(prefill.rows(), prefill.cols());
+  chunked.topRows(Index(split)) = engine.prefill({tokens.begin(), tokens.begin() + std::ptrdiff_t(split)});
+  chunked.bottomRows(Index(tokens.size() - split)) =
+      engine.prefill({tokens.begin() + std::ptrdiff_t(split), tokens.end()});
+
+  const auto prefill_stats = llama2c::EngineStats::total(engine.stats().prefill);
+  const auto decode_stats = llama2c::EngineStats::total(engine.stats().decode);
+  INFO(name << " in " << (std::is_same_v<Real, double> ? "double" : "float")
+            << ": max |prefill - decode| = " << max_abs_difference(prefill, decode)
+            << ", max |prefill - chunked| = " << max_abs_difference(prefill, chunked) << "; kept "
+            << 100 * prefill_stats.kept_fraction() << "% of elements in prefill, "
+            << 100 * decode_stats.kept_fraction() << "% in decode; decode kept "
+            << 100 * decode_stats.v_rows_kept_fraction() << "% of V rows");
+  CHECK(max_abs_difference(prefill, decode) < tolerance<Real>());
+  CHECK(max_abs_difference(prefill, chunked) < tolerance<Real>());
+  // The same rows keep the same elements: one-shot and chunked prefill saw every row once each, decode once.
+  CHECK(toptheta::AttentionStats::total(prefill_stats.elements_kept) ==
+        2 * toptheta::AttentionStats::total(decode_stats.elements_kept));
+  CHECK(decode_stats.rows == std::uint64_t(model.config.layers * model.config.heads) * tokens.size());
+  return decode_stats;
+}
+
+TEST_CASE("llama2c prefill equals token-by-token decode and chunked prefill", "[llama2c]") {
+  LLAMA2C_REQUIRE_MODEL();
+  const SerialEigen serial_eigen;
+  const llama2c::Model& model = stories260k();
+  std::vector<int> tokens = first_eval_line();
+  REQUIRE(tokens.size() >= 256);
+  tokens.resize(256);
+
+  const auto compare = [&](const llama2c::AttentionPlan& plan, const std::string& name) {
+    check_prefill_equals_decode<double>(model, tokens, plan, name);
+    return check_prefill_equals_decode<float>(model, tokens, plan, name);
+  };
+
+  compare(llama2c::dense_plan(model.config.layers), "dense");
+
+  toptheta::Compensation v_mean;
+  v_mean.v_mean = true;
+  const auto post_softmax =
+      separated_thresholds(model, tokens, toptheta::ThresholdSpace::probability, 16, v_mean, 0.05);
+  const auto sparse = compare(llama2c::top_theta_plan(post_softmax, v_mean), "top_theta probability + vmc");
+  CHECK(sparse.kept_fraction() < 0.5);  // the thresholds do prune
+
+  toptheta::Compensation exp_threshold;
+  exp_threshold.denominator = toptheta::DenominatorCompensation::exp_threshold;
+  exp_threshold.v_mean = true;
+  const auto minus_max =
+      separated_thresholds(model, tokens, toptheta::ThresholdSpace::score_minus_max, 8, exp_threshold, 0.05);
+  compare(llama2c::top_theta_plan(minus_max, exp_threshold, /*cap_k=*/true),
+          "top_theta score_minus_max + sdc");
+
+  compare(llama2c::top_k_plan(std::vector<Index>(std::size_t(model.config.layers), 16)), "top_k 16");
+}
+
+/// Checks that Top-θ with thresholds at `lowest()` (every key kept) gives dense attention's logits.
+template <class Real>
+void check_keep_everything_equals_dense(const llama2c::Model& model, const std::vector<int>& tokens) {
+  llama2c::Engine<Real> engine(model, one_thread());
+  const auto dense = engine.prefill(tokens);
+  for (auto space : {toptheta::ThresholdSpace::raw_score, toptheta::ThresholdSpace::score_over_query_norm,
+                     toptheta::ThresholdSpace::score_minus_max}) {
+    const std::vector<toptheta::LayerThresholds> keep_all(
+        std::size_t(model.config.layers),
+        toptheta::LayerThresholds::uniform(
+            1, space,
+            std::vector<double>(std::size_t(model.config.heads), std::numeric_limits<double>::lowest())));
+    engine.reset();
+    engine.reset_stats();
+    engine.set_attention(llama2c::top_theta_plan(keep_all));
+    const auto sparse = engine.prefill(tokens);
+    // In float the one-pass and two-pass kernels round differently from the dense one; in double they agree.
+    INFO(toptheta::to_string(space) << " in " << (std::is_same_v<Real, double> ? "double" : "float")
+                                    << ": max |top_theta - dense| = " << max_abs_difference(sparse, dense));
+    CHECK(max_abs_difference(sparse, dense) < (std::is_same_v<Real, double> ? 1e-9 : float_tolerance));
+    CHECK(llama2c::EngineStats::total(engine.stats().prefill).kept_fraction() == 1.0);
+  }
+}
+
+TEST_CASE("llama2c Top-theta with keep-everything thresholds equals dense", "[llama2c]") {
+  LLAMA2C_REQUIRE_MODEL();
+  const SerialEigen serial_eigen;
+  std::vector<int> tokens = first_eval_line();
+  tokens.resize(200);
+  check_keep_everything_equals_dense<double>(stories260k(), tokens);
+  check_keep_everything_equals_dense<float>(stories260k(), tokens);
+}
+
+TEST_CASE("llama2c observer sees every score row of prefill and decode alike", "[llama2c]") {
+  TemporaryFile file("observer.bin");
+  file.write(synthetic_checkpoint(small_header));
+  const llama2c::Model model = llama2c::load_model(file.path);
+  const std::vector<int> tokens = {1, 5, 9, 2, 31, 7, 7, 0, 12, 3};
+  const Index n = Index(tokens.size()), layers = model.config.layers, heads = model.config.heads;
+
+  // rows[(layer * heads + head) * n + position] = the scores the observer saw
+  using Rows = std::vector<Eigen::VectorXd>;
+  const auto observe = [&](bool decode) {
+    Rows rows(std::size_t(layers * heads * n));
+    llama2c::Engine<float> engine(model, one_thread());
+    Index calls = 0;
+    engine.set_observer([&](const llama2c::ScoreRow& row) {
+      ++calls;
+      CHECK(row.decode == decode);
+      CHECK(row.length == row.position + 1);
+      CHECK(row.kv_head == row.query_head / 2);
+      CHECK(row.max == row.scores.maxCoeff());
+      CHECK(std::abs(row.sum - (row.scores.array() - row.max).exp().sum()) < 1e-12 * row.sum);
+      rows[std::size_t((row.layer * heads + row.query_head) * n + row.position)] = row.scores;
+    });
+    if (decode)
+      for (int token : tokens) engine.decode(token);
+    else
+      engine.prefill(tokens);
+    CHECK(calls == layers * heads * n);
+    return rows;
+  };
+  const Rows prefill = observe(false), decode = observe(true);
+  for (std::size_t r = 0; r < prefill.size(); ++r) {
+    const Index length = Index(r) % n + 1;
+    REQUIRE(prefill[r].size() == length);
+    REQUIRE(decode[r].size() == length);
+    CHECK((prefill[r] - decode[r]).cwiseAbs().maxCoeff() < 1e-5);
+  }
+}
+
+TEST_CASE("llama2c loads a separate classifier and runs a synthetic model", "[llama2c]") {
+  std::vector<std::int32_t> header = small_header;
+  header[5] = -header[5];  // separate classifier after the RoPE tables
+  const std::vector<char> bytes = synthetic_checkpoint(header);
+  TemporaryFile file("separate_classifier.bin");
+  file.write(bytes);
+  const llama2c::Model model = llama2c::load_model(file.path);
+  CHECK_FALSE(model.config.shared_classifier);
+  CHECK(model.config.vocab_size == 32);
+  REQUIRE(model.classifier.rows() == 32);
+  REQUIRE(model.classifier.cols() == 16);
+  CHECK(&model.output_weights() == &model.classifier);
+  // The classifier is the file's last vocab x dim floats.
+  float last = 0;
+  std::memcpy(&last, bytes.data() + bytes.size() - sizeof(float), sizeof(float));
+  CHECK(model.classifier(31, 15) == last);
+
+  llama2c::Engine<float> engine(model, one_thread());
+  const std::vector<int> tokens = {1, 4, 8, 15, 16, 23, 31, 0};
+  const llama2c::Matrix prefill = engine.prefill(tokens);
+  engine.reset();
+  CHECK(max_abs_difference(prefill, decode_all(engine, tokens)) < 1e-5);
+  CHECK(prefill.allFinite());
+}
+
+TEST_CASE("llama2c engine rejects bad tokens and plans naming what is wrong", "[llama2c]") {
+  TemporaryFile file("engine_errors.bin");
+  file.write(synthetic_checkpoint(small_header));
+  const llama2c::Model model = llama2c::load_model(file.path);
+  llama2c::EngineOptions options = one_thread();
+  options.max_tokens = 8;
+  llama2c::Engine<float> engine(model, options);
+  using toptheta_test::mentions;
+  CHECK_THROWS_WITH(engine.prefill({1, 32}), mentions("tokens[1]") && mentions("[0, 32)"));
+  CHECK_THROWS_WITH(engine.prefill(std::vector<int>(9, 1)), mentions("at most 8"));
+  CHECK_THROWS_WITH(engine.prefill({}), mentions("at least one token"));
+  CHECK_THROWS_WITH(engine.set_attention(llama2c::dense_plan(1)), mentions("one policy per layer (2)"));
+  auto plan = llama2c::top_theta_plan(std::vector<toptheta::LayerThresholds>(
+      2, toptheta::LayerThresholds::uniform(4, toptheta::ThresholdSpace::raw_score, {0.0, 0.0})));
+  CHECK_THROWS_WITH(engine.set_attention(plan),
+                    mentions("layer 0") && mentions("one row per query head (4)"));
+  toptheta::Compensation calibrated;
+  calibrated.denominator = toptheta::DenominatorCompensation::calibrated;
+  CHECK_THROWS_WITH(engine.set_attention(llama2c::top_k_plan({4, 4}, calibrated)),
+                    mentions("layer 0") && mentions("calibrated"));
+  CHECK(engine.position() == 0);
+  engine.prefill({1, 2, 3});
+  CHECK(engine.position() == 3);
+}
+
+TEST_CASE("llama2c checkpoint errors name the file and the problem", "[llama2c]") {
+  using toptheta_test::mentions;
+  const std::vector<char> good = synthetic_checkpoint(small_header);
+  const auto load_bytes = [](const std::vector<char>& bytes, const std::string& name) {
+    TemporaryFile file(name);
+    file.write(bytes);
+    llama2c::load_model(file.path);
+  };
+
+  const std::string missing =
+      (std::filesystem::temp_directory_path() / "toptheta_llama2c_no_such_file.bin").string();
+  CHECK_THROWS_AS(llama2c::load_model(missing), llama2c::checkpoint_error);
+  CHECK_THROWS_WITH(llama2c::load_model(missing), mentions(missing) && mentions("cannot open"));
+
+  CHECK_NOTHROW(load_bytes(good, "good.bin"));
+  CHECK_THROWS_WITH(
+      load_bytes(std::vector<char>(good.begin(), good.begin() + std::ptrdiff_t(good.size() / 2)),
+                 "truncated.bin"),
+      mentions("_truncated.bin") && mentions("truncated"));
+  CHECK_THROWS_WITH(load_bytes(std::vector<char>(good.begin(), good.begin() + 10), "header_only.bin"),
+                    mentions("_header_only.bin") && mentions("header alone needs 28"));
+  std::vector<char> longer = good;
+  longer.resize(good.size() + 4);
+  CHECK_THROWS_WITH(load_bytes(longer, "too_long.bin"), mentions("too_long.bin") && mentions("too long"));
+
+  const auto with_header_field = [&](int field, std::int32_t value) {
+    std::vector<char> bytes = good;
+    std::memcpy(bytes.data() + field * sizeof(std::int32_t), &value, sizeof(value));
+    return bytes;
+  };
+  CHECK_THROWS_WITH(load_bytes(with_header_field(3, 0), "zero_heads.bin"), mentions("n_heads = 0"));
+  CHECK_THROWS_WITH(load_bytes(with_header_field(4, 3), "kv_heads.bin"),
+                    mentions("multiple of n_kv_heads = 3"));
+  CHECK_THROWS_WITH(load_bytes(with_header_field(0, 0x616b3432), "v2.bin"), mentions("ak42"));
+
+  std::vector<char> not_finite = good;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(not_finite.data() + 28 + 5 * sizeof(float), &nan, sizeof(nan));
+  CHECK_THROWS_WITH(load_bytes(not_finite, "nan.bin"), mentions("nan.bin") && mentions("token_embedding"));
+
+  if (model_present()) {  // a truncated copy of the real checkpoint
+    std::ifstream in(model_directory() + "/stories260K.bin", std::ios::binary);
+    std::vector<char> real((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    real.resize(real.size() - 100);
+    CHECK_THROWS_WITH(load_bytes(real, "stories260K_truncated.bin"),
+                      mentions("stories260K_truncated.bin") && mentions("truncated"));
+  }
+}
