@@ -12,6 +12,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace toptheta {
@@ -96,6 +97,27 @@ struct RowState {
     return factor;
   }
 
+  /// Joins this row's state with the same row's state over another key range (the online-softmax merge of
+  /// split-KV). Returns the factors by which this range's and the other range's accumulated outputs must be
+  /// multiplied before they are added.
+  std::pair<Acc, Acc> merge(const RowState& other) {
+    const Acc max = std::max(mass.max, other.mass.max);
+    mass.pruned_mass = mass.pruned_mass * rescale_factor(mass.max, max) +
+                       other.mass.pruned_mass * rescale_factor(other.mass.max, max);
+    mass.max = max;
+    const Acc kept_max = std::max(mass.kept_max, other.mass.kept_max);
+    const Acc own = rescale_factor(mass.kept_max, kept_max), theirs = rescale_factor(other.mass.kept_max, kept_max);
+    mass.kept_mass = mass.kept_mass * own + other.mass.kept_mass * theirs;
+    mass.kept_max = kept_max;
+    mass.kept += other.mass.kept;
+    if (other.best_score > best_score || (other.best_score == best_score && other.best_position > best_position)) {
+      best_score = other.best_score;
+      best_position = other.best_position;
+    }
+    capped = capped || other.capped;
+    return {own, theirs};
+  }
+
   /// A row is never empty: when nothing survived, its max-score key joins `S_i` with weight
   /// `exp(a - m_S) = 1`. Returns whether it did.
   bool keep_best_if_empty() {
@@ -111,6 +133,7 @@ struct RowState {
 /// Keeps every visible key: dense attention.
 struct DenseSelection {
   bool needs_row_scores() const { return false; }
+  bool caps_rows() const { return false; }
   void require_query_head(Index, const std::string&) const {}
   bool post_softmax() const { return false; }
   const Compensation& compensation() const { return none_; }
@@ -153,6 +176,8 @@ class TopThetaSelection {
   }
 
   bool needs_row_scores() const { return two_pass_; }
+  /// Whether survivors beyond k are dropped: the kept set then depends on the order of the keys.
+  bool caps_rows() const { return cap_k_; }
   void require_query_head(Index head, const std::string& argument) const {
     detail::require_head(head, thresholds_.heads(), argument);
   }
@@ -199,6 +224,7 @@ class TopKSelection {
   }
 
   bool needs_row_scores() const { return true; }
+  bool caps_rows() const { return false; }
   void require_query_head(Index head, const std::string& argument) const {
     if (thresholds_) detail::require_head(head, thresholds_->heads(), argument);
   }

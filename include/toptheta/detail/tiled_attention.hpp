@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -62,6 +63,10 @@ class KeptRowSets {
 /// One attention call split into work items (KV head, query block). A block stacks the query rows of every
 /// head of the KV head's group, so each K tile is loaded once for the group and each V row once for the
 /// union of the group's survivors.
+///
+/// Calls with few stacked rows per block (decode) and a one-pass rule without a cap split the keys instead:
+/// a work item is (query block, key range) over every KV head, so a `[tokens, heads, d]` cache is read in
+/// address order and one long row uses every core; the ranges' partial rows merge exactly afterwards.
 template <class Tiles, class Scalar, class Selection>
 class TiledAttention {
  public:
@@ -77,18 +82,44 @@ class TiledAttention {
         collect_stats_(collect_stats) {
     query_blocks_ = (shape.query_rows + Tiles::query_block - 1) / Tiles::query_block;
     if (collect_stats_) kept_rows_.reset(shape.kv_heads, shape.key_rows);
+    const Index block_rows = shape.group_size * std::min(Tiles::query_block, shape.query_rows);
+    if (block_rows <= streaming_rows && !selection.needs_row_scores() && !selection.caps_rows()) {
+      tiles_ = (shape.max_row_length() + Tiles::kv_block - 1) / Tiles::kv_block;
+      tiles_per_split_ = (tiles_ + max_key_splits - 1) / max_key_splits;
+      key_splits_ = (tiles_ + tiles_per_split_ - 1) / tiles_per_split_;
+      partials_.resize(std::size_t(query_blocks_ * key_splits_ * shape.kv_heads));
+    }
   }
 
-  Index work_items() const { return shape_.kv_heads * query_blocks_; }
+  Index work_items() const {
+    return key_splits_ > 0 ? query_blocks_ * key_splits_ : shape_.kv_heads * query_blocks_;
+  }
 
-  /// Attends the query rows of block `item % query_blocks` for every head of KV head `item / query_blocks`.
+  /// Attends the query rows of block `item % query_blocks` for every head of KV head `item / query_blocks`,
+  /// or with split keys, keeps the partial rows of query block `item / key_splits` over key range
+  /// `item % key_splits` for every KV head.
   void run(Index item, AttentionStats& stats) {
+    if (key_splits_ > 0) return run_key_range(item / key_splits_, item % key_splits_, stats);
     Block block(*this, item / query_blocks_, item % query_blocks_);
     block.select_rows(stats);
     const Index tiles = (block.visible_end + Tiles::kv_block - 1) / Tiles::kv_block;
     // Tiles run from the last to the first so that a cap of k keeps the largest positions in one pass.
     for (Index tile = tiles - 1; tile >= 0; --tile) block.accumulate_tile(tile * Tiles::kv_block, stats);
     block.finish_rows(stats);
+  }
+
+  /// With split keys, after every item ran: merges each (KV head, query block)'s key ranges and writes o_i.
+  void finish_split_rows(AttentionStats& stats) {
+    if (key_splits_ == 0) return;
+    const auto partial = [&](Index query_block, Index split, Index kv_head) -> std::unique_ptr<Block>& {
+      return partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)];
+    };
+    for (Index query_block = 0; query_block < query_blocks_; ++query_block)
+      for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head) {
+        Block& merged = *partial(query_block, 0, kv_head);
+        for (Index split = 1; split < key_splits_; ++split) merged.merge(*partial(query_block, split, kv_head));
+        merged.finish_rows(stats);
+      }
   }
 
   /// Distinct V rows kept per KV head over the whole call (only when stats are collected).
@@ -104,6 +135,10 @@ class TiledAttention {
     Index query_head = 0, query_row = 0, length = 0;
     Acc query_norm = 0;
   };
+
+  /// Most key ranges one call is split into (when it splits keys); a fixed count, not the thread count, so
+  /// results do not depend on the executor.
+  static constexpr Index max_key_splits = 16;
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
@@ -329,6 +364,14 @@ class TiledAttention {
       row.raise_max(tile_max);
     }
 
+    /// Joins the same rows' partial state over another key range.
+    void merge(const Block& other) {
+      for (Index r = 0; r < Index(rows.size()); ++r) {
+        const auto [own, theirs] = rows[std::size_t(r)].merge(other.rows[std::size_t(r)]);
+        output.row(r) = own * output.row(r) + theirs * other.output.row(r);
+      }
+    }
+
     /// Applies the never-empty rule, the compensations, and writes o_i.
     void finish_rows(AttentionStats& stats) {
       const auto values = kernel.v_.head(kv_head);
@@ -361,6 +404,22 @@ class TiledAttention {
     }
   };
 
+  /// Tiles of key range `split`, from the last to the first, for every KV head in turn per tile.
+  void run_key_range(Index query_block, Index split, AttentionStats& stats) {
+    std::vector<std::unique_ptr<Block>> blocks;
+    for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head) {
+      blocks.push_back(std::make_unique<Block>(*this, kv_head, query_block));
+      blocks.back()->select_rows(stats);
+    }
+    const Index first_tile = split * tiles_per_split_, end_tile = std::min(first_tile + tiles_per_split_, tiles_);
+    for (Index tile = end_tile - 1; tile >= first_tile; --tile)
+      for (auto& block : blocks)
+        if (tile * Tiles::kv_block < block->visible_end) block->accumulate_tile(tile * Tiles::kv_block, stats);
+    for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head)
+      partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)] =
+          std::move(blocks[std::size_t(kv_head)]);
+  }
+
   TensorView<const Scalar> q_, k_, v_;
   TensorView<Scalar> out_;
   AttentionShape shape_;
@@ -369,6 +428,8 @@ class TiledAttention {
   bool track_pruned_mass_;
   bool collect_stats_;
   Index query_blocks_ = 0;
+  Index tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;  // key_splits_ = 0: items are (KV head, query block)
+  std::vector<std::unique_ptr<Block>> partials_;              // [query block][key range][KV head]
   KeptRowSets kept_rows_;
 };
 
@@ -389,9 +450,13 @@ void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<con
     item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
     kernel.run(item, item_stats[std::size_t(item)]);
   });
+  AttentionStats merge_stats;
+  merge_stats.reset(shape.q_heads, shape.kv_heads);
+  kernel.finish_split_rows(merge_stats);
   if (!stats) return;
   stats->reset(shape.q_heads, shape.kv_heads);
   for (const auto& item : item_stats) stats->merge(item);
+  stats->merge(merge_stats);
   kernel.count_kept_rows(*stats);
 }
 
