@@ -5,16 +5,20 @@
 #define TOPTHETA_VERSION_MINOR 1
 #define TOPTHETA_VERSION_PATCH 0
 
+#include <toptheta/calibrator.hpp>
 #include <toptheta/compensation.hpp>
 #include <toptheta/dense_attention.hpp>
 #include <toptheta/executor.hpp>
 #include <toptheta/kv_cache.hpp>
+#include <toptheta/length_buckets.hpp>
 #include <toptheta/online_softmax.hpp>
 #include <toptheta/reference_attention.hpp>
+#include <toptheta/reference_thresholds.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/selection.hpp>
 #include <toptheta/sparse_options.hpp>
 #include <toptheta/stats.hpp>
+#include <toptheta/threshold_file_error.hpp>
 #include <toptheta/threshold_space.hpp>
 #include <toptheta/threshold_table.hpp>
 #include <toptheta/thresholded_softmax.hpp>

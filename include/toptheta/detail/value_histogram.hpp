@@ -1,0 +1,300 @@
+// A mergeable, bounded, deterministic histogram of values on a log-linear grid: the summary behind count-matched
+// thresholds.
+#pragma once
+
+#include <toptheta/detail/require.hpp>
+#include <toptheta/scalar_traits.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace toptheta::detail {
+
+/// The grid of a `ValueHistogram`: log-linear in `|v|` with `2^mantissa_bits` bins per binade `[2^e, 2^{e+1})`
+/// for `|v| ≥ 2^min_exponent`, linear with bin width `2^(min_exponent - mantissa_bits)` below, mirrored for
+/// negative values. A bin's width is thus at most `2^-mantissa_bits` of its values (1.6 % at the default 6 bits),
+/// or the absolute linear width near 0. Only the `window_binades · 2^mantissa_bits` bins below the largest value
+/// seen are kept; values under that window are counted (and their mass summed) in one underflow cell.
+struct HistogramGrid {
+  int mantissa_bits = 6;
+  int min_exponent = -2;
+  int window_binades = 24;
+
+  std::int64_t window_bins() const { return std::int64_t(window_binades) << mantissa_bits; }
+
+  void validate(const std::string& argument) const {
+    require(mantissa_bits >= 1 && mantissa_bits <= 12, argument + ".mantissa_bits", "a count in [1, 12]",
+            mantissa_bits);
+    require(min_exponent >= -1000 && min_exponent <= 1000, argument + ".min_exponent",
+            "an exponent in [-1000, 1000]", min_exponent);
+    require(window_binades >= 1 && window_binades <= 256, argument + ".window_binades", "a count in [1, 256]",
+            window_binades);
+  }
+
+  friend bool operator==(const HistogramGrid& a, const HistogramGrid& b) {
+    return a.mantissa_bits == b.mantissa_bits && a.min_exponent == b.min_exponent &&
+           a.window_binades == b.window_binades;
+  }
+  friend bool operator!=(const HistogramGrid& a, const HistogramGrid& b) { return !(a == b); }
+};
+
+/// Monotone integer key of a finite double on a `HistogramGrid`: `v ≤ w ⇒ key(v) ≤ key(w)`. Integer and bit
+/// operations only (the binade and the top mantissa bits of `|v|`), so every machine bins a value alike.
+class HistogramKeys {
+ public:
+  explicit HistogramKeys(const HistogramGrid& grid)
+      : bits_(grid.mantissa_bits), linear_limit_(std::ldexp(1.0, grid.min_exponent)),
+        linear_scale_(std::ldexp(1.0, grid.mantissa_bits - grid.min_exponent)),
+        offset_(((std::int64_t(1023) + grid.min_exponent) << grid.mantissa_bits) -
+                (std::int64_t(1) << grid.mantissa_bits)),
+        float_limit_(float(linear_limit_)), float_scale_(float(linear_scale_)),
+        float_offset_(std::int32_t(((127 + grid.min_exponent) << grid.mantissa_bits) - (1 << grid.mantissa_bits))) {}
+
+  /// True when float values get the same keys as their double values (the linear region lies in float's
+  /// normal range), so float rows may use the 32-bit, vectorisable `operator()(float)`.
+  static bool float_exact(const HistogramGrid& grid) { return grid.min_exponent > -126 && grid.min_exponent < 100; }
+
+  /// Branch-free, so that values scattered around `2^min_exponent` and 0 cost no mispredictions.
+  std::int64_t operator()(double v) const {
+    const double magnitude = std::abs(v);
+    std::uint64_t bits;
+    std::memcpy(&bits, &magnitude, sizeof bits);
+    const std::int64_t linear = std::int64_t(std::min(magnitude, linear_limit_) * linear_scale_);  // exact scaling
+    const std::int64_t logarithmic = std::int64_t(bits >> (52 - bits_)) - offset_;
+    const std::int64_t key = magnitude < linear_limit_ ? linear : logarithmic;
+    return key ^ -std::int64_t(v < 0);  // v < 0: -key - 1
+  }
+
+  /// The same key as `operator()(double(v))`, in 32-bit arithmetic (requires `float_exact(grid)`).
+  std::int32_t operator()(float v) const {
+    std::uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const std::uint32_t magnitude_bits = bits & 0x7fffffffu;
+    float magnitude;
+    std::memcpy(&magnitude, &magnitude_bits, sizeof magnitude);
+    const std::int32_t linear = std::int32_t(std::min(magnitude, float_limit_) * float_scale_);
+    const std::int32_t logarithmic = std::int32_t(magnitude_bits >> (23 - bits_)) - float_offset_;
+    const std::int32_t key = magnitude < float_limit_ ? linear : logarithmic;
+    return key ^ -std::int32_t(v < 0.0f);
+  }
+
+  /// Smallest and largest value of bin `key` (the bin is half-open on the side away from 0).
+  double lower(std::int64_t key) const { return key >= 0 ? magnitude_low(key) : -magnitude_low(-key); }
+  double upper(std::int64_t key) const { return key >= 0 ? magnitude_low(key + 1) : -magnitude_low(-key - 1); }
+
+ private:
+  double magnitude_low(std::int64_t magnitude_key) const {
+    if (magnitude_key <= (std::int64_t(1) << bits_)) return double(magnitude_key) / linear_scale_;
+    const std::uint64_t bits = std::uint64_t(magnitude_key + offset_) << (52 - bits_);
+    if (bits >= 0x7ff0000000000000ull) return std::numeric_limits<double>::infinity();
+    double value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+  }
+
+  int bits_;
+  double linear_limit_, linear_scale_;
+  std::int64_t offset_;
+  float float_limit_, float_scale_;
+  std::int32_t float_offset_;
+};
+
+/// Counts and masses of values on a log-linear grid, kept for the window below the largest value.
+///
+/// Each value `v` comes with a mass `w` (for calibration `exp(a - m_i)`, the value's softmax weight relative to
+/// its row max). Memory: 16 bytes per bin over the observed key range, at most `16 · window_bins()` bytes.
+/// The state after any sequence of `add` and `merge` calls depends only on the multiset of values (counts
+/// exactly; masses up to the rounding of their sums), not on the order or the split: a bin holds exactly the
+/// values of its key at or above the final window, the underflow cell all others.
+class ValueHistogram {
+ public:
+  ValueHistogram() = default;
+  explicit ValueHistogram(const HistogramGrid& grid) : grid_(grid) {}
+
+  const HistogramGrid& grid() const { return grid_; }
+  std::uint64_t total_count() const { return total_; }
+  std::size_t memory_bytes() const {
+    return counts_.capacity() * sizeof(std::uint64_t) + masses_.capacity() * sizeof(double);
+  }
+
+  /// Adds `values[j]` with masses `masses[j]`, `j < count` (`T` float or double, finite). Two passes: the keys
+  /// (into `keys`, scratch space; vectorised for float) and their range, then the counts.
+  template <class T>
+  void add(const T* values, const T* masses, Index count, std::vector<std::int32_t>& keys) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "values are float or double");
+    if (count <= 0) return;
+    const HistogramKeys key_of(grid_);
+    keys.resize(std::size_t(count));
+    std::int32_t* out = keys.data();
+    std::int32_t min_key = std::numeric_limits<std::int32_t>::max();
+    std::int32_t max_key = std::numeric_limits<std::int32_t>::min();
+    T max_value = values[0];
+    if constexpr (std::is_same_v<T, float>) {
+      if (HistogramKeys::float_exact(grid_)) {
+        for (Index j = 0; j < count; ++j) out[j] = key_of(values[j]);
+      } else {
+        for (Index j = 0; j < count; ++j) out[j] = std::int32_t(key_of(double(values[j])));
+      }
+    } else {
+      for (Index j = 0; j < count; ++j) out[j] = std::int32_t(key_of(values[j]));
+    }
+    for (Index j = 0; j < count; ++j) {
+      min_key = std::min(min_key, out[j]);
+      max_key = std::max(max_key, out[j]);
+      max_value = values[j] > max_value ? values[j] : max_value;
+    }
+    make_room(min_key, max_key, double(max_value));
+    std::uint64_t* counts = counts_.data();
+    double* bin_masses = masses_.data();
+    const std::int64_t low = low_;
+    for (Index j = 0; j < count; ++j) {
+      const std::int64_t bin = std::int64_t(out[j]) - low;
+      if (bin >= 0) {
+        ++counts[bin];
+        bin_masses[bin] += double(masses[j]);
+      } else {
+        ++underflow_count_;
+        underflow_mass_ += double(masses[j]);
+      }
+    }
+    total_ += std::uint64_t(count);
+  }
+
+  void merge(const ValueHistogram& other) {
+    require(grid_ == other.grid_, "other", "a histogram on the same grid", "a different grid");
+    if (other.total_ == 0) return;
+    underflow_count_ += other.underflow_count_;
+    underflow_mass_ += other.underflow_mass_;
+    total_ += other.total_;
+    if (other.counts_.empty()) return;
+    make_room(other.low_, other.high(), other.max_value_);
+    for (std::size_t b = 0; b < other.counts_.size(); ++b) {
+      const std::int64_t bin = other.low_ + std::int64_t(b) - low_;
+      if (bin >= 0) {
+        counts_[std::size_t(bin)] += other.counts_[b];
+        masses_[std::size_t(bin)] += other.masses_[b];
+      } else {
+        underflow_count_ += other.counts_[b];
+        underflow_mass_ += other.masses_[b];
+      }
+    }
+  }
+
+  /// The value above which `target` of the values lie, and the mass of the values at or below it.
+  struct Crossing {
+    double value = 0;
+    double mass_below = 0;
+    bool inside_window = false;  ///< false: the crossing lies in the underflow cell and is not resolved
+  };
+
+  /// The value θ with `target` values above it, interpolating linearly inside the bin that holds it (values
+  /// spread evenly over the bin); the top bin ends at the largest value seen. With fewer than `target` values in
+  /// the window, its lower edge (`inside_window` false).
+  Crossing value_with_count_above(double target) const {
+    double above = 0, mass_above_bin = 0;
+    for (std::size_t b = counts_.size(); b-- > 0;) {
+      const double count = double(counts_[b]);
+      if (count > 0 && above + count >= target) {
+        const double fraction_above = (target - above) / count;
+        const std::int64_t key = low_ + std::int64_t(b);
+        const HistogramKeys keys(grid_);
+        const double lower = keys.lower(key), upper = std::min(keys.upper(key), max_value_);
+        Crossing crossing;
+        crossing.value = upper - fraction_above * (upper - std::max(lower, -std::numeric_limits<double>::max()));
+        crossing.mass_below = total_mass() - mass_above_bin - fraction_above * masses_[b];
+        crossing.inside_window = true;
+        return crossing;
+      }
+      above += count;
+      mass_above_bin += masses_[b];
+    }
+    Crossing edge;  // fewer than `target` values in the window: its lower edge, every value in it above
+    edge.value = counts_.empty() ? max_value_ : HistogramKeys(grid_).lower(low_);
+    edge.mass_below = underflow_mass_;
+    return edge;
+  }
+
+  /// Mass of the values at or below `theta`, interpolating inside its bin; `inside_window` false when `theta`
+  /// lies below the window (the underflow cell's mass cannot be split; its whole mass is returned).
+  Crossing mass_at_or_below(double theta) const {
+    Crossing crossing;
+    crossing.value = theta;
+    if (counts_.empty() || theta >= max_value_) {
+      crossing.mass_below = total_mass();
+      crossing.inside_window = true;
+      return crossing;
+    }
+    const HistogramKeys keys(grid_);
+    const std::int64_t key = keys(theta);
+    if (key < low_) {  // below the window: at most the underflow cell's mass
+      crossing.inside_window = underflow_count_ == 0;
+      crossing.mass_below = underflow_mass_;
+      return crossing;
+    }
+    double below = underflow_mass_;
+    for (std::int64_t k = low_; k < key; ++k) below += masses_[std::size_t(k - low_)];
+    const double lower = keys.lower(key), upper = std::min(keys.upper(key), max_value_);
+    const double fraction = upper > lower ? std::clamp((theta - lower) / (upper - lower), 0.0, 1.0) : 1.0;
+    crossing.mass_below = below + fraction * masses_[std::size_t(key - low_)];
+    crossing.inside_window = true;
+    return crossing;
+  }
+
+ private:
+  std::int64_t high() const { return low_ + std::int64_t(counts_.size()) - 1; }
+
+  double total_mass() const {
+    double mass = underflow_mass_;
+    for (double m : masses_) mass += m;
+    return mass;
+  }
+
+  /// Extends the kept bins to `[min_key, max_key]`, then drops (into the underflow cell) those below the window
+  /// under the largest key.
+  void make_room(std::int64_t min_key, std::int64_t max_key, double max_value) {
+    max_value_ = std::max(max_value_, max_value);
+    const bool empty = counts_.empty();
+    const std::int64_t new_high = empty ? max_key : std::max(high(), max_key);
+    const std::int64_t window_low = new_high - grid_.window_bins() + 1;
+    const std::int64_t new_low = std::max(empty ? min_key : std::min(low_, min_key), window_low);
+    if (empty) {
+      low_ = new_low;
+      counts_.assign(std::size_t(new_high - new_low + 1), 0);
+      masses_.assign(counts_.size(), 0.0);
+      return;
+    }
+    if (new_low > low_) {  // fold bins that left the window
+      const std::size_t dropped = std::size_t(std::min(new_low - low_, std::int64_t(counts_.size())));
+      for (std::size_t b = 0; b < dropped; ++b) {
+        underflow_count_ += counts_[b];
+        underflow_mass_ += masses_[b];
+      }
+      counts_.erase(counts_.begin(), counts_.begin() + std::ptrdiff_t(dropped));
+      masses_.erase(masses_.begin(), masses_.begin() + std::ptrdiff_t(dropped));
+    } else if (new_low < low_) {
+      counts_.insert(counts_.begin(), std::size_t(low_ - new_low), 0);
+      masses_.insert(masses_.begin(), std::size_t(low_ - new_low), 0.0);
+    }
+    low_ = new_low;
+    const std::size_t size = std::size_t(new_high - new_low + 1);
+    counts_.resize(size, 0);
+    masses_.resize(size, 0.0);
+  }
+
+  HistogramGrid grid_;
+  std::int64_t low_ = 0;              ///< key of counts_[0]
+  std::vector<std::uint64_t> counts_;  ///< per key in [low_, high()]
+  std::vector<double> masses_;
+  std::uint64_t underflow_count_ = 0;
+  double underflow_mass_ = 0;
+  std::uint64_t total_ = 0;
+  double max_value_ = -std::numeric_limits<double>::infinity();
+};
+
+}  // namespace toptheta::detail

@@ -1,0 +1,392 @@
+// Threshold files: a model's `ThresholdTable` as versioned, self-describing JSON, with an exact round trip.
+// Needs nlohmann/json (Debian: nlohmann-json3-dev; CMake: nlohmann_json::nlohmann_json); the rest of the
+// library does not. The reference implementation's text files are read by reference_thresholds.hpp.
+#pragma once
+
+#include <toptheta/detail/require.hpp>
+#include <toptheta/length_buckets.hpp>
+#include <toptheta/reference_thresholds.hpp>
+#include <toptheta/threshold_file_error.hpp>
+#include <toptheta/threshold_space.hpp>
+#include <toptheta/threshold_table.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace toptheta {
+
+/// The `"format"` and `"version"` of the threshold files this library writes and reads.
+inline constexpr const char* threshold_file_format = "toptheta-thresholds";
+inline constexpr int threshold_file_version = 1;
+
+namespace detail {
+
+/// A JSON value and its JSON-pointer path, for messages that name the field.
+struct JsonField {
+  const nlohmann::json& value;
+  std::string path;
+  const std::string& file;
+
+  [[noreturn]] void fail(const std::string& problem) const {
+    throw threshold_file_error(file, path.empty() ? "/" : path, problem);
+  }
+
+  std::string kind() const {
+    if (value.is_null()) return "null";
+    if (value.is_boolean()) return "a boolean";
+    if (value.is_number()) return "a number";
+    if (value.is_string()) return "a string";
+    if (value.is_array()) return "an array";
+    return "an object";
+  }
+
+  /// Member `name` of this object (which must have no members but `allowed`).
+  JsonField member(const char* name) const {
+    if (!value.is_object()) fail("expected an object, got " + kind());
+    const auto found = value.find(name);
+    if (found == value.end()) throw threshold_file_error(file, path.empty() ? "/" : path,
+                                                         std::string("missing field \"") + name + "\"");
+    return {*found, path + "/" + name, file};
+  }
+  bool has(const char* name) const { return value.is_object() && value.contains(name); }
+  void only(std::initializer_list<const char*> allowed) const {
+    if (!value.is_object()) fail("expected an object, got " + kind());
+    for (const auto& item : value.items()) {
+      bool known = false;
+      for (const char* name : allowed) known = known || item.key() == name;
+      if (!known) throw threshold_file_error(file, path + "/" + item.key(), "unknown field");
+    }
+  }
+
+  JsonField element(std::size_t index) const { return {value[index], path + "/" + std::to_string(index), file}; }
+  std::size_t array_size(std::optional<std::size_t> expected = std::nullopt, const std::string& what = "") const {
+    if (!value.is_array()) fail("expected an array, got " + kind());
+    if (expected && value.size() != *expected)
+      fail("expected " + std::to_string(*expected) + " elements" + (what.empty() ? "" : " (" + what + ")") +
+           ", got " + std::to_string(value.size()));
+    return value.size();
+  }
+
+  long long integer(long long lowest, long long highest) const {
+    long long result = 0;
+    if (value.is_number_unsigned()) {
+      const auto u = value.get<std::uint64_t>();
+      if (u > std::uint64_t(std::numeric_limits<long long>::max())) result = std::numeric_limits<long long>::max();
+      else result = (long long)u;
+    } else if (value.is_number_integer()) {
+      result = value.get<long long>();
+    } else {
+      fail("expected an integer, got " + kind());
+    }
+    if (result < lowest || result > highest)
+      fail("expected an integer in [" + std::to_string(lowest) + ", " + std::to_string(highest) + "], got " +
+           value.dump());
+    return result;
+  }
+  std::uint64_t count() const {
+    if (!value.is_number_unsigned() && !(value.is_number_integer() && value.get<long long>() >= 0))
+      fail("expected a count (an integer >= 0), got " + (value.is_number() ? value.dump() : kind()));
+    return value.get<std::uint64_t>();
+  }
+  double number() const {
+    if (!value.is_number()) fail("expected a finite number, got " + kind());
+    const double result = value.get<double>();
+    if (!std::isfinite(result)) fail("expected a finite number, got " + value.dump());
+    return result;
+  }
+  std::string string() const {
+    if (!value.is_string()) fail("expected a string, got " + kind());
+    return value.get<std::string>();
+  }
+  bool boolean() const {
+    if (!value.is_boolean()) fail("expected true or false, got " + kind());
+    return value.get<bool>();
+  }
+};
+
+/// Rejects duplicate keys while parsing (nlohmann keeps the last one silently), naming the object's path.
+class DuplicateKeyCheck {
+ public:
+  explicit DuplicateKeyCheck(const std::string& file) : file_(&file) {}
+
+  bool operator()(int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using event_t = nlohmann::json::parse_event_t;
+    switch (event) {
+      case event_t::object_start: scopes_.push_back({true, {}, {}, 0}); break;
+      case event_t::array_start: scopes_.push_back({false, {}, {}, 0}); break;
+      case event_t::object_end:
+      case event_t::array_end:
+        if (!scopes_.empty()) scopes_.pop_back();
+        element_done();
+        break;
+      case event_t::key: {
+        Scope& scope = scopes_.back();
+        scope.key = parsed.get<std::string>();
+        if (!scope.keys.insert(scope.key).second)
+          throw threshold_file_error(*file_, path(), "duplicate key \"" + scope.key + "\"");
+        break;
+      }
+      case event_t::value: element_done(); break;
+    }
+    return true;
+  }
+
+ private:
+  struct Scope {
+    bool object;
+    std::set<std::string> keys;
+    std::string key;
+    std::size_t index;
+  };
+
+  void element_done() {
+    if (!scopes_.empty() && !scopes_.back().object) ++scopes_.back().index;
+  }
+
+  std::string path() const {
+    std::string result;
+    for (const Scope& scope : scopes_)
+      result += "/" + (scope.object ? scope.key : std::to_string(scope.index));
+    return result;
+  }
+
+  const std::string* file_;
+  std::vector<Scope> scopes_;
+};
+
+inline std::string json_row(const Eigen::MatrixXd& values, Index row) {
+  nlohmann::json array = nlohmann::json::array();
+  for (Index c = 0; c < values.cols(); ++c) array.push_back(values(row, c));
+  return array.dump();
+}
+
+inline std::string json_row(const SampleCounts& values, Index row) {
+  nlohmann::json array = nlohmann::json::array();
+  for (Index c = 0; c < values.cols(); ++c) array.push_back(values(row, c));
+  return array.dump();
+}
+
+}  // namespace detail
+
+/// The table as JSON text (format `toptheta-thresholds`, version 1):
+///
+///     {"format": "toptheta-thresholds", "version": 1,
+///      "model": {"layers", "q_heads", "kv_heads", "head_dim"},
+///      "space": "raw_score" | "probability" | "score_minus_max" | "score_over_query_norm",
+///      "method": "mean_of_thresholds" | "count_matched", "sigma_add": number | null,
+///      "length_buckets": {"exact_limit", "buckets_per_doubling"},
+///      "layers": [{"k", "length_independent", "lengths": [L...],
+///                  "theta": [[θ_h(L)...] per head], "denominator_terms": [[c_h(L)...] per head] | null,
+///                  "samples": [[rows...] per head]}]}
+///
+/// Numbers are written in the shortest form that reads back to the same double, so a save/load round trip is
+/// bit-exact; counts are exact integers.
+inline std::string thresholds_to_json(const ThresholdTable& table) {
+  using nlohmann::json;
+  const ModelShape& shape = table.shape();
+  std::string out = "{\n";
+  out += "  \"format\": " + json(threshold_file_format).dump() + ",\n";
+  out += "  \"version\": " + std::to_string(threshold_file_version) + ",\n";
+  out += "  \"model\": " +
+         json{{"layers", shape.layers}, {"q_heads", shape.q_heads}, {"kv_heads", shape.kv_heads},
+              {"head_dim", shape.head_dim}}
+             .dump() +
+         ",\n";
+  out += "  \"space\": " + json(to_string(table.space())).dump() + ",\n";
+  out += "  \"method\": " + json(to_string(table.method())).dump() + ",\n";
+  out += "  \"sigma_add\": " + (table.sigma_add() ? json(*table.sigma_add()).dump() : std::string("null")) + ",\n";
+  out += "  \"length_buckets\": " +
+         json{{"exact_limit", table.buckets().exact_limit},
+              {"buckets_per_doubling", table.buckets().buckets_per_doubling}}
+             .dump() +
+         ",\n";
+  out += "  \"layers\": [";
+  for (Index l = 0; l < table.layers(); ++l) {
+    const LayerThresholds& layer = table.layer(l);
+    out += l == 0 ? "\n" : ",\n";
+    out += "    {\"k\": " + std::to_string(layer.k()) +
+           ", \"length_independent\": " + (layer.length_independent() ? "true" : "false") +
+           ",\n     \"lengths\": " + json(layer.lengths()).dump() + ",\n     \"theta\": [";
+    for (Index h = 0; h < layer.heads(); ++h)
+      out += (h == 0 ? "\n      " : ",\n      ") + detail::json_row(layer.theta(), h);
+    out += "],\n     \"denominator_terms\": ";
+    if (layer.has_denominator_terms()) {
+      out += "[";
+      for (Index h = 0; h < layer.heads(); ++h)
+        out += (h == 0 ? "\n      " : ",\n      ") + detail::json_row(layer.denominator_terms(), h);
+      out += "]";
+    } else {
+      out += "null";
+    }
+    out += ",\n     \"samples\": [";
+    for (Index h = 0; h < layer.heads(); ++h)
+      out += (h == 0 ? "\n      " : ",\n      ") + detail::json_row(table.samples(l), h);
+    out += "]}";
+  }
+  out += "\n  ]\n}\n";
+  return out;
+}
+
+/// Reads a table from JSON text written by `thresholds_to_json`. Throws `threshold_file_error` naming `file`
+/// and the line (malformed JSON) or the field (a JSON pointer such as `/layers/2/theta/0/5`) and the problem:
+/// wrong format or version, missing or unknown or duplicate fields, wrong types, non-finite numbers, a shape that
+/// disagrees with `model`, lengths that are not bucket representatives.
+inline ThresholdTable thresholds_from_json(std::string_view text, const std::string& file = "<json>") {
+  using nlohmann::json;
+  json document;
+  try {
+    document = json::parse(text.begin(), text.end(), detail::DuplicateKeyCheck(file));
+  } catch (const json::parse_error& error) {
+    // nlohmann's message reads "[json.exception.parse_error.101] parse error at line 3, column 5: ...".
+    std::string message = error.what();
+    const auto at = message.find("at line ");
+    std::string location = "byte " + std::to_string(error.byte);
+    if (at != std::string::npos) {
+      const auto colon = message.find(':', at);
+      location = message.substr(at + 3, colon == std::string::npos ? std::string::npos : colon - at - 3);
+      message = colon == std::string::npos ? message : message.substr(colon + 2);
+    }
+    throw threshold_file_error(file, location, "malformed JSON: " + message);
+  } catch (const json::exception& error) {
+    throw threshold_file_error(file, "", std::string("malformed JSON: ") + error.what());
+  }
+
+  const detail::JsonField root{document, "", file};
+  root.only({"format", "version", "model", "space", "method", "sigma_add", "length_buckets", "layers"});
+  const std::string format = root.member("format").string();
+  if (format != threshold_file_format)
+    root.member("format").fail(std::string("expected \"") + threshold_file_format + "\", got \"" + format + "\"");
+  const long long version = root.member("version").integer(std::numeric_limits<long long>::min(),
+                                                            std::numeric_limits<long long>::max());
+  if (version != threshold_file_version)
+    root.member("version").fail("unsupported version " + std::to_string(version) + " (this library reads " +
+                                std::to_string(threshold_file_version) + ")");
+
+  const detail::JsonField model = root.member("model");
+  model.only({"layers", "q_heads", "kv_heads", "head_dim"});
+  constexpr long long most = 1 << 20;
+  ModelShape shape;
+  shape.layers = Index(model.member("layers").integer(1, most));
+  shape.q_heads = Index(model.member("q_heads").integer(1, most));
+  shape.kv_heads = Index(model.member("kv_heads").integer(1, most));
+  shape.head_dim = Index(model.member("head_dim").integer(1, most));
+  if (shape.q_heads % shape.kv_heads != 0)
+    model.member("kv_heads").fail("expected a divisor of q_heads (" + std::to_string(shape.q_heads) + "), got " +
+                                  std::to_string(shape.kv_heads));
+
+  ThresholdSpace space{};
+  CalibrationMethod method{};
+  try {
+    space = threshold_space_from_string(root.member("space").string());
+  } catch (const threshold_file_error&) {
+    throw;
+  } catch (const invalid_argument& error) {
+    root.member("space").fail(error.what());
+  }
+  try {
+    method = calibration_method_from_string(root.member("method").string());
+  } catch (const threshold_file_error&) {
+    throw;
+  } catch (const invalid_argument& error) {
+    root.member("method").fail(error.what());
+  }
+  std::optional<double> sigma_add;
+  if (!root.member("sigma_add").value.is_null()) sigma_add = root.member("sigma_add").number();
+
+  const detail::JsonField bucket_field = root.member("length_buckets");
+  bucket_field.only({"exact_limit", "buckets_per_doubling"});
+  LengthBuckets buckets;
+  buckets.exact_limit = Index(bucket_field.member("exact_limit").integer(1, LengthBuckets::max_length));
+  buckets.buckets_per_doubling = Index(bucket_field.member("buckets_per_doubling").integer(1, 1 << 16));
+  try {
+    buckets.validate("length_buckets");
+  } catch (const invalid_argument& error) {
+    bucket_field.fail(error.what());
+  }
+
+  const detail::JsonField layer_array = root.member("layers");
+  layer_array.array_size(std::size_t(shape.layers), "model.layers");
+  std::vector<LayerThresholds> layers;
+  std::vector<SampleCounts> samples;
+  for (Index l = 0; l < shape.layers; ++l) {
+    const detail::JsonField layer = layer_array.element(std::size_t(l));
+    layer.only({"k", "length_independent", "lengths", "theta", "denominator_terms", "samples"});
+    const Index k = Index(layer.member("k").integer(1, LengthBuckets::max_length));
+    const bool length_independent = layer.member("length_independent").boolean();
+    const detail::JsonField length_array = layer.member("lengths");
+    const std::size_t columns = length_array.array_size();
+    if (columns == 0) length_array.fail("expected at least one calibrated length, got none");
+    if (length_independent && columns != 1)
+      length_array.fail("expected one length for a length-independent layer, got " + std::to_string(columns));
+    std::vector<Index> lengths;
+    for (std::size_t c = 0; c < columns; ++c)
+      lengths.push_back(Index(length_array.element(c).integer(1, LengthBuckets::max_length)));
+
+    auto matrix = [&](const detail::JsonField& field, auto& into, auto read) {
+      field.array_size(std::size_t(shape.q_heads), "one per query head, model.q_heads");
+      into.resize(shape.q_heads, Index(columns));
+      for (Index h = 0; h < shape.q_heads; ++h) {
+        const detail::JsonField row = field.element(std::size_t(h));
+        row.array_size(columns, "one per length");
+        for (std::size_t c = 0; c < columns; ++c) into(h, Index(c)) = read(row.element(c));
+      }
+    };
+    Eigen::MatrixXd theta, terms;
+    SampleCounts counts;
+    matrix(layer.member("theta"), theta, [](const detail::JsonField& f) { return f.number(); });
+    const detail::JsonField term_field = layer.member("denominator_terms");
+    if (!term_field.value.is_null()) {
+      matrix(term_field, terms, [](const detail::JsonField& f) {
+        const double term = f.number();
+        if (term < 0) f.fail("expected a denominator term >= 0, got " + f.value.dump());
+        return term;
+      });
+    }
+    matrix(layer.member("samples"), counts, [](const detail::JsonField& f) { return f.count(); });
+    try {
+      if (length_independent) {
+        std::vector<double> theta_per_head(theta.data(), theta.data() + theta.size());
+        std::vector<double> terms_per_head(terms.data(), terms.data() + terms.size());
+        layers.push_back(LayerThresholds::uniform(k, space, theta_per_head, terms_per_head));
+      } else {
+        layers.emplace_back(k, space, std::move(lengths), std::move(theta), std::move(terms));
+      }
+    } catch (const invalid_argument& error) {
+      layer.fail(error.what());
+    }
+    samples.push_back(std::move(counts));
+  }
+  try {
+    return ThresholdTable(shape, space, buckets, method, sigma_add, std::move(layers), std::move(samples));
+  } catch (const invalid_argument& error) {
+    root.fail(error.what());
+  }
+}
+
+/// Writes `thresholds_to_json(table)` to `path`; throws `threshold_file_error` if the file cannot be written.
+inline void save_thresholds(const ThresholdTable& table, const std::filesystem::path& path) {
+  const std::string text = thresholds_to_json(table);
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw threshold_file_error(path.string(), "", "cannot open the file for writing");
+  out << text;
+  out.close();
+  if (!out) throw threshold_file_error(path.string(), "", "write error");
+}
+
+/// Reads a table written by `save_thresholds`; see `thresholds_from_json` for the errors.
+inline ThresholdTable load_thresholds(const std::filesystem::path& path) {
+  return thresholds_from_json(detail::read_file(path.string()), path.string());
+}
+
+}  // namespace toptheta
