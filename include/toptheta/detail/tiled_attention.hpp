@@ -3,6 +3,7 @@
 #pragma once
 
 #include <toptheta/compensation.hpp>
+#include <toptheta/detail/convert.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/detail/serial_product.hpp>
 #include <toptheta/online_softmax.hpp>
@@ -190,7 +191,8 @@ class TiledAttention {
         return stored;
       } else {
         converted_rows.resize(stored.rows(), stored.cols());
-        converted_rows = stored.template cast<Acc>();
+        for (Index row = 0; row < stored.rows(); ++row)
+          convert(stored.data() + row * stored.outerStride(), stored.cols(), converted_rows.data() + row * stored.cols());
         return Eigen::Ref<const Matrix>(converted_rows);
       }
     }
@@ -345,7 +347,8 @@ class TiledAttention {
         gathered_values.resize(kept, output.cols());
         for (Index t = 0; t < kept; ++t) {
           gathered_weights.col(t) = tile_weights.col(kept_columns[std::size_t(t)]);
-          gathered_values.row(t) = values.row(first + kept_columns[std::size_t(t)]).template cast<Acc>();
+          convert(kernel.v_.row(first + kept_columns[std::size_t(t)], kv_head), output.cols(),
+                  gathered_values.data() + t * output.cols());
         }
         serial_product<true>(output, gathered_weights, gathered_values);
       }

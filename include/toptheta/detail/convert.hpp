@@ -1,0 +1,31 @@
+// Conversion of stored rows to the accumulation type.
+#pragma once
+
+#include <toptheta/scalar_traits.hpp>
+
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace toptheta::detail {
+
+/// `destination[t] = float(source[t])` for `count` values. bfloat16 is the upper half of a float, so its
+/// conversion is a shift the compiler vectorises; other types convert one value at a time.
+template <class Stored, class Acc>
+void convert(const Stored* source, Index count, Acc* destination) {
+  if constexpr (std::is_same_v<Stored, Eigen::bfloat16> && std::is_same_v<Acc, float>) {
+    static_assert(sizeof(Eigen::bfloat16) == sizeof(std::uint16_t), "bfloat16 is 16 bits");
+    for (Index t = 0; t < count; ++t) {
+      std::uint16_t bits;
+      std::memcpy(&bits, source + t, sizeof bits);
+      const std::uint32_t widened = std::uint32_t(bits) << 16;
+      std::memcpy(destination + t, &widened, sizeof widened);
+    }
+  } else {
+    for (Index t = 0; t < count; ++t) destination[t] = Acc(source[t]);
+  }
+}
+
+}  // namespace toptheta::detail
