@@ -4,10 +4,6 @@
 
 using namespace toptheta;
 using namespace toptheta_test;
-#ifdef TOPTHETA_CATCH2_V3
-using Catch::Approx;
-#endif
-
 /// `expression` throws toptheta::invalid_argument whose message names `argument` first (what() reads
 /// "toptheta: <argument>: expected <what>, got <value>") and mentions `expected`.
 #define REQUIRE_INVALID(expression, argument, expected)                              \

@@ -5,10 +5,6 @@
 
 using namespace toptheta;
 using namespace toptheta_test;
-#ifdef TOPTHETA_CATCH2_V3
-using Catch::Approx;
-#endif
-
 namespace {
 
 const double w[4] = {0.5, -1.25, 2.0, 4.0};             // v_j = [w_j]

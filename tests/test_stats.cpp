@@ -8,10 +8,6 @@
 
 using namespace toptheta;
 using namespace toptheta_test;
-#ifdef TOPTHETA_CATCH2_V3
-using Catch::Approx;
-#endif
-
 namespace {
 
 constexpr Index n_kv = 12;

@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+#ifdef TOPTHETA_CATCH2_V3
+using Catch::Approx;  // Catch2 v2 has it at global scope
+#endif
+
 namespace toptheta_test {
 
 using toptheta::Index;

@@ -17,10 +17,6 @@
 
 using namespace toptheta;
 using namespace toptheta_test;
-#ifdef TOPTHETA_CATCH2_V3
-using Catch::Approx;
-#endif
-
 namespace {
 
 namespace fs = std::filesystem;

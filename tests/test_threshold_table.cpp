@@ -4,10 +4,6 @@
 
 using namespace toptheta;
 using namespace toptheta_test;
-#ifdef TOPTHETA_CATCH2_V3
-using Catch::Approx;
-#endif
-
 namespace {
 
 /// Two heads calibrated at L = 10, 20, 40.
