@@ -4,6 +4,7 @@
 #include "test_support.hpp"
 
 #include "llama2c/engine.hpp"
+#include "model_support.hpp"
 
 #if __has_include(<nlohmann/json.hpp>)
 #include <nlohmann/json.hpp>
@@ -29,61 +30,6 @@ namespace {
 
 using llama2c::Index;
 
-#if defined(TOPTHETA_CATCH2_V3) && defined(SKIP)  // SKIP exists from Catch2 3.3 on
-#define LLAMA2C_SKIP(message) SKIP(message)
-#else
-#define LLAMA2C_SKIP(message) \
-  do {                        \
-    WARN(message);            \
-    return;                   \
-  } while (false)
-#endif
-
-/// ../shared/models/stories260K, or "" when the build did not say where ../shared is.
-std::string model_directory() {
-#ifdef TOPTHETA_SHARED_DIR
-  return std::string(TOPTHETA_SHARED_DIR) + "/models/stories260K";
-#else
-  return "";
-#endif
-}
-
-bool model_present() {
-  const std::string directory = model_directory();
-  return !directory.empty() && std::filesystem::exists(directory + "/stories260K.bin") &&
-         std::filesystem::exists(directory + "/reference-logits.json") &&
-         std::filesystem::exists(directory + "/eval.tokens");
-}
-
-#define LLAMA2C_REQUIRE_MODEL()                                                            \
-  if (!model_present())                                                                    \
-  LLAMA2C_SKIP("llama2c model test skipped: " +                                            \
-               (model_directory().empty() ? std::string("TOPTHETA_SHARED_DIR not defined") \
-                                          : model_directory() + "/stories260K.bin") +      \
-               " not found (the shared models directory is absent, e.g. in a fresh clone)")
-
-const llama2c::Model& stories260k() {
-  static const llama2c::Model model = llama2c::load_model(model_directory() + "/stories260K.bin");
-  return model;
-}
-
-/// The first `count` lines of a token file, each a sequence of space-separated ids.
-std::vector<std::vector<int>> read_token_lines(const std::string& path, std::size_t count) {
-  std::ifstream in(path);
-  REQUIRE(in.good());
-  std::vector<std::vector<int>> lines;
-  std::string line;
-  while (lines.size() < count && std::getline(in, line)) {
-    std::istringstream ids(line);
-    std::vector<int> tokens;
-    for (int id; ids >> id;) tokens.push_back(id);
-    if (!tokens.empty()) lines.push_back(tokens);
-  }
-  return lines;
-}
-
-std::vector<int> first_eval_line() { return read_token_lines(model_directory() + "/eval.tokens", 1).at(0); }
-
 /// Largest logit difference float rounding makes on stories260K (measured ~1.1e-4 over 512 tokens against a
 /// float64 implementation, ~5e-5 even with double matrix products): float engines are checked to this, and
 /// the double engine to the 1e-4 of the reference file (it matches to ~1e-7).
@@ -92,23 +38,6 @@ constexpr double float_tolerance = 5e-4;
 template <class Real>
 double tolerance() {
   return std::is_same_v<Real, double> ? 1e-6 : float_tolerance;
-}
-
-/// Engines in these tests use one thread for attention (`one_thread`) and for Eigen's products
-/// (`SerialEigen`, restored at the end of a test): the work per call is tiny, and OpenMP workers spinning on
-/// a loaded machine (ctest -j) made the prefill-equals-decode test take 30 s instead of 2 s.
-struct SerialEigen {
-  int previous = Eigen::nbThreads();
-  SerialEigen() { Eigen::setNbThreads(1); }
-  ~SerialEigen() { Eigen::setNbThreads(previous); }
-  SerialEigen(const SerialEigen&) = delete;
-  SerialEigen& operator=(const SerialEigen&) = delete;
-};
-
-llama2c::EngineOptions one_thread() {
-  llama2c::EngineOptions options;
-  options.threads = 1;
-  return options;
 }
 
 /// Logits of `tokens` fed one token at a time: row t after token t.
