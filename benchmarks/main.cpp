@@ -3,8 +3,8 @@
 //   toptheta_bench [--quick] [--threads=N] [Google Benchmark flags, e.g. --benchmark_out=r.json
 //                  --benchmark_out_format=json --benchmark_filter=decode/.*/kv:16384]
 //
-// --quick (or TOPTHETA_BENCH_QUICK=1): only decode kv:16384, prefill n:2048 and the probes (under two minutes
-// on a 2-core machine, data generation included). --threads=N (or TOPTHETA_BENCH_THREADS=N): threads of every
+// --quick (or TOPTHETA_BENCH_QUICK=1): only decode kv:16384, prefill n:2048, calibration in two spaces and the
+// probes (under two minutes on a 2-core machine, data generation included). --threads=N (or TOPTHETA_BENCH_THREADS=N): threads of every
 // kernel and probe; default all cores. benchmarks/report turns the JSON output into a markdown table and a
 // plot.
 #include "suite.hpp"
@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
   toptheta::bench::register_probe_benchmarks();
   toptheta::bench::register_decode_benchmarks();
   toptheta::bench::register_prefill_benchmarks();
+  toptheta::bench::register_calibration_benchmarks();
 
   int count = int(arguments.size());
   benchmark::Initialize(&count, arguments.data());

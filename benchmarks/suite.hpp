@@ -115,8 +115,9 @@ double relative_error(const Scalar* output, const Scalar* reference, std::size_t
   return norm == 0 ? 0.0 : std::sqrt(error / norm);
 }
 
-void register_probe_benchmarks();    // probes.cpp
-void register_decode_benchmarks();   // decode.cpp
-void register_prefill_benchmarks();  // prefill.cpp
+void register_probe_benchmarks();        // probes.cpp
+void register_decode_benchmarks();       // decode.cpp
+void register_prefill_benchmarks();      // prefill.cpp
+void register_calibration_benchmarks();  // calibration.cpp
 
 }  // namespace toptheta::bench

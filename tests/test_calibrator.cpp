@@ -4,7 +4,10 @@
 
 #include <toptheta/calibrator.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <random>
 
 using namespace toptheta;
 using namespace toptheta_test;
@@ -175,6 +178,101 @@ TEST_CASE("each row contributes its (k+1)-th largest value and the mass not abov
   }
 }
 
+TEST_CASE("long rows (sampled selection floor) contribute their exact (k+1)-th largest value, float and double",
+          "[calibration]") {
+  const ThresholdSpace space = GENERATE(from_range(std::begin(all_spaces), std::end(all_spaces)));
+  for (const Index k : {16, 64}) {
+    const RandomRows rows(6, 1500, 5000, 41 + unsigned(k));
+    for (std::size_t r = 0; r < rows.scores.size(); ++r) {
+      const Eigen::VectorXd& row = rows.scores[r];
+      const Index length = row.size();
+      const LengthBuckets exact{8192, 1};
+      Calibrator doubles(one_head(space, k, exact)), floats(one_head(space, k, exact));
+      doubles.observe_row(0, 0, row, rows.norms[r]);
+      const Eigen::VectorXf row_float = row.cast<float>();
+      floats.observe_row(0, 0, row_float.data(), length, rows.norms[r]);
+      const auto [threshold, term] = sample_threshold(space, row, rows.norms[r], k);
+      const auto [threshold_float, term_float] =
+          sample_threshold(space, row_float.cast<double>(), rows.norms[r], k);
+      INFO(to_string(space) << ", k " << k << ", length " << length);
+      const BucketStatistics d = doubles.statistics(0, 0, exact.bucket(length));
+      const BucketStatistics f = floats.statistics(0, 0, exact.bucket(length));
+      CHECK(d.threshold_mean == Approx(threshold).epsilon(1e-12));
+      CHECK(d.denominator_mean == Approx(term).epsilon(1e-10));
+      CHECK(f.threshold_mean == Approx(threshold_float).epsilon(1e-5));  // float exp and sums in the row
+      CHECK(f.denominator_mean == Approx(term_float).epsilon(1e-4));
+    }
+  }
+}
+
+TEST_CASE("the r-th largest by branch-free quickselect equals nth_element, with ties", "[calibration]") {
+  std::mt19937 rng(5);
+  std::vector<float> buffer;
+  for (const Index count : {1, 2, 47, 48, 49, 300, 4096}) {
+    for (const int distinct : {2, 7, 1000000}) {  // few distinct values: many ties
+      std::uniform_int_distribution<int> value(0, distinct - 1);
+      std::vector<float> values(static_cast<std::size_t>(count));
+      for (float& v : values) v = float(value(rng)) * 0.25f - 3.0f;
+      const std::vector<float> original = values;
+      for (const Index rank : {Index(1), (count + 1) / 2, count}) {
+        std::vector<float> sorted = original;
+        std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+        INFO("count " << count << ", distinct " << distinct << ", rank " << rank);
+        CHECK(detail::rank_largest(values.data(), count, rank, buffer) == sorted[std::size_t(rank - 1)]);
+        CHECK(values == original);
+      }
+    }
+  }
+}
+
+TEST_CASE("gathering the values at or above a floor keeps them in order, for float and double", "[calibration]") {
+  std::mt19937 rng(9);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (const Index count : {0, 1, 15, 16, 17, 100, 1023}) {
+    std::vector<double> values(static_cast<std::size_t>(count));
+    for (double& v : values) v = std::round(normal(rng) * 4) / 4;  // ties at the floor
+    const std::vector<float> floats(values.begin(), values.end());
+    for (const double floor : {-10.0, -0.5, 0.0, 1.25, 10.0}) {
+      std::vector<double> expected;
+      for (double v : values)
+        if (v >= floor) expected.push_back(v);
+      std::vector<double> out_double(values.size() + 1);
+      std::vector<float> out_float(values.size() + 1);
+      const Index gathered_double = detail::gather_at_least(values.data(), count, floor, out_double.data());
+      const Index gathered_float = detail::gather_at_least(floats.data(), count, float(floor), out_float.data());
+      INFO("count " << count << ", floor " << floor);
+      REQUIRE(gathered_double == Index(expected.size()));
+      REQUIRE(gathered_float == Index(expected.size()));
+      for (std::size_t i = 0; i < expected.size(); ++i) {
+        CHECK(out_double[i] == expected[i]);
+        CHECK(out_float[i] == float(expected[i]));
+      }
+    }
+  }
+}
+
+TEST_CASE("count-matched thresholds do not depend on summing masses, also for values below the window",
+          "[calibration][count_matched]") {
+  const ThresholdSpace space = GENERATE(from_range(std::begin(all_spaces), std::end(all_spaces)));
+  CalibratorOptions counts_only = one_head(space, 4, LengthBuckets{16, 1});
+  CalibratorOptions with_masses = counts_only;
+  with_masses.summary_masses = true;
+  Calibrator a(counts_only), b(with_masses);
+  RandomRows rows(300, 20, 60, 13);
+  // Rows of tiny and of large scores: the window (24 binades below the largest value) leaves some values below
+  // it, which take the histogram's other counting path.
+  for (std::size_t r = 0; r < rows.scores.size(); r += 3) rows.scores[r] *= r % 2 == 0 ? 1e-9 : 1e4;
+  for (std::size_t r = 0; r < rows.scores.size(); ++r) {
+    a.observe_row(0, 0, rows.scores[r], rows.norms[r]);
+    b.observe_row(0, 0, rows.scores[r], rows.norms[r]);
+  }
+  TableOptions options;
+  options.method = CalibrationMethod::count_matched;
+  INFO(to_string(space));
+  CHECK(a.table(options).layer(0).theta() == b.table(options).layer(0).theta());
+  CHECK(a.memory_bytes() < b.memory_bytes());
+}
+
 TEST_CASE("rows of length <= k stay dense and are not calibrated", "[calibration]") {
   Calibrator calibrator(one_head(ThresholdSpace::raw_score, 8));
   const RandomRows rows(30, 1, 8, 4);
@@ -243,6 +341,7 @@ TEST_CASE("two calibrators fed disjoint rows, merged, give the table of one cali
   options.space = space;
   options.k = {4, 9};
   options.buckets = {16, 4};
+  options.summary_masses = true;  // for the table_threshold denominator terms
   const RandomRows rows(600, 5, 300, 11);
   Calibrator all(options), first(options), second(options);
   for (std::size_t r = 0; r < rows.scores.size(); ++r) {
@@ -371,7 +470,9 @@ TEST_CASE("count-matched thresholds keep k on average over the calibration rows,
   const ThresholdSpace space = GENERATE(from_range(std::begin(all_spaces), std::end(all_spaces)));
   const Index k = 8;
   const LengthBuckets one_bucket{16, 1};  // lengths 64..127 share one bucket
-  Calibrator calibrator(one_head(space, k, one_bucket));
+  CalibratorOptions calibrator_options = one_head(space, k, one_bucket);
+  calibrator_options.summary_masses = true;  // for the table_threshold denominator term
+  Calibrator calibrator(calibrator_options);
   const RandomRows rows(400, 64, 127, 21);
   for (std::size_t r = 0; r < rows.scores.size(); ++r) calibrator.observe_row(0, 0, rows.scores[r], rows.norms[r]);
   TableOptions options;
@@ -448,6 +549,9 @@ TEST_CASE("calibration arguments are checked by name", "[calibration][bad_input]
   small.observe_row(0, 0, Eigen::VectorXd::LinSpaced(10, 0.0, 1.0));
   count_matched.sigma_add = 0;
   CHECK_THROWS_WITH(small.table(count_matched), mentions("count_summary"));
+  TableOptions table_terms;
+  table_terms.denominator_terms = DenominatorTermSource::table_threshold;
+  CHECK_THROWS_WITH(plain.table(table_terms), mentions("summary_masses"));
   CHECK(small.table().lookup(0, 0, 10).theta == Approx(5.0 / 9.0).epsilon(1e-14));
   CHECK(small.memory_bytes() < plain.memory_bytes());
 }

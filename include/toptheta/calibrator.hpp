@@ -1,6 +1,7 @@
 // Offline calibration of Top-θ thresholds: score rows in, a `ThresholdTable` out.
 #pragma once
 
+#include <toptheta/detail/rank_selection.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/detail/running_moments.hpp>
 #include <toptheta/detail/value_histogram.hpp>
@@ -39,10 +40,14 @@ struct CalibratorOptions {
   /// Collect the value histograms that `count_matched` thresholds and table-threshold denominator terms need
   /// (memory: see `Calibrator`). Without them only `mean_of_thresholds` with per-row denominator terms works.
   bool count_summary = true;
+  /// Also sum each value's `exp(a_ij - m_i)` per histogram bin: what `DenominatorTermSource::table_threshold`
+  /// needs (count-matched θ needs only the counts). Doubles the summary's memory and most of its update cost.
+  bool summary_masses = false;
   /// Histogram resolution: `2^summary_mantissa_bits` bins per binade of |value| over the `summary_window_binades`
   /// binades below the largest value seen. Unset: 6 bits (bins ≤ 1.6 % of the value wide) over 24 binades for the
   /// score spaces; 4 bits over 96 binades for probabilities, whose binades are ln 2 = 0.69 score units wide
-  /// (bins ≤ 0.043 score units, 66 score units of range). Either way at most 24 KiB per histogram.
+  /// (bins ≤ 0.043 score units, 66 score units of range). Either way at most 12 KiB per histogram (24 KiB with
+  /// `summary_masses`).
   std::optional<int> summary_mantissa_bits, summary_window_binades;
 };
 
@@ -53,7 +58,7 @@ enum class DenominatorTermSource {
   row_threshold,
   /// `C_i` cut at the table's final θ of the row's bucket, from the value histogram (each value carries its
   /// `exp(a_ij - m_i)`): the term the kernel would need under the threshold actually used, to the histogram's
-  /// resolution (the bin holding θ is split in proportion). Needs `count_summary`.
+  /// resolution (the bin holding θ is split in proportion). Needs `count_summary` and `summary_masses`.
   table_threshold,
   /// No denominator terms in the table.
   none,
@@ -119,8 +124,8 @@ struct BucketStatistics {
 ///   independent of the other rows and of the order they come in, so calibrators merge exactly (the reference
 ///   code cuts at the running mean of thresholds so far, which depends on the order). The table can instead use
 ///   the term cut at its final θ (`DenominatorTermSource::table_threshold`);
-/// - with `count_summary`, every value `value_ij` and its mass `exp(a_ij - m_i)` into a log-linear histogram
-///   (`detail::ValueHistogram`). A count-matched θ is the value above which `k · R` of the bucket's values lie
+/// - with `count_summary`, every value `value_ij` (and with `summary_masses` its mass `exp(a_ij - m_i)`) into a
+///   log-linear histogram (`detail::ValueHistogram`). A count-matched θ is the value above which `k · R` of the bucket's values lie
 ///   (the mean survivor count over its R rows is then k), interpolated inside the bin that holds it.
 ///
 /// Precision: float rows are processed in float (`Z_i`, `C_i` to ~1e-6 relative), double rows in double; the
@@ -129,10 +134,9 @@ struct BucketStatistics {
 /// the mean survivor count then lies within 1 % of k (tests/test_calibrator.cpp). Buckets with few rows are pooled
 /// with their neighbours for it (`TableOptions::min_pooled_rows`).
 ///
-/// Cost per used row: O(L) (a few vectorised passes and a selection that usually touches only the candidates
-/// above a guess from the previous row). Memory per (layer, head, bucket) that saw rows: about 150 bytes, plus with
-/// `count_summary` 16 bytes per histogram bin over the observed value range, at most
-/// `16 · 2^summary_mantissa_bits · summary_window_binades` bytes (24 KiB with the defaults).
+/// Cost per used row: O(L) (a few vectorised passes and a selection among the values above a sampled floor). Memory per (layer, head, bucket) that saw rows: about 150 bytes, plus with
+/// `count_summary` 8 bytes per histogram bin over the observed value range (16 with `summary_masses`), at most
+/// `8 · 2^summary_mantissa_bits · summary_window_binades` bytes (12 KiB with the defaults; 24 KiB with masses).
 ///
 /// Not thread-safe: give each thread (process, machine) its own calibrator and `merge` them. Two calibrators fed
 /// disjoint rows, merged, give the table one calibrator fed all rows gives: sample counts and histogram counts
@@ -157,7 +161,6 @@ class Calibrator {
     grid_.validate("options.summary");
     const std::size_t cells = std::size_t(layers * options_.shape.q_heads);
     buckets_.resize(cells);
-    guess_gap_.assign(cells, std::numeric_limits<double>::quiet_NaN());
   }
 
   const CalibratorOptions& options() const { return options_; }
@@ -169,9 +172,7 @@ class Calibrator {
   void observe_row(Index layer, Index head, const Scalar* scores, Index length, double query_norm = 0) {
     static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>, "scores are float or double");
     detail::require(scores != nullptr || length == 0, "scores", "a non-null pointer", "nullptr");
-    observe_expression<Scalar>(layer, head, length, query_norm, [&](Scalar* into) {
-      std::copy(scores, scores + length, into);
-    });
+    observe_expression<Scalar>(layer, head, length, query_norm, [&](Scalar*) { return scores; });
   }
 
   /// Observes one score row given as an Eigen vector (its size is the row length).
@@ -184,6 +185,7 @@ class Calibrator {
     const Index length = scores.size();
     observe_expression<Scalar>(layer, head, length, query_norm, [&](Scalar* into) {
       for (Index j = 0; j < length; ++j) into[j] = scores.derived().coeff(j);
+      return static_cast<const Scalar*>(into);
     });
   }
 
@@ -206,8 +208,12 @@ class Calibrator {
       detail::require(length >= 1 && length <= scores.cols(), "lengths[" + std::to_string(r) + "]",
                       "a length in [1, " + std::to_string(scores.cols()) + "]", length);
       const double norm = query_norms.empty() ? 0.0 : query_norms[std::size_t(r)];
-      observe_expression<Scalar>(layer, head, length, norm, [&](Scalar* into) {
+      observe_expression<Scalar>(layer, head, length, norm, [&](Scalar* into) -> const Scalar* {
+        if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit) && bool(Derived::IsRowMajor)) {
+          if (scores.derived().innerStride() == 1) return &scores.derived().coeffRef(r, 0);  // in place
+        }
         Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(into, length) = scores.row(r).head(length);
+        return into;
       });
     }
   }
@@ -223,12 +229,14 @@ class Calibrator {
     require(other.options_.k == options_.k, "other", "a calibrator with the same k per layer", "different k");
     require(other.options_.buckets == options_.buckets, "other", "a calibrator with the same length buckets",
             "different buckets");
-    require(other.options_.count_summary == options_.count_summary && other.grid_ == grid_, "other",
+    require(other.options_.count_summary == options_.count_summary &&
+                other.options_.summary_masses == options_.summary_masses && other.grid_ == grid_,
+            "other",
             "a calibrator with the same count summary settings", "different settings");
     for (std::size_t cell = 0; cell < buckets_.size(); ++cell) {
       auto& mine = buckets_[cell];
       const auto& theirs = other.buckets_[cell];
-      if (mine.size() < theirs.size()) mine.resize(theirs.size(), Statistics(grid_));
+      if (mine.size() < theirs.size()) mine.resize(theirs.size(), Statistics(grid_, options_.summary_masses));
       for (std::size_t b = 0; b < theirs.size(); ++b) mine[b].merge(theirs[b]);
     }
     rows_offered_ += other.rows_offered_;
@@ -280,9 +288,11 @@ class Calibrator {
     require(options_.count_summary || !count_matched, "options.method",
             "mean_of_thresholds (count_matched needs CalibratorOptions::count_summary, which is off)",
             to_string(options.method));
-    require(options_.count_summary || options.denominator_terms != DenominatorTermSource::table_threshold,
+    require((options_.count_summary && options_.summary_masses) ||
+                options.denominator_terms != DenominatorTermSource::table_threshold,
             "options.denominator_terms",
-            "row_threshold or none (table_threshold needs CalibratorOptions::count_summary, which is off)",
+            "row_threshold or none (table_threshold needs CalibratorOptions::count_summary and summary_masses "
+            "on)",
             "table_threshold");
     const bool with_terms = options.denominator_terms != DenominatorTermSource::none;
     const bool needs_histogram =
@@ -358,7 +368,7 @@ class Calibrator {
     detail::RunningMoments threshold, denominator;
     detail::ValueHistogram histogram;
 
-    explicit Statistics(const detail::HistogramGrid& grid) : histogram(grid) {}
+    Statistics(const detail::HistogramGrid& grid, bool with_masses) : histogram(grid, with_masses) {}
     void merge(const Statistics& other) {
       threshold.merge(other.threshold);
       denominator.merge(other.denominator);
@@ -366,10 +376,12 @@ class Calibrator {
     }
   };
 
-  /// Buffers for one row: its scores, `exp(a - m)`, and the selection's candidates.
+  /// Buffers for one row: its scores, `exp(a - m)`, the selection's candidates, the partitions of
+  /// `detail::rank_largest`, and the histogram's buffers.
   template <class T>
   struct RowScratch {
-    std::vector<T> scores, weights, values, selection;
+    std::vector<T> scores, weights, selection, partitions;
+    detail::ValueHistogram::Scratch<T> histogram;
   };
   template <class T>
   RowScratch<T>& scratch() {
@@ -415,10 +427,10 @@ class Calibrator {
     return std::size_t(layer * options_.shape.q_heads + head);
   }
 
-  /// Checks the row's arguments, counts it, and if it is longer than k and sampled, copies it with `fill` into
-  /// the row buffer and accumulates it.
-  template <class Scalar, class Fill>
-  void observe_expression(Index layer, Index head, Index length, double query_norm, const Fill& fill) {
+  /// Checks the row's arguments, counts it, and if it is longer than k and sampled, accumulates the scores
+  /// `row_scores(buffer)` returns: the row in place, or copied into `buffer` (room for `length` scores).
+  template <class Scalar, class Row>
+  void observe_expression(Index layer, Index head, Index length, double query_norm, const Row& row_scores) {
     const std::size_t cell = cell_index(layer, head);
     detail::require(length >= 1 && length <= LengthBuckets::max_length, "length", "a row length in [1, 2^50]",
                     length);
@@ -434,45 +446,46 @@ class Calibrator {
     if (!sampled(row)) return;
     RowScratch<Scalar>& buffers = scratch<Scalar>();
     buffers.scores.resize(std::size_t(length));
-    fill(buffers.scores.data());
-    accumulate(buffers, cell, layer, head, length, query_norm, k);
+    accumulate(buffers, row_scores(buffers.scores.data()), cell, layer, head, length, query_norm, k);
     ++rows_used_;
   }
 
-  /// The (k+1)-th largest of the row's scores `a[0..n)`. Candidates `>= max - 1.5 gap` (then `- 4 gap`), `gap`
-  /// being the previous row's `max - cut`, are gathered first (branch-free); when there are at least `rank` of
-  /// them the answer is among them, else every value is searched. The result does not depend on the guess.
+  /// The `rank`-th largest of the row's scores `a[0..n)`; the values at or above it are then among
+  /// `scratch.selection[0..candidates)`. In long rows only the values at or above a floor are gathered
+  /// (branch-free): a strided sample's value that about `4 · rank` of the row's values are expected to exceed,
+  /// lowered if fewer than `rank` do. The result does not depend on the sample.
   template <class T>
-  T largest(RowScratch<T>& scratch, Index n, Index rank, T max, double gap) {
-    const T* a = scratch.scores.data();
+  static T largest(RowScratch<T>& scratch, const T* a, Index n, Index rank, Index& candidates) {
+    constexpr Index sample_size = 64;
     scratch.selection.resize(std::size_t(n));
     T* out = scratch.selection.data();
-    Index candidates = 0;
-    for (const double widening : {1.5, 4.0}) {
-      if (std::isnan(gap)) break;
-      const T floor = T(double(max) - (widening * gap + 1e-6 * (1 + std::abs(double(max)))));
-      candidates = 0;
-      for (Index j = 0; j < n; ++j) {
-        out[candidates] = a[j];
-        candidates += a[j] >= floor;
+    candidates = 0;
+    if (n >= 16 * rank && n >= 16 * sample_size) {
+      T sample[sample_size];
+      const Index stride = n / sample_size;
+      for (Index s = 0; s < sample_size; ++s) sample[s] = a[s * stride];
+      for (Index sample_rank = (4 * rank * sample_size + n - 1) / n;; sample_rank *= 4) {
+        sample_rank = std::min(sample_rank, sample_size);
+        std::nth_element(sample, sample + (sample_rank - 1), sample + sample_size, std::greater<T>());
+        const T floor = sample[sample_rank - 1];
+        candidates = detail::gather_at_least(a, n, floor, out);
+        if (candidates >= rank || sample_rank == sample_size) break;
       }
-      if (candidates >= rank) break;
     }
     if (candidates < rank) {
       std::copy(a, a + n, out);
       candidates = n;
     }
-    std::nth_element(out, out + (rank - 1), out + candidates, std::greater<T>());
-    return out[rank - 1];
+    return detail::rank_largest(out, candidates, rank, scratch.partitions);
   }
 
   /// One row's statistics, computed in the row's own precision (float rows: float exp and sums, so that
   /// calibration stays cheaper than scoring), accumulated in double.
   template <class T>
-  void accumulate(RowScratch<T>& scratch, std::size_t cell, Index layer, Index head, Index length,
+  void accumulate(RowScratch<T>& scratch, const T* scores, std::size_t cell, Index layer, Index head, Index length,
                   double query_norm, Index k) {
     using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
-    const Eigen::Map<const Array> a(scratch.scores.data(), length);
+    const Eigen::Map<const Array> a(scores, length);
     if (!std::isfinite(a.sum())) {  // a vectorised test; the scan runs only for a NaN, an infinity or an overflow
       for (Index j = 0; j < length; ++j)
         if (!std::isfinite(a(j)))
@@ -481,54 +494,60 @@ class Calibrator {
                        "finite scores", a(j));
     }
     const T max = a.maxCoeff();
-    scratch.weights.resize(std::size_t(length));
-    Eigen::Map<Array> w(scratch.weights.data(), length);
-    w = (a - max).exp();
-    const T sum = w.sum();
+    // The weights exp(a - m) are kept only when the histogram needs them (masses, probabilities).
+    const bool keep_weights = options_.count_summary &&
+                              (options_.summary_masses || options_.space == ThresholdSpace::probability);
+    scratch.weights.resize(keep_weights ? std::size_t(length) : 0);
+    Eigen::Map<Array> w(scratch.weights.data(), keep_weights ? length : 0);
+    T sum;
+    if (keep_weights) {
+      w = (a - max).exp();
+      sum = w.sum();
+    } else {
+      sum = (a - max).exp().sum();
+    }
 
     // Sample threshold, in score units first: the (k+1)-th largest score.
-    double& gap = guess_gap_[cell];
-    const T cut = largest(scratch, length, k + 1, max, gap);
-    gap = double(max) - double(cut);
-    // C_i = Z_i - (mass of S_i); S_i = {a > cut} are among the selection's first k candidates, and when it is
-    // empty (the top k+1 scores tie) the max-score key is kept.
-    double kept = 0;
-    for (Index c = 0; c < k; ++c) {
-      const T candidate = scratch.selection[std::size_t(c)];
-      if (candidate > cut) kept += std::exp(double(candidate) - double(max));
-    }
-    if (cut == max) kept = 1;
+    Index candidates = 0;
+    const T cut = largest(scratch, scores, length, k + 1, candidates);
+    // C_i = Z_i - (mass of S_i); S_i = {a > cut} lies among the candidates, and when it is empty (the top k+1
+    // scores tie) the max-score key is kept.
+    const Eigen::Map<const Array> candidate(scratch.selection.data(), candidates);
+    const double kept =
+        cut == max ? 1.0 : double(((candidate - max).exp() * (candidate > cut).template cast<T>()).sum());
     const double pruned = std::max(0.0, double(sum) - kept);
 
     const T inverse_norm = options_.space == ThresholdSpace::score_over_query_norm ? T(1 / query_norm) : T(0);
     const T inverse_sum = T(1) / sum;
     auto& statistics = buckets_[cell];
     const Index bucket = options_.buckets.bucket(length);
-    if (Index(statistics.size()) <= bucket) statistics.resize(std::size_t(bucket + 1), Statistics(grid_));
+    if (Index(statistics.size()) <= bucket)
+      statistics.resize(std::size_t(bucket + 1), Statistics(grid_, options_.summary_masses));
     Statistics& s = statistics[std::size_t(bucket)];
-    const T* weights = scratch.weights.data();
-    if (options_.count_summary) scratch.values.resize(std::size_t(length));
-    T* values = scratch.values.data();  // the row in the threshold space, for the histogram
-    Eigen::Map<Array> value_array(values, options_.count_summary ? length : 0);
+    const T* weights = options_.summary_masses ? scratch.weights.data() : nullptr;
+    // The histogram takes the row in the threshold space, mapped on the fly from the scores (the probabilities
+    // from the weights); its largest value is the map of `max`, computed by the same operation.
+    const auto add_to_histogram = [&](const T* inputs, T max_value, const auto& value_of) {
+      if (options_.count_summary) s.histogram.add(inputs, max_value, weights, length, scratch.histogram, value_of);
+    };
     switch (options_.space) {
       case ThresholdSpace::raw_score:
         s.threshold.add(double(cut));
-        if (options_.count_summary) value_array = a;
+        add_to_histogram(scores, max, detail::Identity{});
         break;
       case ThresholdSpace::probability:
         s.threshold.add(double(std::exp(cut - max) * inverse_sum));
-        if (options_.count_summary) value_array = w * inverse_sum;
+        add_to_histogram(scratch.weights.data(), T(1) * inverse_sum, [inverse_sum](T x) { return x * inverse_sum; });
         break;
       case ThresholdSpace::score_minus_max:
         s.threshold.add(double(cut - max));
-        if (options_.count_summary) value_array = a - max;
+        add_to_histogram(scores, T(0), [max](T x) { return x - max; });
         break;
       case ThresholdSpace::score_over_query_norm:
         s.threshold.add(double(cut * inverse_norm));
-        if (options_.count_summary) value_array = a * inverse_norm;
+        add_to_histogram(scores, max * inverse_norm, [inverse_norm](T x) { return x * inverse_norm; });
         break;
     }
-    if (options_.count_summary) s.histogram.add(values, weights, length, keys_);
     s.denominator.add(pruned);
   }
 
@@ -607,11 +626,9 @@ class Calibrator {
   CalibratorOptions options_;
   detail::HistogramGrid grid_;
   std::vector<std::vector<Statistics>> buckets_;  ///< per (layer, head), per bucket
-  std::vector<double> guess_gap_;                 ///< per (layer, head): m - (k+1)-th largest of the last row
   std::uint64_t rows_offered_ = 0, rows_dense_ = 0, rows_used_ = 0;
   RowScratch<float> float_rows_;
   RowScratch<double> double_rows_;
-  std::vector<std::int32_t> keys_;
 };
 
 }  // namespace toptheta

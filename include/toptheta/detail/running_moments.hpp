@@ -16,11 +16,14 @@ struct RunningMoments {
   double mean = 0;
   double m2 = 0;
 
+  /// Welford's update in the form `M2 += δ² (n - 1) / n` (δ = x - old mean), equal to `δ (x - new mean)` but
+  /// with `x` used once: a compiler that fuses the caller's product into `x - mean` (FMA contraction) cannot
+  /// then leave a rounding residue in M2, so one value always has M2 = 0.
   void add(double x) {
     ++count;
     const double delta = x - mean;
     mean += delta / double(count);
-    m2 += delta * (x - mean);
+    m2 += delta * delta * (double(count - 1) / double(count));
   }
 
   void merge(const RunningMoments& other) {
