@@ -34,8 +34,9 @@ struct Kernel {
                  const OpenMPExecutor& executor, AttentionStats* stats);
 };
 
-/// dense; top_k (k = 64); top_theta (raw-score thresholds, one pass); top_theta_2pass (probability
-/// thresholds, the post-softmax placement, which forces the two-pass kernel).
+/// dense; top_k (k = 64); top_theta (thresholds on a / ||q||, one pass: ||q|| is known before any key is read,
+/// and unlike raw-score thresholds they follow the rows' query norms); top_theta_2pass (probability thresholds,
+/// the post-softmax placement, which forces the two-pass kernel).
 template <class Scalar>
 const std::vector<Kernel<Scalar>>& kernels() {
   using Call = AttentionCall<Scalar>;
@@ -51,7 +52,7 @@ const std::vector<Kernel<Scalar>>& kernels() {
          options.k = kept_per_row;
          top_k_attention(call.q, call.k, call.v, call.out, options, stats, executor);
        }},
-      {"top_theta", ThresholdSpace::raw_score,
+      {"top_theta", ThresholdSpace::score_over_query_norm,
        [](const Call& call, const LayerThresholds* thresholds, const OpenMPExecutor& executor,
           AttentionStats* stats) {
          TopThetaOptions options;

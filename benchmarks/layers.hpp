@@ -1,9 +1,10 @@
 // The suite's data: synthetic Llama-3-8B attention layers, generated lazily and cached, and per-head
-// thresholds calibrated on a second layer (a different seed) of the same length.
+// count-matched thresholds calibrated on a second layer (a different seed) of the same length.
 #pragma once
 
 #include "suite.hpp"
 
+#include <toptheta/calibrator.hpp>
 #include <toptheta/synthetic_attention.hpp>
 #include <toptheta/threshold_table.hpp>
 #include <toptheta/views.hpp>
@@ -78,60 +79,58 @@ const Layer<Scalar>& measured_layer(Index tokens) {
   return *entry;
 }
 
-/// The value a threshold in `space` is compared with, for every score of one row (design.md §1).
-inline void to_threshold_space(ThresholdSpace space, Eigen::Ref<Eigen::ArrayXd> scores) {
-  if (space == ThresholdSpace::raw_score) return;
-  detail::require(space == ThresholdSpace::probability, "space", "raw_score or probability",
-                  to_string(space));
-  scores = (scores - scores.maxCoeff()).exp();
-  scores /= scores.sum();
-}
-
-/// A table of per-head thresholds θ_h(L): for each calibrated length L, the mean over the calibration layer's
-/// rows of length L - rows_per_length + 1 .. L of each row's (k+1)-th largest value in `space` (so that `> θ`
-/// keeps k elements of an average row). Plain Eigen in double; rows must be longer than k.
+/// Per-head thresholds θ_h(L) in `space` for k = kept_per_row, count-matched (`Calibrator`, design.md §1
+/// "Calibration"): at each calibrated length L, the θ at which the calibration layer's rows of length
+/// L - rows_per_length + 1 .. L keep k elements on average. Rows must be longer than k; each length's rows are
+/// fitted alone (no pooling across the far-apart lengths).
 inline LayerThresholds calibrate(const Layer<float>& layer, const std::vector<Index>& lengths,
                                  Index rows_per_length, ThresholdSpace space) {
   constexpr Index group = LayerShape::q_heads / LayerShape::kv_heads;
-  const double scale = 1 / std::sqrt(double(LayerShape::head_dim));
-  Eigen::MatrixXd theta(LayerShape::q_heads, Index(lengths.size()));
-  std::vector<double> values;
+  const float scale = 1 / std::sqrt(float(LayerShape::head_dim));
+  CalibratorOptions options;
+  options.shape = {1, LayerShape::q_heads, LayerShape::kv_heads, LayerShape::head_dim};
+  options.space = space;
+  options.k = {kept_per_row};
+  Calibrator calibrator(options);
+  using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   for (Index kv_head = 0; kv_head < LayerShape::kv_heads; ++kv_head) {
-    const Eigen::MatrixXd keys = layer.keys().head(kv_head).cast<double>();
+    const Matrix keys = layer.keys().head(kv_head);
     for (Index h = kv_head * group; h < (kv_head + 1) * group; ++h)
-      for (std::size_t l = 0; l < lengths.size(); ++l) {
-        const Index last = lengths[l], first = last - rows_per_length + 1;  // row lengths first..last
+      for (const Index last : lengths) {
+        const Index first = last - rows_per_length + 1;  // row lengths first..last
         detail::require(first > kept_per_row && last <= layer.tokens, "lengths",
                         "rows longer than k, within the layer", last);
-        const Eigen::MatrixXd queries =
-            layer.queries().head(h).middleRows(first - 1, rows_per_length).cast<double>();
-        const Eigen::MatrixXd scores = scale * queries * keys.topRows(last).transpose();
-        double sum = 0;
+        const Matrix queries = layer.queries().head(h).middleRows(first - 1, rows_per_length);
+        const Matrix scores = scale * (queries * keys.topRows(last).transpose());
+        std::vector<Index> row_lengths;
+        std::vector<double> query_norms;
         for (Index r = 0; r < rows_per_length; ++r) {
-          Eigen::ArrayXd row = scores.row(r).head(first + r).transpose().array();  // row length L = first + r
-          to_threshold_space(space, row);
-          values.assign(row.data(), row.data() + row.size());
-          std::nth_element(values.begin(), values.begin() + kept_per_row, values.end(),
-                           std::greater<double>());
-          sum += values[std::size_t(kept_per_row)];  // the (k+1)-th largest
+          row_lengths.push_back(first + r);
+          query_norms.push_back(double(queries.row(r).norm()));
         }
-        theta(h, Index(l)) = sum / double(rows_per_length);
+        calibrator.observe_rows(0, h, scores, row_lengths, query_norms);
       }
   }
-  return LayerThresholds(kept_per_row, space, lengths, std::move(theta));
+  TableOptions table_options;
+  table_options.method = CalibrationMethod::count_matched;
+  table_options.min_pooled_rows = 1;
+  return calibrator.table(table_options).layer(0);
 }
 
 /// Where a layer's rows sit: one decode row of length n, or the n causal rows of a prefill (lengths 1..n).
 enum class Phase { decode, prefill };
 
-/// The per-head thresholds a phase at `tokens` tokens uses, in the spaces the suite's kernels need.
+/// The spaces the suite's kernels calibrate in (kernels.hpp).
+constexpr ThresholdSpace calibrated_spaces[] = {ThresholdSpace::score_over_query_norm, ThresholdSpace::probability};
+
+/// The per-head thresholds a phase at `tokens` tokens uses, one table per space of `calibrated_spaces`.
 struct CalibratedThresholds {
-  LayerThresholds raw_score, probability;
+  std::map<ThresholdSpace, LayerThresholds> tables;
 
   const LayerThresholds& in(ThresholdSpace space) const {
-    detail::require(space == ThresholdSpace::raw_score || space == ThresholdSpace::probability, "space",
-                    "raw_score or probability", to_string(space));
-    return space == ThresholdSpace::raw_score ? raw_score : probability;
+    const auto table = tables.find(space);
+    if (table == tables.end()) detail::fail("space", "a space the suite calibrates", to_string(space));
+    return table->second;
   }
 };
 
@@ -154,9 +153,10 @@ inline const CalibratedThresholds& calibrated_thresholds(Phase phase, Index toke
       for (Index length = 2 * kept_per_row; length < tokens; length *= 2) lengths.push_back(length);
       lengths.push_back(tokens);
     }
-    entry = std::make_unique<const CalibratedThresholds>(
-        CalibratedThresholds{calibrate(layer, lengths, rows_per_length, ThresholdSpace::raw_score),
-                             calibrate(layer, lengths, rows_per_length, ThresholdSpace::probability)});
+    auto calibrated = std::make_unique<CalibratedThresholds>();
+    for (const ThresholdSpace space : calibrated_spaces)
+      calibrated->tables.emplace(space, calibrate(layer, lengths, rows_per_length, space));
+    entry = std::move(calibrated);
   }
   return *entry;
 }

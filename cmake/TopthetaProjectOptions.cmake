@@ -34,6 +34,10 @@ endif()
 if(TOPTHETA_NATIVE)
   target_compile_options(toptheta_project_options INTERFACE
     $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang>:-march=native>)
+  # GCC 12 warns falsely inside its own AVX-512 intrinsics as Eigen inlines them (GCC PR 105593).
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
+    target_compile_options(toptheta_project_options INTERFACE -Wno-maybe-uninitialized -Wno-uninitialized)
+  endif()
 endif()
 
 # Model data (models/stories260K, ...) used by tests and examples when it is present.
