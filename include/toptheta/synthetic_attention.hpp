@@ -8,6 +8,7 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -24,7 +25,11 @@ struct SyntheticAttentionOptions {
   double salient_fraction = 0.01;     ///< fraction of keys that are salient
   double salient_strength = 6.0;     ///< extra score of a salient key
   double query_norm_spread = 0.3;     ///< standard deviation of log ||q_i||
-  unsigned seed = 1;
+  unsigned seed = 1;                  ///< the data: queries, keys, values, which keys are salient
+  /// The "model": each KV head's sink and salient directions. Unset: drawn from `seed` with the data. Two
+  /// layers with the same model seed and different seeds are two texts through the same heads (calibrate on
+  /// one, measure on the other).
+  std::optional<unsigned> model_seed;
 };
 
 /// Q `[tokens, q_heads, d]`, K and V `[tokens, kv_heads, d]` in one buffer each.
@@ -54,8 +59,16 @@ struct SyntheticAttention {
     // variance 1/sqrt(d), so <x_noise, y_noise> has unit variance; unit directions u add their strengths.
     const double to_stored = std::sqrt(std::sqrt(double(d))), noise = 1 / to_stored;
     const double rho = options.recency_correlation, innovation = std::sqrt(1 - rho * rho);
+    std::mt19937_64 model_rng(options.model_seed.value_or(0));
     for (Index kv = 0; kv < options.kv_heads; ++kv) {
-      const Eigen::VectorXd sink = random_vector(d).normalized(), salient = random_vector(d).normalized();
+      Eigen::VectorXd sink, salient;
+      if (options.model_seed) {
+        sink = random_direction(model_rng, d);
+        salient = random_direction(model_rng, d);
+      } else {
+        sink = random_vector(d).normalized();
+        salient = random_vector(d).normalized();
+      }
       std::vector<Eigen::VectorXd> recency(static_cast<std::size_t>(n));  // z_t = ρ z_{t-1} + sqrt(1 - ρ²) ε_t, <z_i, z_j> ≈ ρ^|i-j|
       Eigen::VectorXd z = random_vector(d) / std::sqrt(double(d));
       for (Index t = 0; t < n; ++t) {
@@ -82,6 +95,13 @@ struct SyntheticAttention {
   TensorView<const Scalar> values() const { return {v.data(), shape.tokens, shape.kv_heads, shape.head_dim}; }
 
  private:
+  static Eigen::VectorXd random_direction(std::mt19937_64& rng, Index d) {
+    std::normal_distribution<double> normal(0.0, 1.0);
+    Eigen::VectorXd x(d);
+    for (Index t = 0; t < d; ++t) x(t) = normal(rng);
+    return x.normalized();
+  }
+
   void store(std::vector<Scalar>& into, Index token, Index head, Index heads, const Eigen::VectorXd& row) {
     const Index d = shape.head_dim;
     for (Index c = 0; c < d; ++c) into[std::size_t((token * heads + head) * d + c)] = Scalar(row(c));
