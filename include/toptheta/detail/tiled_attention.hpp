@@ -5,6 +5,7 @@
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/convert.hpp>
 #include <toptheta/detail/require.hpp>
+#include <toptheta/detail/row_products.hpp>
 #include <toptheta/detail/serial_product.hpp>
 #include <toptheta/online_softmax.hpp>
 #include <toptheta/scalar_traits.hpp>
@@ -143,6 +144,11 @@ class TiledAttention {
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
+  /// With split keys, the KV heads' blocks take turns every this many keys, so that K and V are read in
+  /// nearly address order from a `[tokens, heads, d]` cache and the hardware prefetcher follows.
+  static constexpr Index sweep_keys = 16;
+  /// Scores a threshold-only row tests at once before looking at single elements.
+  static constexpr Index survivor_scan = 16;
   /// A tile whose selected elements fill less than 1 / sparse_tile_ratio of (rows x kept columns) is
   /// accumulated element by element instead of by a GEMM.
   static constexpr Index sparse_tile_ratio = 8;
@@ -160,6 +166,8 @@ class TiledAttention {
     std::vector<Index> kept_columns;
     std::vector<std::pair<Index, Index>> kept_elements;  // (row, column) of the tile's selected elements
     Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
+    Index tile_first = 0, tile_width = 0;  // the tile being accumulated
+    bool tile_sparse = false;              // its V rows are added element by element
     std::vector<Acc> scratch;
 
     Block(TiledAttention& owner, Index kv, Index query_block) : kernel(owner), kv_head(kv) {
@@ -201,12 +209,13 @@ class TiledAttention {
     /// key row is loaded once and dotted with every query row; a larger block uses a GEMM.
     template <class Into>
     void score(Index first, Index width, Into&& into) {
-      const auto keys = as_accumulator(kernel.k_.head(kv_head).middleRows(first, width));
       if (scaled_queries.rows() <= streaming_rows) {
-        for (Index r = 0; r < scaled_queries.rows(); ++r)
-          into.row(r).transpose().noalias() = keys * scaled_queries.row(r).transpose();
+        dot_rows(RowBlock<const Acc>{scaled_queries.data(), scaled_queries.cols()}, scaled_queries.rows(),
+                 kernel.k_.row(first, kv_head), kernel.k_.token_stride(), width, scaled_queries.cols(),
+                 RowBlock<Acc>{into.data(), into.outerStride()});
       } else {
-        serial_product<false>(into, scaled_queries, keys.transpose());
+        serial_product<false>(into, scaled_queries,
+                              as_accumulator(kernel.k_.head(kv_head).middleRows(first, width)).transpose());
       }
     }
 
@@ -235,13 +244,29 @@ class TiledAttention {
 
     /// Keys [first, first + KvBlock): update each row's max, select, and accumulate the kept V rows.
     void accumulate_tile(Index first, AttentionStats& stats) {
-      const Index width = std::min(Tiles::kv_block, visible_end - first);
+      begin_tile(first);
+      score_keys(first, tile_width, stats);
+      if (weigh_tile(stats)) accumulate_values(first, tile_width);
+    }
+
+    /// Starts the tile of keys [first, first + KvBlock) that are visible to some row.
+    void begin_tile(Index first) {
+      tile_first = first;
+      tile_width = std::min(Tiles::kv_block, visible_end - first);
+      if (row_scores.size() == 0) tile_scores.resize(Index(rows.size()), tile_width);
+    }
+
+    /// Scores of the tile's keys [from, from + count), unless the rows' scores are known already.
+    void score_keys(Index from, Index count, AttentionStats& stats) {
+      if (row_scores.size() > 0) return;
+      score(from, count, tile_scores.middleCols(from - tile_first, count));
+      stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(count);
+    }
+
+    /// Updates each row's max, selects and weighs the tile's elements. Returns whether any V row is needed.
+    bool weigh_tile(AttentionStats& stats) {
+      const Index first = tile_first, width = tile_width;
       const Index row_count = Index(rows.size());
-      if (row_scores.size() == 0) {
-        tile_scores.resize(row_count, width);
-        score(first, width, tile_scores);
-        stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(width);
-      }
       const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
       tile_weights.setZero(row_count, width);
       column_kept.assign(std::size_t(width), 0);
@@ -264,12 +289,17 @@ class TiledAttention {
         if (column_kept[std::size_t(c)]) kept_columns.push_back(c);
       if (kept_columns.empty()) {
         ++stats.kv_tiles_without_survivor;
-        return;
+        return false;
       }
       stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
-      accumulate_values(first, width, dense_elements);
       if (kernel.collect_stats_)
         for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
+      const Index kept = Index(kept_columns.size());
+      const Index selected = dense_elements + Index(kept_elements.size());
+      tile_sparse = dense_elements == 0 && (output.rows() <= streaming_rows
+                                                ? kept < width
+                                                : selected * sparse_tile_ratio < output.rows() * kept);
+      return true;
     }
 
     /// A dense row keeps every visible key: one vectorised exp over the tile.
@@ -293,8 +323,12 @@ class TiledAttention {
         if (kernel.track_pruned_mass_)
           row.mass.pruned_mass += (visible.array() <= threshold).select((visible.array() - row.mass.max).exp(), 0).sum();
         if (!(visible.array() > threshold).any()) return;  // the common case, vectorised
-        for (Index c = 0; c < visible.size(); ++c)
-          if (visible(c) > threshold) kept_elements.push_back({r, c});
+        for (Index from = 0; from < visible.size(); from += survivor_scan) {  // survivors are rare: skip runs
+          const Index end = std::min(from + survivor_scan, visible.size());
+          if (!(visible.segment(from, end - from).array() > threshold).any()) continue;
+          for (Index c = from; c < end; ++c)
+            if (visible(c) > threshold) kept_elements.push_back({r, c});
+        }
         row.mass.kept += Index(kept_elements.size() - first_kept);
       } else {  // ties or a cap: elements in decreasing position
         for (Index c = visible.size() - 1; c >= 0; --c) {
@@ -319,37 +353,36 @@ class TiledAttention {
       }
     }
 
-    /// output += P_tile V_tile over the kept columns only: V rows no row kept are never loaded. A sparse tile
-    /// (few selected elements among many rows) adds each selected element's V row to its output row; a dense
-    /// one uses a GEMM over the kept columns.
-    void accumulate_values(Index first, Index width, Index dense_elements) {
-      const auto values = kernel.v_.head(kv_head);
-      const Index kept = Index(kept_columns.size());
-      const Index selected = dense_elements + Index(kept_elements.size());
-      const bool few_rows = output.rows() <= streaming_rows;
-      const bool sparse = dense_elements == 0 && (few_rows ? kept < width
-                                                           : selected * sparse_tile_ratio < output.rows() * kept);
-      if (sparse) {
-        const Index dim = output.cols();
-        for (const auto& [r, c] : kept_elements) {
-          const Acc weight = tile_weights(r, c);
-          const Scalar* value = kernel.v_.row(first + c, kv_head);
-          Acc* into = output.data() + r * dim;
-          for (Index t = 0; t < dim; ++t) into[t] += weight * Acc(value[t]);
-        }
-      } else if (few_rows) {
-        const auto tile = as_accumulator(values.middleRows(first, width));
-        for (Index r = 0; r < output.rows(); ++r) output.row(r).noalias() += tile_weights.row(r) * tile;
-      } else if (kept == width) {
-        serial_product<true>(output, tile_weights, as_accumulator(values.middleRows(first, width)));
+    /// output += P_tile V_tile over the kept columns among keys [from, from + count) of the tile: V rows no row
+    /// kept are never loaded. A sparse tile (few selected elements among many rows) adds each selected element's
+    /// V row to its output row; a dense one streams the V rows (few rows) or uses a GEMM over the kept columns.
+    void accumulate_values(Index from, Index count) {
+      const Index offset = from - tile_first, dim = output.cols();
+      const auto in_range = [&](Index c) { return c >= offset && c < offset + count; };
+      if (tile_sparse) {
+        for (const auto& [r, c] : kept_elements)
+          if (in_range(c))
+            add_weighted_rows(RowBlock<const Acc>{&tile_weights(r, c), 0}, 1, kernel.v_.row(tile_first + c, kv_head),
+                              0, 1, dim, RowBlock<Acc>{output.data() + r * dim, dim});
+      } else if (output.rows() <= streaming_rows) {
+        add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + offset, tile_weights.cols()}, output.rows(),
+                          kernel.v_.row(from, kv_head), kernel.v_.token_stride(), count, dim,
+                          RowBlock<Acc>{output.data(), dim});
+      } else if (Index(kept_columns.size()) == tile_width) {
+        serial_product<true>(output, tile_weights.middleCols(offset, count),
+                             as_accumulator(kernel.v_.head(kv_head).middleRows(from, count)));
       } else {
+        Index kept = 0;
+        for (Index c : kept_columns) kept += in_range(c);
         gathered_weights.resize(output.rows(), kept);
-        gathered_values.resize(kept, output.cols());
-        for (Index t = 0; t < kept; ++t) {
-          gathered_weights.col(t) = tile_weights.col(kept_columns[std::size_t(t)]);
-          convert(kernel.v_.row(first + kept_columns[std::size_t(t)], kv_head), output.cols(),
-                  gathered_values.data() + t * output.cols());
-        }
+        gathered_values.resize(kept, dim);
+        Index t = 0;
+        for (Index c : kept_columns)
+          if (in_range(c)) {
+            gathered_weights.col(t) = tile_weights.col(c);
+            convert(kernel.v_.row(tile_first + c, kv_head), dim, gathered_values.data() + t * dim);
+            ++t;
+          }
         serial_product<true>(output, gathered_weights, gathered_values);
       }
     }
@@ -414,10 +447,40 @@ class TiledAttention {
       blocks.push_back(std::make_unique<Block>(*this, kv_head, query_block));
       blocks.back()->select_rows(stats);
     }
+    // Every block holds the same query rows, so they share their visible keys and their tiles.
     const Index first_tile = split * tiles_per_split_, end_tile = std::min(first_tile + tiles_per_split_, tiles_);
-    for (Index tile = end_tile - 1; tile >= first_tile; --tile)
-      for (auto& block : blocks)
-        if (tile * Tiles::kv_block < block->visible_end) block->accumulate_tile(tile * Tiles::kv_block, stats);
+    const Index row_bytes = shape_.head_dim * Index(sizeof(Scalar));
+    // Keys [first, end) of the blocks `streams` says read every row of `rows`, `sweep_keys` at a time per block;
+    // each block asks for its next rows while it works on the current ones.
+    const auto sweep = [&](Index first, Index end, const TensorView<const Scalar>& rows, auto&& streams,
+                           auto&& step) {
+      for (Index from = first; from < end; from += sweep_keys) {
+        const Index count = std::min(sweep_keys, end - from), next = from + sweep_keys;
+        for (auto& block : blocks) {
+          if (!streams(*block)) continue;
+          if (next < end)
+            prefetch_rows(rows.row(next, block->kv_head), rows.token_stride(), std::min(sweep_keys, end - next),
+                          row_bytes);
+          step(*block, from, count);
+        }
+      }
+    };
+    std::vector<char> needs_values(blocks.size());
+    for (Index tile = end_tile - 1; tile >= first_tile; --tile) {
+      const Index first = tile * Tiles::kv_block;
+      if (first >= blocks.front()->visible_end) continue;
+      for (auto& block : blocks) block->begin_tile(first);
+      const Index end = first + blocks.front()->tile_width;
+      sweep(first, end, k_, [](const Block& block) { return block.row_scores.size() == 0; },
+            [&](Block& block, Index from, Index count) { block.score_keys(from, count, stats); });
+      for (std::size_t b = 0; b < blocks.size(); ++b) needs_values[b] = blocks[b]->weigh_tile(stats);
+      for (std::size_t b = 0; b < blocks.size(); ++b)
+        if (needs_values[b] && blocks[b]->tile_sparse) blocks[b]->accumulate_values(first, end - first);
+      sweep(
+          first, end, v_,
+          [&](const Block& block) { return needs_values[std::size_t(block.kv_head)] && !block.tile_sparse; },
+          [&](Block& block, Index from, Index count) { block.accumulate_values(from, count); });
+    }
     for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head)
       partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)] =
           std::move(blocks[std::size_t(kv_head)]);

@@ -1,0 +1,229 @@
+// Products of a few accumulator rows with stored K or V rows that widen the stored values in registers, so a
+// bfloat16 or half cache is read at its own size: the streaming (decode) path of the tiled kernel.
+#pragma once
+
+#include <toptheta/scalar_traits.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+namespace toptheta::detail {
+
+template <class Acc>
+using Packet = typename Eigen::internal::packet_traits<Acc>::type;
+
+template <class Acc>
+constexpr Index packet_size = Eigen::internal::unpacket_traits<Packet<Acc>>::size;
+
+/// `Packet<Acc>` of `Acc(source[0 .. packet_size))`. bfloat16 is the upper half of a float, so widening it is
+/// a zero-extension and a shift; half uses F16C. Each ISA case is selected by the packet Eigen vectorises
+/// with; other combinations convert through a small buffer.
+template <class Acc, class Stored>
+Packet<Acc> load_widened(const Stored* source) {
+  namespace ei = Eigen::internal;
+  using P = Packet<Acc>;
+  if constexpr (std::is_same_v<Stored, Acc>) {
+    return ei::ploadu<P>(source);
+  }
+#if defined(EIGEN_VECTORIZE_AVX512)
+  else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && std::is_same_v<Stored, Eigen::bfloat16>) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  } else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && std::is_same_v<Stored, Eigen::half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source)));
+  }
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 8 && std::is_same_v<Stored, Eigen::bfloat16>) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 4 && std::is_same_v<Stored, Eigen::bfloat16>) {
+    const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(source));
+    return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), bits));
+  }
+#endif
+#if defined(EIGEN_VECTORIZE_AVX) && defined(__F16C__) && !defined(EIGEN_VECTORIZE_AVX512)
+  else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 8 && std::is_same_v<Stored, Eigen::half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
+  }
+#endif
+  else {
+    alignas(64) Acc widened[packet_size<Acc>];
+    for (Index t = 0; t < packet_size<Acc>; ++t) widened[t] = Acc(source[t]);
+    return ei::pload<P>(widened);
+  }
+}
+
+/// Asks for the `bytes` bytes of each of `count` rows `stride` values apart to be brought into the cache.
+template <class Stored>
+void prefetch_rows(const Stored* rows, Index stride, Index count, Index bytes) {
+#if defined(__GNUC__)
+  for (Index j = 0; j < count; ++j)
+    for (Index offset = 0; offset < bytes; offset += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(rows + j * stride) + offset, 0, 3);
+#else
+  (void)rows, (void)stride, (void)count, (void)bytes;
+#endif
+}
+
+/// `f(std::integral_constant<int, n>)` for the runtime `n` in [1, Max].
+template <int Max, class F>
+void with_constant(Index n, F&& f) {
+  if constexpr (Max >= 1) {
+    if (n == Max) return f(std::integral_constant<int, Max>{});
+    with_constant<Max - 1>(n, std::forward<F>(f));
+  }
+}
+
+/// Rows of a score or weight block: `Rows` query rows at a common stride.
+template <class Acc>
+struct RowBlock {
+  Acc* data;
+  Index stride;
+  Acc* row(Index r) const { return data + r * stride; }
+};
+
+/// At most this many query rows share one pass over a key or value row, so their accumulators stay in
+/// registers.
+constexpr int rows_per_pass = 4;
+
+/// Key rows dotted at once by `dot_rows_pass`: with `rows_per_pass` query rows, 16 accumulators.
+constexpr int keys_per_pass = 4;
+
+/// `scores(r, t) = Σ lanes of sums[t][r]` for `Rows` rows and `Keys` keys. With AVX-512 floats the 16 sums
+/// are reduced together by a transposing tree (15 adds instead of 16 separate horizontal sums).
+template <int Rows, int Keys, class Acc>
+void store_dots(const Packet<Acc> (&sums)[keys_per_pass][rows_per_pass], RowBlock<Acc> scores) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16) {
+    // Each level adds lanes of pairs of vectors picked by two-source permutes (GCC 12 warns about the
+    // undefined pass-through operands of the shuffles and unpacks): sum a = 4 t + r ends in lane 4 r + t.
+    __m512 level[16];
+    for (int a = 0; a < 16; ++a)
+      level[a] = (a / 4 < Keys && a % 4 < Rows) ? sums[a / 4][a % 4] : _mm512_setzero_ps();
+    const auto pair_sums = [&](int pairs, __m512i first, __m512i second) {
+      for (int a = 0; a < pairs; ++a)
+        level[a] = _mm512_add_ps(_mm512_permutex2var_ps(level[2 * a], first, level[2 * a + 1]),
+                                 _mm512_permutex2var_ps(level[2 * a], second, level[2 * a + 1]));
+    };
+    // 256-bit halves; then 128-bit quarters (quarter i of level[m] holds sum 4 m + i); then float pairs; floats.
+    pair_sums(8, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+              _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+    pair_sums(4, _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+              _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
+    pair_sums(2, _mm512_setr_epi32(0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29),
+              _mm512_setr_epi32(2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31));
+    pair_sums(1, _mm512_setr_epi32(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+              _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31));
+    alignas(64) float dots[16];
+    _mm512_store_ps(dots, level[0]);
+    for (int r = 0; r < Rows; ++r)
+      for (int t = 0; t < Keys; ++t) scores.row(r)[t] = dots[4 * r + t];
+    return;
+  }
+#endif
+  for (int r = 0; r < Rows; ++r)
+    for (int t = 0; t < Keys; ++t) scores.row(r)[t] = Eigen::internal::predux(sums[t][r]);
+}
+
+/// `scores(r, t) = <queries_r, keys_t>` for `Rows` query rows and `Keys` key rows: each key row is widened
+/// once for all rows, and the Rows x Keys sums stay in registers.
+template <int Rows, int Keys, class Acc, class Stored>
+void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_stride, Index dim, RowBlock<Acc> scores) {
+  namespace ei = Eigen::internal;
+  using P = Packet<Acc>;
+  constexpr Index size = packet_size<Acc>;
+  const Index vector_dim = dim - dim % size;
+  P sums[keys_per_pass][rows_per_pass];
+  for (int t = 0; t < Keys; ++t)
+    for (int r = 0; r < Rows; ++r) sums[t][r] = ei::pset1<P>(Acc(0));
+  for (Index d = 0; d < vector_dim; d += size) {
+    P key[Keys];
+    for (int t = 0; t < Keys; ++t) key[t] = load_widened<Acc>(keys + t * key_stride + d);
+    for (int r = 0; r < Rows; ++r) {
+      const P query = ei::ploadu<P>(queries.row(r) + d);
+      for (int t = 0; t < Keys; ++t) sums[t][r] = ei::pmadd(query, key[t], sums[t][r]);
+    }
+  }
+  store_dots<Rows, Keys>(sums, scores);
+  for (int r = 0; r < Rows; ++r)
+    for (int t = 0; t < Keys; ++t)
+      for (Index d = vector_dim; d < dim; ++d) scores.row(r)[t] += queries.row(r)[d] * Acc(keys[t * key_stride + d]);
+}
+
+/// `output_r += Σ_j weights(r, j) values_j` for `Rows` rows over `Packets` packets of the head dimension
+/// starting at `offset`: the Rows x Packets outputs stay in registers while the value rows stream.
+template <int Rows, int Packets, class Acc, class Stored>
+void add_weighted_rows_pass(RowBlock<const Acc> weights, const Stored* values, Index value_stride, Index count,
+                            Index offset, RowBlock<Acc> output) {
+  namespace ei = Eigen::internal;
+  using P = Packet<Acc>;
+  constexpr Index size = packet_size<Acc>;
+  P sum[Rows][Packets];
+  for (int r = 0; r < Rows; ++r)
+    for (int p = 0; p < Packets; ++p) sum[r][p] = ei::ploadu<P>(output.row(r) + offset + p * size);
+  for (Index j = 0; j < count; ++j) {
+    const Stored* value = values + j * value_stride + offset;
+    P widened[Packets];
+    for (int p = 0; p < Packets; ++p) widened[p] = load_widened<Acc>(value + p * size);
+    for (int r = 0; r < Rows; ++r) {
+      const P weight = ei::pset1<P>(weights.row(r)[j]);
+      for (int p = 0; p < Packets; ++p) sum[r][p] = ei::pmadd(weight, widened[p], sum[r][p]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int p = 0; p < Packets; ++p) ei::pstoreu(output.row(r) + offset + p * size, sum[r][p]);
+}
+
+/// `scores(r, j) = <queries_r, keys_j>` for `rows` query rows and `count` key rows of `dim` stored values.
+template <class Acc, class Stored>
+void dot_rows(RowBlock<const Acc> queries, Index rows, const Stored* keys, Index key_stride, Index count, Index dim,
+              RowBlock<Acc> scores) {
+  for (Index first = 0; first < rows; first += rows_per_pass)
+    with_constant<rows_per_pass>(std::min<Index>(rows_per_pass, rows - first), [&](auto pass_rows) {
+      const RowBlock<const Acc> pass_queries{queries.row(first), queries.stride};
+      for (Index j = 0; j < count; j += keys_per_pass)
+        with_constant<keys_per_pass>(std::min<Index>(keys_per_pass, count - j), [&](auto pass_keys) {
+          dot_rows_pass<decltype(pass_rows)::value, decltype(pass_keys)::value>(
+              pass_queries, keys + j * key_stride, key_stride, dim,
+              RowBlock<Acc>{scores.row(first) + j, scores.stride});
+        });
+    });
+}
+
+/// `output_r += Σ_j weights(r, j) values_j` for `rows` rows and `count` value rows of `dim` stored values.
+/// Value rows are taken in groups small enough to stay in L1 while each group of output rows and packets
+/// passes.
+template <class Acc, class Stored>
+void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* values, Index value_stride, Index count,
+                       Index dim, RowBlock<Acc> output) {
+  constexpr Index size = packet_size<Acc>, keys_per_group = 32;
+  const Index packets = dim / size;
+  for (Index first_key = 0; first_key < count; first_key += keys_per_group) {
+    const Index keys = std::min(keys_per_group, count - first_key);
+    const Stored* group = values + first_key * value_stride;
+    for (Index first = 0; first < rows; first += rows_per_pass)
+      with_constant<rows_per_pass>(std::min<Index>(rows_per_pass, rows - first), [&](auto pass_rows) {
+        constexpr int Rows = decltype(pass_rows)::value, Packets = std::max(1, 16 / Rows);
+        const RowBlock<const Acc> pass_weights{weights.row(first) + first_key, weights.stride};
+        const RowBlock<Acc> pass_output{output.row(first), output.stride};
+        Index packet = 0;
+        for (; packet + Packets <= packets; packet += Packets)
+          add_weighted_rows_pass<Rows, Packets>(pass_weights, group, value_stride, keys, packet * size, pass_output);
+        for (; packet < packets; ++packet)
+          add_weighted_rows_pass<Rows, 1>(pass_weights, group, value_stride, keys, packet * size, pass_output);
+        for (Index r = 0; r < Rows; ++r)
+          for (Index j = 0; j < keys; ++j)
+            for (Index t = packets * size; t < dim; ++t)
+              pass_output.row(r)[t] += pass_weights.row(r)[j] * Acc(group[j * value_stride + t]);
+      });
+  }
+}
+
+}  // namespace toptheta::detail

@@ -1,0 +1,125 @@
+// The streaming (decode) path: row products that widen bfloat16 / half in registers, and split-key decode that
+// sweeps the KV heads in address order, against plain double arithmetic and the double oracle.
+#include "test_support.hpp"
+
+#include <toptheta/detail/row_products.hpp>
+
+using namespace toptheta;
+using namespace toptheta_test;
+
+namespace {
+
+/// Normal numbers of standard deviation `spread`, stored as `Scalar`.
+template <class Scalar>
+std::vector<Scalar> random_values(Index count, unsigned seed, double spread = 1.0) {
+  std::mt19937 generator(seed);
+  std::normal_distribution<double> normal(0.0, spread);
+  std::vector<Scalar> values(std::size_t(count), Scalar(0));
+  for (auto& value : values) value = Scalar(normal(generator));
+  return values;
+}
+
+template <class Scalar>
+double as_double(Scalar value) {
+  return double(value);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("row products equal the same sums in double, for every row and key count", "[row_products]", float,
+                   double, Eigen::half, Eigen::bfloat16) {
+  using Acc = accumulator_t<TestType>;
+  const Index dim = GENERATE(1, 7, 16, 40, 64, 80, 96, 128, 131);
+  const Index rows = GENERATE(1, 2, 3, 4, 5, 8);
+  const Index count = GENERATE(1, 3, 4, 5, 17, 37);
+  const Index stride = dim + 5;  // rows of a strided `[tokens, heads, d]` buffer
+  const auto stored = random_values<TestType>(count * stride, unsigned(dim * 100 + count));
+  const auto queries = random_values<Acc>(rows * dim, unsigned(rows + 7));
+  const auto weights = random_values<Acc>(rows * count, unsigned(rows + count));
+  std::vector<Acc> scores(std::size_t(rows * count), Acc(0));
+  auto output = random_values<Acc>(rows * dim, 3);
+  const std::vector<Acc> initial_output = output;
+
+  detail::dot_rows(detail::RowBlock<const Acc>{queries.data(), dim}, rows, stored.data(), stride, count, dim,
+                   detail::RowBlock<Acc>{scores.data(), count});
+  detail::add_weighted_rows(detail::RowBlock<const Acc>{weights.data(), count}, rows, stored.data(), stride, count, dim,
+                            detail::RowBlock<Acc>{output.data(), dim});
+
+  // Rounding of Acc sums of `dim` (or `count`) terms, relative to the sum of the terms' magnitudes.
+  const double epsilon = std::is_same_v<Acc, double> ? 1e-14 : 1e-5;
+  INFO(type_name<TestType>() << " dim " << dim << " rows " << rows << " count " << count);
+  for (Index r = 0; r < rows; ++r) {
+    for (Index j = 0; j < count; ++j) {
+      double dot = 0, magnitude = 0;
+      for (Index d = 0; d < dim; ++d) {
+        const double term = double(queries[std::size_t(r * dim + d)]) * as_double(stored[std::size_t(j * stride + d)]);
+        dot += term;
+        magnitude += std::abs(term);
+      }
+      CHECK(std::abs(double(scores[std::size_t(r * count + j)]) - dot) <= epsilon * (magnitude + 1));
+    }
+    for (Index d = 0; d < dim; ++d) {
+      double sum = double(initial_output[std::size_t(r * dim + d)]), magnitude = std::abs(sum);
+      for (Index j = 0; j < count; ++j) {
+        const double term =
+            double(weights[std::size_t(r * count + j)]) * as_double(stored[std::size_t(j * stride + d)]);
+        sum += term;
+        magnitude += std::abs(term);
+      }
+      CHECK(std::abs(double(output[std::size_t(r * dim + d)]) - sum) <= epsilon * (magnitude + 1));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("split-key decode equals the reference for every stored type, head dim and group", "[dense][decode]",
+                   float, double, Eigen::half, Eigen::bfloat16) {
+  const Index head_dim = GENERATE(64, 80, 96, 128, 72);
+  const Index group = GENERATE(1, 2, 4, 8);
+  const Index keys = GENERATE(1, 37, 1000, 2071);  // one key, less than a tile, odd lengths over many tiles
+  Problem<TestType> problem(1, keys, 2 * group, 2, head_dim, unsigned(head_dim + group + keys));
+  AttentionOptions options;
+  options.past = keys - 1;
+  dense_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options);
+  const Eigen::MatrixXd expected = reference_attention(problem.queries(), problem.keys(), problem.values(), options);
+  INFO(type_name<TestType>() << " head_dim " << head_dim << " group " << group << " keys " << keys);
+  CHECK(relative_error(problem.output_matrix(), expected) <= tolerance<TestType>());
+}
+
+TEMPLATE_TEST_CASE("split-key Top-θ decode equals the oracle on the explicitly built mask", "[top_theta][decode]",
+                   float, double, Eigen::half, Eigen::bfloat16) {
+  const DenominatorCompensation denominator =
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold);
+  const double kept_fraction = GENERATE(0.02, 0.3, 0.9);  // sparse tiles, streamed tiles, nearly dense
+  const Index head_dim = GENERATE(80, 128);
+  const Index keys = 1500;
+  Problem<TestType> problem(1, keys, 8, 2, head_dim, 31, 1.5);
+  AttentionOptions attention;
+  attention.past = keys - 1;
+  const Index k = 8;
+  const auto thresholds = separated_thresholds(problem, attention, ThresholdSpace::raw_score, k, kept_fraction);
+  const auto table = LayerThresholds::uniform(k, ThresholdSpace::raw_score, thresholds);
+  TopThetaOptions options;
+  options.attention = attention;
+  options.compensation = {denominator, 1.0, false};
+  AttentionStats stats;
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
+  const Eigen::MatrixXd expected = reference_attention(problem.queries(), problem.keys(), problem.values(), attention,
+                                                       top_theta_sparsity(table, options.compensation, false));
+  INFO(type_name<TestType>() << " " << to_string(denominator) << " kept " << kept_fraction << " head_dim " << head_dim);
+  CHECK(relative_error(problem.output_matrix(), expected) <= tolerance<TestType>());
+  CHECK(stats.kept_fraction() < 1.0);
+}
+
+TEST_CASE("split-key decode is identical for any thread count", "[decode][executor]") {
+  Problem<Eigen::bfloat16> problem(1, 3000, 8, 2, 128, 41);
+  AttentionOptions options;
+  options.past = 2999;
+  dense_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options, nullptr,
+                  SerialExecutor{});
+  const std::vector<Eigen::bfloat16> serial = problem.out;
+  for (int threads : {1, 2, 3}) {
+    dense_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options, nullptr,
+                    OpenMPExecutor{threads});
+    CHECK(problem.out == serial);
+  }
+}
