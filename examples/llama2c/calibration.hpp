@@ -18,6 +18,13 @@ inline toptheta::ModelShape model_shape(const Config& config) {
   return {config.layers, config.heads, config.kv_heads, config.head_dim()};
 }
 
+/// The per-layer tables of `table`, layer 0 first, as `top_theta_plan` takes them.
+inline std::vector<toptheta::LayerThresholds> layer_tables(const toptheta::ThresholdTable& table) {
+  std::vector<toptheta::LayerThresholds> layers;
+  for (Index l = 0; l < table.layers(); ++l) layers.push_back(table.layer(l));
+  return layers;
+}
+
 /// Runs each of `sequences` as one prefill from an empty cache with `observer` seeing every attention score row
 /// (layer by layer, head by head, position by position), then removes the observer. Rows come from the
 /// engine's attention plan as set: calibrate with every layer dense, count survivors with the plan under test.
@@ -83,6 +90,11 @@ struct KeepCounts {
   }
   /// `mean / k - 1`: the keep-count error of (layer, head) for a layer with `k`.
   double relative_error(Index layer, Index head, Index k) const { return mean(layer, head) / double(k) - 1.0; }
+  /// `(Σ_h kept / Σ_h rows) / k - 1` over the layer's heads; 0 without rows.
+  double layer_relative_error(Index layer, Index k) const {
+    const auto r = rows.row(layer).sum();
+    return r == 0 ? 0.0 : double(kept.row(layer).sum()) / double(r) / double(k) - 1.0;
+  }
 };
 
 /// An observer that adds each row's survivors under `table` to `counts` (both must outlive it).
@@ -95,6 +107,16 @@ inline AttentionObserver keep_counter(const toptheta::ThresholdTable& table, Kee
     counts.rows(row.layer, row.query_head) += 1;
     counts.kept(row.layer, row.query_head) += std::uint64_t((row.scores.array() > tau).count());
   };
+}
+
+/// Survivors per (layer, head) of `table`'s thresholds on the score rows of `sequences` under the engine's
+/// current plan (dense: the in-sample fit of a table calibrated on them; the table's own plan: held-out use).
+template <class Real, class KvScalar>
+KeepCounts keep_counts(Engine<Real, KvScalar>& engine, const toptheta::ThresholdTable& table,
+                       const std::vector<std::vector<int>>& sequences) {
+  KeepCounts counts(engine.config().layers, engine.config().heads);
+  observe_sequences(engine, sequences, keep_counter(table, counts));
+  return counts;
 }
 
 }  // namespace llama2c
