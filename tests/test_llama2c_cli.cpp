@@ -236,6 +236,27 @@ TEST_CASE("llama2.c tokenizer: damaged files are errors naming the file and the 
   CHECK_THROWS_WITH(llama2c::load_tokenizer(file.path + ".missing"), mentions("cannot open"));
 }
 
+TEST_CASE("llama2c tokenize: each text line becomes one token sequence the other commands read",
+          "[llama2c][cli]") {
+  const TemporaryPath tokenizer_file("tokenizer.bin"), text("text.txt"), tokens("tokens.txt");
+  std::ofstream(tokenizer_file.path, std::ios::binary) << tokenizer_bytes(7, small_vocabulary);
+  std::ofstream(text.path) << "ab a\n\n  \nab\n";
+  std::ostringstream out, error;
+  REQUIRE(llama2c::run_command_line({"tokenize", "--tokenizer", tokenizer_file.path, "--text", text.path, "--out",
+                                     tokens.path},
+                                    out, error) == 0);
+  const auto sequences = llama2c::read_token_file(tokens.path);
+  // " ab a" -> BOS, " ab", " a" (the tokenizer test above derives it); "ab" -> BOS, " ab".
+  CHECK(sequences == std::vector<std::vector<int>>{{llama2c::bos_token, 9, 7}, {llama2c::bos_token, 9}});
+  CHECK_THAT(out.str(), mentions("2 sequences, 5 tokens"));
+
+  std::ofstream(text.path) << "\n \n";
+  CHECK(llama2c::run_command_line({"tokenize", "--tokenizer", tokenizer_file.path, "--text", text.path, "--out",
+                                   tokens.path},
+                                  out, error) == 2);
+  CHECK_THAT(error.str(), mentions("--text"));
+}
+
 TEST_CASE("stories260K: dense evaluated against dense gives perplexity ratio 1, KL 0 and agreement 1",
           "[llama2c][cli]") {
   LLAMA2C_REQUIRE_MODEL();

@@ -445,6 +445,46 @@ inline int generate_command(const std::vector<std::string>& arguments, std::ostr
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// tokenize
+
+inline CommandLine tokenize_options() {
+  return CommandLine(program, "tokenize",
+                     "Turns text into the token files the other commands read: each non-blank line of --text becomes\n"
+                     "one sequence of token ids (BOS first), encoded with a llama2.c tokenizer.bin.",
+                     {{"tokenizer", "FILE", "llama2.c tokenizer.bin", std::nullopt, true},
+                      {"text", "FILE", "text, one sequence per line", std::nullopt, true},
+                      {"out", "FILE", "token file to write (one sequence of ids per line)", std::nullopt, true},
+                      {"max-tokens", "N", "cut each sequence to N tokens (0: no cut)", "0"}});
+}
+
+inline int tokenize_command(const std::vector<std::string>& arguments, std::ostream& out) {
+  CommandLine line = tokenize_options();
+  line.parse(arguments);
+  if (line.help_requested()) {
+    out << line.help();
+    return 0;
+  }
+  const Tokenizer tokenizer = load_tokenizer(line.input_file("tokenizer"));
+  const std::size_t max_tokens = std::size_t(line.integer("max-tokens", 0));
+  std::ifstream text(line.input_file("text"));
+  std::ostringstream tokens;
+  std::size_t sequences = 0, total = 0;
+  for (std::string sentence; std::getline(text, sentence);) {
+    if (sentence.find_first_not_of(" \t\r") == std::string::npos) continue;
+    std::vector<int> ids = tokenizer.encode(sentence);
+    if (max_tokens > 0 && ids.size() > max_tokens) ids.resize(max_tokens);
+    for (std::size_t t = 0; t < ids.size(); ++t) tokens << (t ? " " : "") << ids[t];
+    tokens << "\n";
+    ++sequences;
+    total += ids.size();
+  }
+  if (sequences == 0) throw usage_error("--text: expected at least one non-blank line in " + line.text("text"));
+  write_text_file(line.text("out"), tokens.str());
+  out << "wrote " << line.text("out") << ": " << sequences << " sequences, " << total << " tokens\n";
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // table
 
 inline CommandLine table_options() {
@@ -516,6 +556,7 @@ inline std::string program_help() {
          "  calibrate   token sequences in, threshold file out\n"
          "  eval        accuracy and sparsity of an attention choice against dense attention\n"
          "  generate    greedy or sampled tokens, and decode speed\n"
+         "  tokenize    text lines in, token files out (with a llama2.c tokenizer.bin)\n"
          "  table       the accuracy table over k, threshold spaces, compensations and calibration methods\n\n"
          "Run '" + program + " <command> --help' for a command's options.\n";
 }
@@ -535,13 +576,14 @@ inline int run_command_line(const std::vector<std::string>& arguments, std::ostr
     if (command == "calibrate") return cli::calibrate_command(rest, out);
     if (command == "eval") return cli::eval_command(rest, out);
     if (command == "generate") return cli::generate_command(rest, out);
+    if (command == "tokenize") return cli::tokenize_command(rest, out);
     if (command == "table") {
       std::string text = cli::program;
       for (const std::string& word : arguments)
         text += " " + (word.find_first_of(" \t\"'") == std::string::npos ? word : "\"" + word + "\"");
       return cli::table_command(rest, out, text);
     }
-    throw usage_error("unknown command \"" + command + "\"; expected calibrate, eval, generate or table");
+    throw usage_error("unknown command \"" + command + "\"; expected calibrate, eval, generate, tokenize or table");
   } catch (const usage_error& e) {
     error << cli::program << ": " << e.what() << "\n";
     return 2;
