@@ -395,17 +395,11 @@ inline int generate_command(const std::vector<std::string>& arguments, std::ostr
   } else {
     std::istringstream ids(line.text("prompt-tokens"));
     for (std::string word; ids >> word;) {
-      std::size_t used = 0;
-      long long id = -1;
-      try {
-        id = std::stoll(word, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      if (used != word.size() || id < 0 || id >= model.config.vocab_size)
+      const std::optional<long long> id = parse_integer(word);
+      if (!id || *id < 0 || *id >= model.config.vocab_size)
         throw usage_error("--prompt-tokens: expected token ids in [0, " + std::to_string(model.config.vocab_size) +
                           "), got \"" + word + "\"");
-      prompt.push_back(int(id));
+      prompt.push_back(int(*id));
     }
     if (prompt.empty()) throw usage_error("--prompt-tokens: expected at least one token id, got none");
   }

@@ -5,6 +5,7 @@
 
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -27,6 +28,17 @@ class token_file_error : public std::runtime_error {
   Index line_;
 };
 
+/// The integer `word` spells in full (decimal, optional sign), or nothing.
+inline std::optional<long long> parse_integer(const std::string& word) {
+  std::size_t used = 0;
+  try {
+    const long long value = std::stoll(word, &used);
+    if (used == word.size()) return value;
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
+}
+
 /// Reads the sequences of `path`: one per non-blank line, ids in [0, `vocab_size`) ([0, INT_MAX) when
 /// `vocab_size` is 0). Throws `token_file_error` naming the file and line for a missing file, a word that is
 /// not an integer, an id out of range, or a file without any sequence.
@@ -39,18 +51,12 @@ inline std::vector<std::vector<int>> read_token_file(const std::string& path, In
     std::istringstream words(line);
     std::vector<int> tokens;
     for (std::string word; words >> word;) {
-      std::size_t used = 0;
-      long long id = -1;
-      try {
-        id = std::stoll(word, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      if (used != word.size()) throw token_file_error(path, number, "expected a token id, got \"" + word + "\"");
+      const std::optional<long long> id = parse_integer(word);
+      if (!id) throw token_file_error(path, number, "expected a token id, got \"" + word + "\"");
       const long long end = vocab_size > 0 ? vocab_size : std::numeric_limits<int>::max();
-      if (id < 0 || id >= end)
+      if (*id < 0 || *id >= end)
         throw token_file_error(path, number, "token id " + word + " outside [0, " + std::to_string(end) + ")");
-      tokens.push_back(int(id));
+      tokens.push_back(int(*id));
     }
     if (!tokens.empty()) sequences.push_back(std::move(tokens));
   }
