@@ -3,6 +3,7 @@
 #include "test_support.hpp"
 
 #include <toptheta/detail/row_products.hpp>
+#include <toptheta/detail/threshold_scan.hpp>
 
 using namespace toptheta;
 using namespace toptheta_test;
@@ -71,6 +72,61 @@ TEMPLATE_TEST_CASE("row products equal the same sums in double, for every row an
   }
 }
 
+TEMPLATE_TEST_CASE("gathered row products equal the same sums in double, for any picked rows", "[row_products]",
+                   float, double, Eigen::half, Eigen::bfloat16) {
+  using Acc = accumulator_t<TestType>;
+  const Index dim = GENERATE(1, 7, 16, 40, 64, 80, 96, 128, 131, 256);
+  const Index count = GENERATE(0, 1, 3, 9, 37);
+  const Index value_rows = 41, stride = dim + 5;
+  const auto stored = random_values<TestType>(value_rows * stride, unsigned(dim * 10 + count));
+  const auto weights = random_values<Acc>(count, unsigned(count + 1));
+  std::vector<std::int32_t> columns(static_cast<std::size_t>(count));
+  for (Index t = 0; t < count; ++t) columns[std::size_t(t)] = std::int32_t((t * 17 + 3) % value_rows);  // repeats
+  auto output = random_values<Acc>(dim, 5);
+  const std::vector<Acc> initial_output = output;
+
+  detail::add_gathered_rows(weights.data(), columns.data(), count, stored.data(), stride, dim, output.data());
+
+  const double epsilon = std::is_same_v<Acc, double> ? 1e-14 : 1e-5;
+  INFO(type_name<TestType>() << " dim " << dim << " count " << count);
+  for (Index d = 0; d < dim; ++d) {
+    double sum = double(initial_output[std::size_t(d)]), magnitude = std::abs(sum);
+    for (Index t = 0; t < count; ++t) {
+      const double term =
+          double(weights[std::size_t(t)]) * as_double(stored[std::size_t(columns[std::size_t(t)] * stride + d)]);
+      sum += term;
+      magnitude += std::abs(term);
+    }
+    CHECK(std::abs(double(output[std::size_t(d)]) - sum) <= epsilon * (magnitude + 1));
+  }
+}
+
+TEMPLATE_TEST_CASE("the threshold scan finds the survivors and the max of a plain loop", "[threshold_scan]", float,
+                   double) {
+  const Index count = GENERATE(1, 2, 15, 16, 17, 31, 32, 33, 100, 128, 257);
+  const double quantile = GENERATE(0.0, 0.5, 0.94, 1.0);
+  auto scores = random_values<TestType>(count, unsigned(count * 3 + 1));
+  for (Index c = 0; c < count; c += 5) scores[std::size_t(c)] = scores[0];  // ties with the threshold
+  std::vector<TestType> sorted = scores;
+  std::sort(sorted.begin(), sorted.end());
+  const TestType threshold = quantile >= 1.0 ? sorted.back() + 1 : sorted[std::size_t(quantile * double(count - 1))];
+  std::vector<std::int32_t> columns(std::size_t(count + detail::scan_slack), -1);
+  std::vector<TestType> kept(std::size_t(count + detail::scan_slack), TestType(0));
+  TestType max = 0;
+  const Index survivors = detail::scan_above(scores.data(), count, threshold, columns.data(), kept.data(), max);
+
+  INFO(type_name<TestType>() << " count " << count << " quantile " << quantile);
+  CHECK(max == sorted.back());
+  std::vector<std::int32_t> expected;
+  for (Index c = 0; c < count; ++c)
+    if (scores[std::size_t(c)] > threshold) expected.push_back(std::int32_t(c));
+  REQUIRE(survivors == Index(expected.size()));
+  for (Index t = 0; t < survivors; ++t) {
+    CHECK(columns[std::size_t(t)] == expected[std::size_t(t)]);
+    CHECK(kept[std::size_t(t)] == scores[std::size_t(expected[std::size_t(t)])]);
+  }
+}
+
 TEMPLATE_TEST_CASE("split-key decode equals the reference for every stored type, head dim and group", "[dense][decode]",
                    float, double, Eigen::half, Eigen::bfloat16) {
   const Index head_dim = GENERATE(64, 80, 96, 128, 72);
@@ -122,4 +178,31 @@ TEST_CASE("split-key decode is identical for any thread count", "[decode][execut
                     OpenMPExecutor{threads});
     CHECK(problem.out == serial);
   }
+}
+
+TEMPLATE_TEST_CASE("prefill with the default tiles equals the oracle where few elements survive, dense rows among them",
+                   "[top_theta][prefill]", float, double, Eigen::bfloat16) {
+  // Stacked blocks of 32 rows x 4 heads: tiles whose survivors are gathered row by row, tiles with a dense row
+  // (L_i <= k) or many survivors that use a GEMM, and rows whose tile has no survivor.
+  const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_over_query_norm);
+  const DenominatorCompensation denominator =
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact);
+  const double keep_fraction = GENERATE(0.03, 0.3);
+  Problem<TestType> problem(300, 300, 8, 2, 128, 17, 1.5);
+  AttentionOptions attention;
+  attention.causal = true;
+  const Index k = 6;
+  const auto thresholds = separated_thresholds(problem, attention, space, k, keep_fraction);
+  const auto table = LayerThresholds::uniform(k, space, thresholds, std::vector<double>(8, 0.5));
+  TopThetaOptions options;
+  options.attention = attention;
+  options.compensation = {denominator, 1.0, false};
+  AttentionStats stats;
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
+
+  const Eigen::MatrixXd expected = reference_attention(problem.queries(), problem.keys(), problem.values(), attention,
+                                                       top_theta_sparsity(table, options.compensation, false));
+  INFO(type_name<TestType>() << " " << to_string(space) << " " << to_string(denominator) << " keep " << keep_fraction);
+  CHECK(relative_error(problem.output_matrix(), expected) <= tolerance<TestType>());
+  if (keep_fraction < 0.1) CHECK(stats.kept_fraction() < 0.15);  // mostly sparse tiles (0.3 keeps most: GEMMs)
 }

@@ -226,4 +226,41 @@ void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* va
   }
 }
 
+
+/// `output += Σ_t weights_t values_{columns_t}` over `Packets` packets of the head dimension starting at
+/// `offset`: the output's packets stay in registers while the picked value rows stream.
+template <int Packets, class Acc, class Stored>
+void add_gathered_rows_pass(const Acc* weights, const std::int32_t* columns, Index count, const Stored* values,
+                            Index value_stride, Index offset, Acc* output) {
+  namespace ei = Eigen::internal;
+  using P = Packet<Acc>;
+  constexpr Index size = packet_size<Acc>;
+  P sum[Packets];
+  for (int p = 0; p < Packets; ++p) sum[p] = ei::ploadu<P>(output + offset + p * size);
+  for (Index t = 0; t < count; ++t) {
+    const Stored* value = values + Index(columns[t]) * value_stride + offset;
+    const P weight = ei::pset1<P>(weights[t]);
+    for (int p = 0; p < Packets; ++p) sum[p] = ei::pmadd(weight, load_widened<Acc>(value + p * size), sum[p]);
+  }
+  for (int p = 0; p < Packets; ++p) ei::pstoreu(output + offset + p * size, sum[p]);
+}
+
+/// `output += Σ_t weights_t values_{columns_t}` for `count` value rows of `dim` stored values picked by
+/// `columns`: one output row's sparse P V, its kept V rows gathered as they stream.
+template <class Acc, class Stored>
+void add_gathered_rows(const Acc* weights, const std::int32_t* columns, Index count, const Stored* values,
+                       Index value_stride, Index dim, Acc* output) {
+  constexpr Index size = packet_size<Acc>;
+  constexpr int Packets = 8;
+  const Index packets = dim / size;
+  Index packet = 0;
+  for (; packet + Packets <= packets; packet += Packets)
+    add_gathered_rows_pass<Packets>(weights, columns, count, values, value_stride, packet * size, output);
+  for (; packet < packets; ++packet)
+    add_gathered_rows_pass<1>(weights, columns, count, values, value_stride, packet * size, output);
+  for (Index t = 0; t < count; ++t)
+    for (Index d = packets * size; d < dim; ++d)
+      output[d] += weights[t] * Acc(values[Index(columns[t]) * value_stride + d]);
+}
+
 }  // namespace toptheta::detail

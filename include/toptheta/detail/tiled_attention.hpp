@@ -4,9 +4,11 @@
 
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/convert.hpp>
+#include <toptheta/detail/packed_queries.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/detail/row_products.hpp>
 #include <toptheta/detail/serial_product.hpp>
+#include <toptheta/detail/threshold_scan.hpp>
 #include <toptheta/online_softmax.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/selection.hpp>
@@ -147,27 +149,36 @@ class TiledAttention {
   /// With split keys, the KV heads' blocks take turns every this many keys, so that K and V are read in
   /// nearly address order from a `[tokens, heads, d]` cache and the hardware prefetcher follows.
   static constexpr Index sweep_keys = 16;
-  /// Scores a threshold-only row tests at once before looking at single elements.
-  static constexpr Index survivor_scan = 16;
   /// A tile whose selected elements fill less than 1 / sparse_tile_ratio of (rows x kept columns) is
-  /// accumulated element by element instead of by a GEMM.
-  static constexpr Index sparse_tile_ratio = 8;
+  /// accumulated row by row from each row's survivors (`add_gathered_rows`) instead of by a GEMM.
+  static constexpr Index sparse_tile_ratio = 3;
 
   struct Block {
     TiledAttention& kernel;
     Index kv_head;
     std::vector<Row> rows;
     Matrix scaled_queries;  // s q_i, one row per (head of the group, query row)
+    PackedQueries<Acc> packed_queries;  // scaled_queries for the GEMM, packed on first use
     Matrix row_scores;      // a_ij of every visible key, for selections that need whole rows
     Matrix tile_scores, tile_weights, output;
     Matrix converted_rows;              // K or V rows converted to Acc (stored type other than Acc)
     Matrix gathered_weights, gathered_values;  // the kept columns of a tile, for one GEMM
     std::vector<char> column_kept;
     std::vector<Index> kept_columns;
-    std::vector<std::pair<Index, Index>> kept_elements;  // (row, column) of the tile's selected elements
+    // The tile's selected elements of sparse rows, row by row: column c and score a_ic - m_kept, then (after
+    // `weigh_survivors`) weight exp(a_ic - m_kept). Room for every element of a tile, filled to survivor_count.
+    struct SurvivorRun {
+      Index row, begin, end;
+    };
+    std::unique_ptr<std::int32_t[]> survivor_columns;
+    // Eigen storage: aligned, so that the vectorised exp over it rounds the same for any thread's allocation.
+    Eigen::Matrix<Acc, Eigen::Dynamic, 1> survivor_weights;
+    std::vector<SurvivorRun> survivor_runs;
+    Index survivor_count = 0;
+    bool tile_weights_zeroed = false;  // tile_weights holds this tile's zeros (and the dense rows' weights)
     Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
     Index tile_first = 0, tile_width = 0;  // the tile being accumulated
-    bool tile_sparse = false;              // its V rows are added element by element
+    bool tile_sparse = false;              // its V rows are added row by row from the survivors
     std::vector<Acc> scratch;
 
     Block(TiledAttention& owner, Index kv, Index query_block) : kernel(owner), kv_head(kv) {
@@ -190,6 +201,10 @@ class TiledAttention {
           rows.push_back(row);
         }
       output.setZero(Index(rows.size()), shape.head_dim);
+      const Index survivor_room = Index(rows.size()) * Tiles::kv_block + scan_slack;
+      survivor_columns.reset(new std::int32_t[std::size_t(survivor_room)]);
+      survivor_weights.resize(survivor_room);
+      survivor_runs.reserve(rows.size());
     }
 
     /// Rows `[first, first + width)` of `stored` as Acc: the map itself when the stored type is Acc, else a copy.
@@ -214,8 +229,10 @@ class TiledAttention {
                  kernel.k_.row(first, kv_head), kernel.k_.token_stride(), width, scaled_queries.cols(),
                  RowBlock<Acc>{into.data(), into.outerStride()});
       } else {
-        serial_product<false>(into, scaled_queries,
-                              as_accumulator(kernel.k_.head(kv_head).middleRows(first, width)).transpose());
+        if (packed_queries.rows() == 0)
+          packed_queries.pack(scaled_queries.data(), scaled_queries.rows(), scaled_queries.cols(), scaled_queries.cols());
+        const auto keys = as_accumulator(kernel.k_.head(kv_head).middleRows(first, width));
+        packed_queries.scores(keys.data(), width, keys.outerStride(), into.data(), into.outerStride());
       }
     }
 
@@ -268,22 +285,25 @@ class TiledAttention {
       const Index first = tile_first, width = tile_width;
       const Index row_count = Index(rows.size());
       const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
-      tile_weights.setZero(row_count, width);
+      tile_weights_zeroed = false;
       column_kept.assign(std::size_t(width), 0);
-      kept_elements.clear();
+      survivor_runs.clear();
+      survivor_count = 0;
       Index dense_elements = 0;
       ++stats.kv_tiles;
       for (Index r = 0; r < row_count; ++r) {
         Row& row = rows[std::size_t(r)];
         const Index visible = std::min(width, row.length - first);
         if (visible <= 0) continue;
-        track_max_score_key(row, scores.row(r).head(visible), first);
+        const auto row_tile = scores.row(r).head(visible);
         if (row.selection.dense) {
-          weigh_all(r, row, scores.row(r).head(visible));
+          track_max_score_key(row, row_tile, first, row_tile.maxCoeff());
+          weigh_all(r, row, row_tile);
           dense_elements += visible;
         } else
-          select_and_weigh(r, row, scores.row(r).head(visible), first);
+          select_and_weigh(r, row, row_tile, first);
       }
+      weigh_survivors();
       kept_columns.clear();
       for (Index c = 0; c < width; ++c)
         if (column_kept[std::size_t(c)]) kept_columns.push_back(c);
@@ -295,17 +315,48 @@ class TiledAttention {
       if (kernel.collect_stats_)
         for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
       const Index kept = Index(kept_columns.size());
-      const Index selected = dense_elements + Index(kept_elements.size());
+      const Index selected = dense_elements + survivor_count;
       tile_sparse = dense_elements == 0 && (output.rows() <= streaming_rows
                                                 ? kept < width
                                                 : selected * sparse_tile_ratio < output.rows() * kept);
+      if (!tile_sparse) fill_tile_weights();
       return true;
+    }
+
+    /// Zeros tile_weights (rows x tile width) once per tile, for the paths that read it as a matrix.
+    void zero_tile_weights() {
+      if (tile_weights_zeroed) return;
+      tile_weights.setZero(Index(rows.size()), tile_width);
+      tile_weights_zeroed = true;
+    }
+
+    /// Adds the survivors' weights to tile_weights, for the GEMM and streaming paths.
+    void fill_tile_weights() {
+      zero_tile_weights();
+      for (const SurvivorRun& run : survivor_runs)
+        for (Index t = run.begin; t < run.end; ++t)
+          tile_weights(run.row, survivor_columns[t]) = survivor_weights[t];
+    }
+
+    /// w = exp(a - m_kept) for every survivor of the tile in one vectorised pass; adds each row's kept mass.
+    void weigh_survivors() {
+      Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>> weights(survivor_weights.data(), survivor_count);
+      weights = weights.exp();
+      for (const SurvivorRun& run : survivor_runs) {
+        Acc kept_mass = 0;
+        for (Index t = run.begin; t < run.end; ++t) {
+          kept_mass += weights[t];
+          column_kept[std::size_t(survivor_columns[t])] = 1;
+        }
+        rows[std::size_t(run.row)].mass.kept_mass += kept_mass;
+      }
     }
 
     /// A dense row keeps every visible key: one vectorised exp over the tile.
     template <class Visible>
     void weigh_all(Index r, Row& row, const Visible& visible) {
       row.mass.kept += visible.size();
+      zero_tile_weights();
       if (const Acc factor = row.raise_kept_max(row.mass.max); factor != Acc(1)) output.row(r) *= factor;
       auto weights = tile_weights.row(r).head(visible.size());
       weights = (visible.array() - row.mass.kept_max).exp().matrix();
@@ -313,57 +364,56 @@ class TiledAttention {
       std::fill(column_kept.begin(), column_kept.begin() + visible.size(), char(1));
     }
 
-    /// Tests each visible score against the row's rule (in decreasing position, for the cap), then weighs the
-    /// kept ones relative to the kept max. Pruned scores feed the exact compensation when it is on.
+    /// Tests each visible score against the row's rule (in decreasing position, for the cap), tracks the row max,
+    /// and appends the survivors with their scores relative to the kept max, to be weighed with the tile's
+    /// others. Pruned scores feed the exact compensation when it is on.
     template <class Visible>
     void select_and_weigh(Index r, Row& row, const Visible& visible, Index first) {
-      const std::size_t first_kept = kept_elements.size();
-      if (row.selection.threshold_only()) {  // a > τ alone decides: test in any order
+      const Index begin = survivor_count;
+      std::int32_t* columns = survivor_columns.get() + begin;
+      Acc* kept = survivor_weights.data() + begin;
+      Index survivors = 0;
+      Acc kept_max = -std::numeric_limits<Acc>::infinity();  // of the tile's survivors
+      if (row.selection.threshold_only()) {  // a > τ alone decides: one scan finds the survivors and the max
         const Acc threshold = row.selection.score_threshold;
+        Acc tile_max = 0;
+        survivors = scan_above(visible.data(), visible.size(), threshold, columns, kept, tile_max);
+        track_max_score_key(row, visible, first, tile_max);
         if (kernel.track_pruned_mass_)
           row.mass.pruned_mass += (visible.array() <= threshold).select((visible.array() - row.mass.max).exp(), 0).sum();
-        if (!(visible.array() > threshold).any()) return;  // the common case, vectorised
-        for (Index from = 0; from < visible.size(); from += survivor_scan) {  // survivors are rare: skip runs
-          const Index end = std::min(from + survivor_scan, visible.size());
-          if (!(visible.segment(from, end - from).array() > threshold).any()) continue;
-          for (Index c = from; c < end; ++c)
-            if (visible(c) > threshold) kept_elements.push_back({r, c});
-        }
-        row.mass.kept += Index(kept_elements.size() - first_kept);
+        row.mass.kept += survivors;
+        kept_max = tile_max;  // the tile's max survives whenever anything does
       } else {  // ties or a cap: elements in decreasing position
+        track_max_score_key(row, visible, first, visible.maxCoeff());
         for (Index c = visible.size() - 1; c >= 0; --c) {
           const Acc a = visible(c);
-          if (row.admit(a, first + c))
-            kept_elements.push_back({r, c});
-          else if (kernel.track_pruned_mass_)
+          if (row.admit(a, first + c)) {
+            columns[survivors] = std::int32_t(c);
+            kept[survivors++] = a;
+            kept_max = std::max(kept_max, a);
+          } else if (kernel.track_pruned_mass_)
             row.mass.pruned_mass += std::exp(a - row.mass.max);
         }
       }
-      if (kept_elements.size() == first_kept) return;
-      Acc tile_kept_max = -std::numeric_limits<Acc>::infinity();
-      for (std::size_t t = first_kept; t < kept_elements.size(); ++t)
-        tile_kept_max = std::max(tile_kept_max, visible(kept_elements[t].second));
-      if (const Acc factor = row.raise_kept_max(tile_kept_max); factor != Acc(1)) output.row(r) *= factor;
-      for (std::size_t t = first_kept; t < kept_elements.size(); ++t) {
-        const Index c = kept_elements[t].second;
-        const Acc weight = std::exp(visible(c) - row.mass.kept_max);
-        tile_weights(r, c) = weight;
-        row.mass.kept_mass += weight;
-        column_kept[std::size_t(c)] = 1;
-      }
+      if (survivors == 0) return;
+      if (const Acc factor = row.raise_kept_max(kept_max); factor != Acc(1)) output.row(r) *= factor;
+      Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(kept, survivors) -= row.mass.kept_max;
+      survivor_runs.push_back({r, begin, begin + survivors});
+      survivor_count += survivors;
     }
 
     /// output += P_tile V_tile over the kept columns among keys [from, from + count) of the tile: V rows no row
-    /// kept are never loaded. A sparse tile (few selected elements among many rows) adds each selected element's
-    /// V row to its output row; a dense one streams the V rows (few rows) or uses a GEMM over the kept columns.
+    /// kept are never loaded. A sparse tile (few selected elements among many rows; accumulated whole) adds to
+    /// each output row its survivors' V rows, gathered; a dense one streams the V rows (few rows) or uses a GEMM
+    /// over the kept columns.
     void accumulate_values(Index from, Index count) {
       const Index offset = from - tile_first, dim = output.cols();
       const auto in_range = [&](Index c) { return c >= offset && c < offset + count; };
       if (tile_sparse) {
-        for (const auto& [r, c] : kept_elements)
-          if (in_range(c))
-            add_weighted_rows(RowBlock<const Acc>{&tile_weights(r, c), 0}, 1, kernel.v_.row(tile_first + c, kv_head),
-                              0, 1, dim, RowBlock<Acc>{output.data() + r * dim, dim});
+        for (const SurvivorRun& run : survivor_runs)
+          add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.get() + run.begin,
+                            run.end - run.begin, kernel.v_.row(tile_first, kv_head), kernel.v_.token_stride(), dim,
+                            output.data() + run.row * dim);
       } else if (output.rows() <= streaming_rows) {
         add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + offset, tile_weights.cols()}, output.rows(),
                           kernel.v_.row(from, kv_head), kernel.v_.token_stride(), count, dim,
@@ -389,8 +439,7 @@ class TiledAttention {
 
     /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax).
     template <class Visible>
-    void track_max_score_key(Row& row, const Visible& visible, Index first) {
-      const Acc tile_max = visible.maxCoeff();
+    void track_max_score_key(Row& row, const Visible& visible, Index first, Acc tile_max) {
       if (tile_max > row.best_score) {  // strict, and tiles run backwards: ties go to the larger position
         Index position = visible.size() - 1;
         while (visible(position) != tile_max) --position;

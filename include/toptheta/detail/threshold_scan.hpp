@@ -1,0 +1,62 @@
+// One pass over a row of scores that finds the elements above a threshold and the row's max together: the
+// survivor search of one-pass Top-θ, where survivors are rare.
+#pragma once
+
+#include <toptheta/scalar_traits.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace toptheta::detail {
+
+/// Extra entries `scan_above` may write past its last survivor: the buffers need `count + scan_slack`.
+constexpr Index scan_slack = 16;
+
+/// Writes the columns `c` with `scores[c] > threshold` (increasing) to `columns` and their scores to `kept`,
+/// sets `max = max_c scores[c]` (count >= 1), and returns the number of survivors. With AVX-512 floats each 16
+/// scores are tested at once and the survivors compressed into place; elsewhere a branch-free scalar loop.
+template <class Acc>
+Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* columns, Acc* kept, Acc& max) {
+  Index survivors = 0, c = 0;
+  Acc row_max = -std::numeric_limits<Acc>::infinity();
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<Acc, float>) {
+    const __m512 limit = _mm512_set1_ps(threshold);
+    __m512 maxes = _mm512_set1_ps(row_max);
+    __m512i positions = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // Survivors are compressed in registers and stored as whole vectors (`scan_slack`), without a branch on
+    // whether there are any: a compressing store to memory is slow on some cores, and the branch is
+    // unpredictable at the densities Top-θ keeps.
+    const auto test = [&](__mmask16 lanes, __m512 a) {
+      maxes = _mm512_mask_max_ps(maxes, lanes, maxes, a);
+      const __mmask16 above = _mm512_mask_cmp_ps_mask(lanes, a, limit, _CMP_GT_OQ);
+      _mm512_storeu_ps(kept + survivors, _mm512_maskz_compress_ps(above, a));
+      _mm512_storeu_si512(columns + survivors, _mm512_maskz_compress_epi32(above, positions));
+      survivors += __builtin_popcount(above);
+      positions = _mm512_add_epi32(positions, _mm512_set1_epi32(16));
+    };
+    for (; c + 16 <= count; c += 16) test(__mmask16(0xffff), _mm512_loadu_ps(scores + c));
+    if (c < count) {
+      const __mmask16 tail = __mmask16((1u << (count - c)) - 1);
+      test(tail, _mm512_maskz_loadu_ps(tail, scores + c));
+    }
+    max = _mm512_reduce_max_ps(maxes);
+    return survivors;
+  }
+#endif
+  for (; c < count; ++c) {
+    const Acc a = scores[c];
+    row_max = std::max(row_max, a);
+    columns[survivors] = std::int32_t(c);
+    kept[survivors] = a;
+    survivors += a > threshold;
+  }
+  max = row_max;
+  return survivors;
+}
+
+}  // namespace toptheta::detail
