@@ -60,17 +60,41 @@ Packet<Acc> load_widened(const Stored* source) {
   }
 }
 
-/// Asks for the `bytes` bytes of each of `count` rows `stride` values apart to be brought into the cache.
-template <class Stored>
-void prefetch_rows(const Stored* rows, Index stride, Index count, Index bytes) {
+/// Asks for the cache line at `address` to be brought into L2 (not L1: rows asked for a sweep step ahead
+/// would push the current ones out of it).
+inline void ask_for_line(const void* address) {
 #if defined(__GNUC__)
-  for (Index j = 0; j < count; ++j)
-    for (Index offset = 0; offset < bytes; offset += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(rows + j * stride) + offset, 0, 3);
+  __builtin_prefetch(address, 0, 2);
 #else
-  (void)rows, (void)stride, (void)count, (void)bytes;
+  (void)address;
 #endif
 }
+
+/// Asks for `Lines` cache lines from `address` on.
+template <int Lines>
+void ask_for_lines(const void* address) {
+  for (int line = 0; line < Lines; ++line) ask_for_line(static_cast<const char*>(address) + 64 * line);
+}
+
+/// Asks for the `bytes` bytes of each of `count` rows `stride` values apart.
+template <class Stored>
+void prefetch_rows(const Stored* rows, Index stride, Index count, Index bytes) {
+  for (Index j = 0; j < count; ++j)
+    for (Index offset = 0; offset < bytes; offset += 64) ask_for_line(reinterpret_cast<const char*>(rows + j * stride) + offset);
+}
+
+/// The rows a stream will read next, at the stride of the rows it reads now: the products below ask for next
+/// row j while they work on current row j, so that the loads overlap the arithmetic instead of stalling in
+/// one burst. `count` rows exist (none when 0).
+template <class Stored>
+struct NextRows {
+  const Stored* rows = nullptr;
+  Index count = 0;
+  /// The same rows from row `first` of the current stream on.
+  NextRows from(Index first, Index stride) const {
+    return count > first ? NextRows{rows + first * stride, count - first} : NextRows{};
+  }
+};
 
 /// `f(std::integral_constant<int, n>)` for the runtime `n` in [1, Max].
 template <int Max, class F>
@@ -133,16 +157,22 @@ void store_dots(const Packet<Acc> (&sums)[keys_per_pass][rows_per_pass], RowBloc
 }
 
 /// `scores(r, t) = <queries_r, keys_t>` for `Rows` query rows and `Keys` key rows: each key row is widened
-/// once for all rows, and the Rows x Keys sums stay in registers.
+/// once for all rows, and the Rows x Keys sums stay in registers. Asks for `next_count` rows of `next_keys`
+/// meanwhile.
 template <int Rows, int Keys, class Acc, class Stored>
-void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_stride, Index dim, RowBlock<Acc> scores) {
+void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_stride, Index dim, RowBlock<Acc> scores,
+                   const Stored* next_keys, Index next_count) {
   namespace ei = Eigen::internal;
   using P = Packet<Acc>;
   constexpr Index size = packet_size<Acc>;
+  constexpr Index line_values = 64 / Index(sizeof(Stored));
   const Index vector_dim = dim - dim % size;
   P sums[keys_per_pass][rows_per_pass];
   for (int t = 0; t < Keys; ++t)
     for (int r = 0; r < Rows; ++r) sums[t][r] = ei::pset1<P>(Acc(0));
+  // Outside the loop below, whose sums GCC spills when it holds a branch.
+  for (Index t = 0; t < next_count; ++t)
+    for (Index d = 0; d < dim; d += line_values) ask_for_line(next_keys + t * key_stride + d);
   for (Index d = 0; d < vector_dim; d += size) {
     P key[Keys];
     for (int t = 0; t < Keys; ++t) key[t] = load_widened<Acc>(keys + t * key_stride + d);
@@ -158,18 +188,22 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
 }
 
 /// `output_r += Σ_j weights(r, j) values_j` for `Rows` rows over `Packets` packets of the head dimension
-/// starting at `offset`: the Rows x Packets outputs stay in registers while the value rows stream.
+/// starting at `offset`: the Rows x Packets outputs stay in registers while the value rows stream. Asks for
+/// the same values of the first `next.count` next rows meanwhile.
 template <int Rows, int Packets, class Acc, class Stored>
 void add_weighted_rows_pass(RowBlock<const Acc> weights, const Stored* values, Index value_stride, Index count,
-                            Index offset, RowBlock<Acc> output) {
+                            Index offset, RowBlock<Acc> output, NextRows<Stored> next) {
   namespace ei = Eigen::internal;
   using P = Packet<Acc>;
   constexpr Index size = packet_size<Acc>;
   P sum[Rows][Packets];
   for (int r = 0; r < Rows; ++r)
     for (int p = 0; p < Packets; ++p) sum[r][p] = ei::ploadu<P>(output.row(r) + offset + p * size);
+  constexpr int pass_lines = int((Packets * size * Index(sizeof(Stored)) + 63) / 64);
   for (Index j = 0; j < count; ++j) {
     const Stored* value = values + j * value_stride + offset;
+    // Unconditional (the current row when no next one is left): a branch here makes GCC spill the sums.
+    ask_for_lines<pass_lines>(j < next.count ? next.rows + j * value_stride + offset : value);
     P widened[Packets];
     for (int p = 0; p < Packets; ++p) widened[p] = load_widened<Acc>(value + p * size);
     for (int r = 0; r < Rows; ++r) {
@@ -181,28 +215,33 @@ void add_weighted_rows_pass(RowBlock<const Acc> weights, const Stored* values, I
     for (int p = 0; p < Packets; ++p) ei::pstoreu(output.row(r) + offset + p * size, sum[r][p]);
 }
 
-/// `scores(r, j) = <queries_r, keys_j>` for `rows` query rows and `count` key rows of `dim` stored values.
+/// `scores(r, j) = <queries_r, keys_j>` for `rows` query rows and `count` key rows of `dim` stored values;
+/// asks for the `next` rows meanwhile.
 template <class Acc, class Stored>
 void dot_rows(RowBlock<const Acc> queries, Index rows, const Stored* keys, Index key_stride, Index count, Index dim,
-              RowBlock<Acc> scores) {
+              RowBlock<Acc> scores, NextRows<Stored> next = {}) {
   for (Index first = 0; first < rows; first += rows_per_pass)
     with_constant<rows_per_pass>(std::min<Index>(rows_per_pass, rows - first), [&](auto pass_rows) {
       const RowBlock<const Acc> pass_queries{queries.row(first), queries.stride};
       for (Index j = 0; j < count; j += keys_per_pass)
         with_constant<keys_per_pass>(std::min<Index>(keys_per_pass, count - j), [&](auto pass_keys) {
-          dot_rows_pass<decltype(pass_rows)::value, decltype(pass_keys)::value>(
-              pass_queries, keys + j * key_stride, key_stride, dim,
-              RowBlock<Acc>{scores.row(first) + j, scores.stride});
+          constexpr int Keys = decltype(pass_keys)::value;
+          // The next rows are asked for once, by the first pass of query rows.
+          const NextRows<Stored> ahead = first == 0 ? next.from(j, key_stride) : NextRows<Stored>{};
+          const Index next_count = j + Keys < count ? std::min<Index>(Keys, ahead.count) : ahead.count;
+          dot_rows_pass<decltype(pass_rows)::value, Keys>(pass_queries, keys + j * key_stride, key_stride, dim,
+                                                          RowBlock<Acc>{scores.row(first) + j, scores.stride},
+                                                          ahead.rows, next_count);
         });
     });
 }
 
-/// `output_r += Σ_j weights(r, j) values_j` for `rows` rows and `count` value rows of `dim` stored values.
-/// Value rows are taken in groups small enough to stay in L1 while each group of output rows and packets
-/// passes.
+/// `output_r += Σ_j weights(r, j) values_j` for `rows` rows and `count` value rows of `dim` stored values;
+/// asks for the `next` rows meanwhile. Value rows are taken in groups small enough to stay in L1 while each
+/// group of output rows and packets passes.
 template <class Acc, class Stored>
 void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* values, Index value_stride, Index count,
-                       Index dim, RowBlock<Acc> output) {
+                       Index dim, RowBlock<Acc> output, NextRows<Stored> next = {}) {
   constexpr Index size = packet_size<Acc>, keys_per_group = 32;
   const Index packets = dim / size;
   for (Index first_key = 0; first_key < count; first_key += keys_per_group) {
@@ -213,11 +252,16 @@ void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* va
         constexpr int Rows = decltype(pass_rows)::value, Packets = std::max(1, 16 / Rows);
         const RowBlock<const Acc> pass_weights{weights.row(first) + first_key, weights.stride};
         const RowBlock<Acc> pass_output{output.row(first), output.stride};
+        // The next rows are asked for once, by the first pass of output rows (in the packets it reads).
+        const NextRows<Stored> ahead = first == 0 ? next.from(first_key, value_stride) : NextRows<Stored>{};
+        const NextRows<Stored> group_ahead{ahead.rows, std::min(keys, ahead.count)};
         Index packet = 0;
         for (; packet + Packets <= packets; packet += Packets)
-          add_weighted_rows_pass<Rows, Packets>(pass_weights, group, value_stride, keys, packet * size, pass_output);
+          add_weighted_rows_pass<Rows, Packets>(pass_weights, group, value_stride, keys, packet * size, pass_output,
+                                                group_ahead);
         for (; packet < packets; ++packet)
-          add_weighted_rows_pass<Rows, 1>(pass_weights, group, value_stride, keys, packet * size, pass_output);
+          add_weighted_rows_pass<Rows, 1>(pass_weights, group, value_stride, keys, packet * size, pass_output,
+                                          group_ahead);
         for (Index r = 0; r < Rows; ++r)
           for (Index j = 0; j < keys; ++j)
             for (Index t = packets * size; t < dim; ++t)

@@ -221,13 +221,14 @@ class TiledAttention {
     }
 
     /// s Q_block K_tileᵀ for keys [first, first + width). A block of few rows (decode) streams the keys: each
-    /// key row is loaded once and dotted with every query row; a larger block uses a GEMM.
+    /// key row is loaded once and dotted with every query row, and the `next` key rows are asked for
+    /// meanwhile; a larger block uses a GEMM.
     template <class Into>
-    void score(Index first, Index width, Into&& into) {
+    void score(Index first, Index width, Into&& into, NextRows<Scalar> next = {}) {
       if (scaled_queries.rows() <= streaming_rows) {
         dot_rows(RowBlock<const Acc>{scaled_queries.data(), scaled_queries.cols()}, scaled_queries.rows(),
                  kernel.k_.row(first, kv_head), kernel.k_.token_stride(), width, scaled_queries.cols(),
-                 RowBlock<Acc>{into.data(), into.outerStride()});
+                 RowBlock<Acc>{into.data(), into.outerStride()}, next);
       } else {
         if (packed_queries.rows() == 0)
           packed_queries.pack(scaled_queries.data(), scaled_queries.rows(), scaled_queries.cols(), scaled_queries.cols());
@@ -274,9 +275,9 @@ class TiledAttention {
     }
 
     /// Scores of the tile's keys [from, from + count), unless the rows' scores are known already.
-    void score_keys(Index from, Index count, AttentionStats& stats) {
+    void score_keys(Index from, Index count, AttentionStats& stats, NextRows<Scalar> next = {}) {
       if (row_scores.size() > 0) return;
-      score(from, count, tile_scores.middleCols(from - tile_first, count));
+      score(from, count, tile_scores.middleCols(from - tile_first, count), next);
       stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(count);
     }
 
@@ -304,17 +305,20 @@ class TiledAttention {
           select_and_weigh(r, row, row_tile, first);
       }
       weigh_survivors();
-      kept_columns.clear();
-      for (Index c = 0; c < width; ++c)
-        if (column_kept[std::size_t(c)]) kept_columns.push_back(c);
-      if (kept_columns.empty()) {
+      kept_columns.resize(std::size_t(width));
+      Index kept = 0;
+      for (Index c = 0; c < width; ++c) {  // branch-free: every column is written, the kept ones advance
+        kept_columns[std::size_t(kept)] = c;
+        kept += column_kept[std::size_t(c)];
+      }
+      kept_columns.resize(std::size_t(kept));
+      if (kept == 0) {
         ++stats.kv_tiles_without_survivor;
         return false;
       }
       stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
       if (kernel.collect_stats_)
         for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
-      const Index kept = Index(kept_columns.size());
       const Index selected = dense_elements + survivor_count;
       tile_sparse = dense_elements == 0 && (output.rows() <= streaming_rows
                                                 ? kept < width
@@ -404,9 +408,9 @@ class TiledAttention {
 
     /// output += P_tile V_tile over the kept columns among keys [from, from + count) of the tile: V rows no row
     /// kept are never loaded. A sparse tile (few selected elements among many rows; accumulated whole) adds to
-    /// each output row its survivors' V rows, gathered; a dense one streams the V rows (few rows) or uses a GEMM
-    /// over the kept columns.
-    void accumulate_values(Index from, Index count) {
+    /// each output row its survivors' V rows, gathered; a dense one streams the V rows (few rows; asking for
+    /// the `next` ones meanwhile) or uses a GEMM over the kept columns.
+    void accumulate_values(Index from, Index count, NextRows<Scalar> next = {}) {
       const Index offset = from - tile_first, dim = output.cols();
       const auto in_range = [&](Index c) { return c >= offset && c < offset + count; };
       if (tile_sparse) {
@@ -417,7 +421,7 @@ class TiledAttention {
       } else if (output.rows() <= streaming_rows) {
         add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + offset, tile_weights.cols()}, output.rows(),
                           kernel.v_.row(from, kv_head), kernel.v_.token_stride(), count, dim,
-                          RowBlock<Acc>{output.data(), dim});
+                          RowBlock<Acc>{output.data(), dim}, next);
       } else if (Index(kept_columns.size()) == tile_width) {
         serial_product<true>(output, tile_weights.middleCols(offset, count),
                              as_accumulator(kernel.v_.head(kv_head).middleRows(from, count)));
@@ -500,17 +504,21 @@ class TiledAttention {
     const Index first_tile = split * tiles_per_split_, end_tile = std::min(first_tile + tiles_per_split_, tiles_);
     const Index row_bytes = shape_.head_dim * Index(sizeof(Scalar));
     // Keys [first, end) of the blocks `streams` says read every row of `rows`, `sweep_keys` at a time per block;
-    // each block asks for its next rows while it works on the current ones.
+    // each block asks for its next rows while it works on the current ones: the next step's, and after the
+    // last step those `after(block)` names. The first step's rows are asked for in one burst beforehand.
     const auto sweep = [&](Index first, Index end, const TensorView<const Scalar>& rows, auto&& streams,
-                           auto&& step) {
+                           auto&& after, auto&& step) {
+      for (auto& block : blocks)
+        if (streams(*block))
+          prefetch_rows(rows.row(first, block->kv_head), rows.token_stride(), std::min(sweep_keys, end - first),
+                        row_bytes);
       for (Index from = first; from < end; from += sweep_keys) {
         const Index count = std::min(sweep_keys, end - from), next = from + sweep_keys;
         for (auto& block : blocks) {
           if (!streams(*block)) continue;
-          if (next < end)
-            prefetch_rows(rows.row(next, block->kv_head), rows.token_stride(), std::min(sweep_keys, end - next),
-                          row_bytes);
-          step(*block, from, count);
+          step(*block, from, count,
+               next < end ? NextRows<Scalar>{rows.row(next, block->kv_head), std::min(sweep_keys, end - next)}
+                          : after(*block));
         }
       }
     };
@@ -520,15 +528,25 @@ class TiledAttention {
       if (first >= blocks.front()->visible_end) continue;
       for (auto& block : blocks) block->begin_tile(first);
       const Index end = first + blocks.front()->tile_width;
-      sweep(first, end, k_, [](const Block& block) { return block.row_scores.size() == 0; },
-            [&](Block& block, Index from, Index count) { block.score_keys(from, count, stats); });
+      // After its last K rows, a block asks for the first K rows of the next tile (the one before).
+      const auto next_tile_keys = [&](const Block& block) {
+        return tile > first_tile ? NextRows<Scalar>{k_.row(first - Tiles::kv_block, block.kv_head), sweep_keys}
+                                 : NextRows<Scalar>{};
+      };
+      sweep(first, end, k_, [](const Block& block) { return block.row_scores.size() == 0; }, next_tile_keys,
+            [&](Block& block, Index from, Index count, NextRows<Scalar> next) {
+              block.score_keys(from, count, stats, next);
+            });
       for (std::size_t b = 0; b < blocks.size(); ++b) needs_values[b] = blocks[b]->weigh_tile(stats);
       for (std::size_t b = 0; b < blocks.size(); ++b)
         if (needs_values[b] && blocks[b]->tile_sparse) blocks[b]->accumulate_values(first, end - first);
       sweep(
           first, end, v_,
           [&](const Block& block) { return needs_values[std::size_t(block.kv_head)] && !block.tile_sparse; },
-          [&](Block& block, Index from, Index count) { block.accumulate_values(from, count); });
+          [](const Block&) { return NextRows<Scalar>{}; },
+          [&](Block& block, Index from, Index count, NextRows<Scalar> next) {
+            block.accumulate_values(from, count, next);
+          });
     }
     for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head)
       partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)] =
