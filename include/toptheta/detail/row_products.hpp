@@ -147,8 +147,7 @@ void store_dots(const Packet<Acc> (&sums)[keys_per_pass][rows_per_pass], RowBloc
               _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31));
     alignas(64) float dots[16];
     _mm512_store_ps(dots, level[0]);
-    for (int r = 0; r < Rows; ++r)
-      for (int t = 0; t < Keys; ++t) scores.row(r)[t] = dots[4 * r + t];
+    for (int r = 0; r < Rows; ++r) std::memcpy(scores.row(r), dots + 4 * r, Keys * sizeof(float));
     return;
   }
 #endif

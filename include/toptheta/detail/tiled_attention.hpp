@@ -175,7 +175,7 @@ class TiledAttention {
     Eigen::Matrix<Acc, Eigen::Dynamic, 1> survivor_weights;
     std::vector<SurvivorRun> survivor_runs;
     Index survivor_count = 0;
-    bool tile_weights_zeroed = false;  // tile_weights holds this tile's zeros (and the dense rows' weights)
+    std::vector<char> weights_written;  // per row: tile_weights holds its weights of this tile (dense rows)
     Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
     Index tile_first = 0, tile_width = 0;  // the tile being accumulated
     bool tile_sparse = false;              // its V rows are added row by row from the survivors
@@ -190,13 +190,14 @@ class TiledAttention {
       for (Index g = 0; g < shape.group_size; ++g)
         for (Index i = first; i < first + count; ++i) {
           const Index h = kv_head * shape.group_size + g;
-          const auto query = kernel.q_.head(h).row(i).template cast<Acc>();
+          auto query = scaled_queries.row(Index(rows.size()));  // q_i, then s q_i
+          convert(kernel.q_.row(i, h), shape.head_dim, query.data());
           Row row;
           row.query_head = h;
           row.query_row = i;
           row.length = shape.row_length(i);
           row.query_norm = query.norm();
-          scaled_queries.row(Index(rows.size())) = Acc(shape.scale) * query;
+          query *= Acc(shape.scale);
           visible_end = std::max(visible_end, row.length);
           rows.push_back(row);
         }
@@ -286,7 +287,8 @@ class TiledAttention {
       const Index first = tile_first, width = tile_width;
       const Index row_count = Index(rows.size());
       const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
-      tile_weights_zeroed = false;
+      tile_weights.resize(row_count, width);
+      weights_written.assign(std::size_t(row_count), 0);
       column_kept.assign(std::size_t(width), 0);
       survivor_runs.clear();
       survivor_count = 0;
@@ -327,16 +329,11 @@ class TiledAttention {
       return true;
     }
 
-    /// Zeros tile_weights (rows x tile width) once per tile, for the paths that read it as a matrix.
-    void zero_tile_weights() {
-      if (tile_weights_zeroed) return;
-      tile_weights.setZero(Index(rows.size()), tile_width);
-      tile_weights_zeroed = true;
-    }
-
-    /// Adds the survivors' weights to tile_weights, for the GEMM and streaming paths.
+    /// Completes tile_weights (rows x tile width) for the GEMM and streaming paths: the rows no dense rule
+    /// wrote are zeros and the survivors' weights.
     void fill_tile_weights() {
-      zero_tile_weights();
+      for (Index r = 0; r < Index(rows.size()); ++r)
+        if (!weights_written[std::size_t(r)]) tile_weights.row(r).setZero();
       for (const SurvivorRun& run : survivor_runs)
         for (Index t = run.begin; t < run.end; ++t)
           tile_weights(run.row, survivor_columns[t]) = survivor_weights[t];
@@ -360,10 +357,11 @@ class TiledAttention {
     template <class Visible>
     void weigh_all(Index r, Row& row, const Visible& visible) {
       row.mass.kept += visible.size();
-      zero_tile_weights();
       if (const Acc factor = row.raise_kept_max(row.mass.max); factor != Acc(1)) output.row(r) *= factor;
       auto weights = tile_weights.row(r).head(visible.size());
       weights = (visible.array() - row.mass.kept_max).exp().matrix();
+      tile_weights.row(r).tail(tile_width - visible.size()).setZero();
+      weights_written[std::size_t(r)] = 1;
       row.mass.kept_mass += weights.sum();
       std::fill(column_kept.begin(), column_kept.begin() + visible.size(), char(1));
     }
