@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the benchmark suite in Release (-O3 -march=native), runs it and prints its report (markdown) on stdout:
-#   benchmarks/run.sh            # quick subset: decode kv:16384, prefill n:2048, probes (< 2 min on 2 cores)
+#   benchmarks/run.sh            # quick subset: decode kv:16384, prefill n:2048, probes, 3 repetitions (< 2 min)
 #   benchmarks/run.sh --full     # every case (about 4 min on 2 cores: 64K-token layers, 8K-token prefill)
 #   benchmarks/run.sh [--full] [toptheta_bench args...]    e.g. --threads=1, --benchmark_repetitions=5
 # The suite's own console output and the build logs go to stderr. Results: <build>/benchmarks/results.json and
@@ -14,7 +14,9 @@ case "$build_dir" in /*) ;; *) build_dir="$root/$build_dir" ;; esac
 jobs=${TOPTHETA_JOBS:-2}
 read -r -a env_args <<<"${TOPTHETA_CMAKE_ARGS:-}"
 
-mode=(--quick)
+# Quick mode repeats each case three times and the report takes the medians, so that the same-run ratios
+# hold against this shared machine's bursts of noise (about a minute on 2 cores).
+mode=(--quick --benchmark_repetitions=3)
 args=()
 for arg in "$@"; do
   if [ "$arg" = --full ]; then mode=(); else args+=("$arg"); fi

@@ -35,7 +35,7 @@ cmake --build "$build_dir" --target toptheta_bench toptheta_main -j "$jobs" >&2
 echo "# 1. Speed: one Llama-3-8B attention layer (benchmark suite, quick subset)"
 echo
 results="$build_dir/benchmarks/results-main.json"
-"$build_dir/benchmarks/toptheta_bench" --quick --benchmark_out="$results" --benchmark_out_format=json >&2
+"$build_dir/benchmarks/toptheta_bench" --quick --benchmark_repetitions=3 --benchmark_out="$results" --benchmark_out_format=json >&2
 "$root/benchmarks/report" --brief "$results" --plot "$build_dir/benchmarks/results-main.png"
 echo
 

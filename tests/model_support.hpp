@@ -8,7 +8,10 @@
 
 #include <Eigen/Core>
 
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -21,6 +24,23 @@
     return;                   \
   } while (false)
 #endif
+
+/// A temporary file, removed at the end of the test, whose name ends in `name` (a random prefix keeps
+/// concurrent test runs apart).
+struct TemporaryFile {
+  std::string path;
+  explicit TemporaryFile(const std::string& name)
+      : path((std::filesystem::temp_directory_path() /
+              ("toptheta_test_" + std::to_string(std::random_device{}()) + "_" + name))
+                 .string()) {}
+  TemporaryFile(const TemporaryFile&) = delete;
+  TemporaryFile& operator=(const TemporaryFile&) = delete;
+  ~TemporaryFile() { std::remove(path.c_str()); }
+  void write(const std::vector<char>& bytes) const {
+    std::ofstream out(path, std::ios::binary);
+    out.write(bytes.data(), std::streamsize(bytes.size()));
+  }
+};
 
 /// ../shared/models/stories260K, or "" when the build did not say where ../shared is.
 inline std::string model_directory() {

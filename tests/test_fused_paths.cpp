@@ -141,6 +141,21 @@ TEMPLATE_TEST_CASE("split-key decode equals the reference for every stored type,
   CHECK(relative_error(problem.output_matrix(), expected) <= tolerance<TestType>());
 }
 
+/// Runs Top-θ with `table` and `denominator` compensation on `problem` (statistics into `stats`) and returns its
+/// relative error vs the oracle on the explicitly built mask.
+template <class Scalar>
+double top_theta_error_vs_oracle(Problem<Scalar>& problem, const AttentionOptions& attention,
+                                 const LayerThresholds& table, DenominatorCompensation denominator,
+                                 AttentionStats& stats) {
+  TopThetaOptions options;
+  options.attention = attention;
+  options.compensation = {denominator, 1.0, false};
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
+  const Eigen::MatrixXd expected = reference_attention(problem.queries(), problem.keys(), problem.values(), attention,
+                                                       top_theta_sparsity(table, options.compensation, false));
+  return relative_error(problem.output_matrix(), expected);
+}
+
 TEMPLATE_TEST_CASE("split-key Top-θ decode equals the oracle on the explicitly built mask", "[top_theta][decode]",
                    float, double, Eigen::half, Eigen::bfloat16) {
   const DenominatorCompensation denominator =
@@ -154,15 +169,10 @@ TEMPLATE_TEST_CASE("split-key Top-θ decode equals the oracle on the explicitly 
   const Index k = 8;
   const auto thresholds = separated_thresholds(problem, attention, ThresholdSpace::raw_score, k, kept_fraction);
   const auto table = LayerThresholds::uniform(k, ThresholdSpace::raw_score, thresholds);
-  TopThetaOptions options;
-  options.attention = attention;
-  options.compensation = {denominator, 1.0, false};
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
-  const Eigen::MatrixXd expected = reference_attention(problem.queries(), problem.keys(), problem.values(), attention,
-                                                       top_theta_sparsity(table, options.compensation, false));
+  const double error = top_theta_error_vs_oracle(problem, attention, table, denominator, stats);
   INFO(type_name<TestType>() << " " << to_string(denominator) << " kept " << kept_fraction << " head_dim " << head_dim);
-  CHECK(relative_error(problem.output_matrix(), expected) <= tolerance<TestType>());
+  CHECK(error <= tolerance<TestType>());
   CHECK(stats.kept_fraction() < 1.0);
 }
 
@@ -194,15 +204,9 @@ TEMPLATE_TEST_CASE("prefill with the default tiles equals the oracle where few e
   const Index k = 6;
   const auto thresholds = separated_thresholds(problem, attention, space, k, keep_fraction);
   const auto table = LayerThresholds::uniform(k, space, thresholds, std::vector<double>(8, 0.5));
-  TopThetaOptions options;
-  options.attention = attention;
-  options.compensation = {denominator, 1.0, false};
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
-
-  const Eigen::MatrixXd expected = reference_attention(problem.queries(), problem.keys(), problem.values(), attention,
-                                                       top_theta_sparsity(table, options.compensation, false));
+  const double error = top_theta_error_vs_oracle(problem, attention, table, denominator, stats);
   INFO(type_name<TestType>() << " " << to_string(space) << " " << to_string(denominator) << " keep " << keep_fraction);
-  CHECK(relative_error(problem.output_matrix(), expected) <= tolerance<TestType>());
+  CHECK(error <= tolerance<TestType>());
   if (keep_fraction < 0.1) CHECK(stats.kept_fraction() < 0.15);  // mostly sparse tiles (0.3 keeps most: GEMMs)
 }

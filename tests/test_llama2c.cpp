@@ -113,21 +113,6 @@ std::vector<toptheta::LayerThresholds> separated_thresholds(const llama2c::Model
 
 // ---- checkpoint files written by the test ----
 
-/// A temporary file, removed at the end of the test, whose name ends in `name` (a random prefix keeps
-/// concurrent test runs apart).
-struct TemporaryFile {
-  std::string path;
-  explicit TemporaryFile(const std::string& name)
-      : path((std::filesystem::temp_directory_path() /
-              ("toptheta_llama2c_" + std::to_string(std::random_device{}()) + "_" + name))
-                 .string()) {}
-  ~TemporaryFile() { std::remove(path.c_str()); }
-  void write(const std::vector<char>& bytes) const {
-    std::ofstream out(path, std::ios::binary);
-    out.write(bytes.data(), std::streamsize(bytes.size()));
-  }
-};
-
 /// A small random checkpoint in the legacy format; `vocab_size < 0` appends a separate classifier.
 std::vector<char> synthetic_checkpoint(std::vector<std::int32_t> header, unsigned seed = 7) {
   llama2c::Config c;

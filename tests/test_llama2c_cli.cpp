@@ -32,16 +32,6 @@ namespace {
 
 using llama2c::Index;
 
-/// A temporary path, removed at the end of the test, whose name ends in `name`.
-struct TemporaryPath {
-  std::string path;
-  explicit TemporaryPath(const std::string& name)
-      : path((std::filesystem::temp_directory_path() /
-              ("toptheta_llama2c_cli_" + std::to_string(std::random_device{}()) + "_" + name))
-                 .string()) {}
-  ~TemporaryPath() { std::remove(path.c_str()); }
-};
-
 llama2c::CommandLine example_command_line() {
   return llama2c::CommandLine("llama2c", "example", "An example.",
                               {{"model", "FILE", "a file", std::nullopt, true},
@@ -204,7 +194,7 @@ const std::vector<std::pair<std::string, float>> small_vocabulary{
 }  // namespace
 
 TEST_CASE("llama2.c tokenizer: a hand-written file loads, encodes by greedy merges and decodes", "[llama2c][cli]") {
-  const TemporaryPath file("tokenizer.bin");
+  const TemporaryFile file("tokenizer.bin");
   std::ofstream(file.path, std::ios::binary) << tokenizer_bytes(7, small_vocabulary);
   const llama2c::Tokenizer tokenizer = llama2c::load_tokenizer(file.path, Index(small_vocabulary.size()));
   REQUIRE(tokenizer.size() == Index(small_vocabulary.size()));
@@ -225,7 +215,7 @@ TEST_CASE("llama2.c tokenizer: a hand-written file loads, encodes by greedy merg
 }
 
 TEST_CASE("llama2.c tokenizer: damaged files are errors naming the file and the token", "[llama2c][cli]") {
-  const TemporaryPath file("tokenizer.bin");
+  const TemporaryFile file("tokenizer.bin");
   const std::string bytes = tokenizer_bytes(7, small_vocabulary);
   std::ofstream(file.path, std::ios::binary) << bytes.substr(0, bytes.size() - 2);
   CHECK_THROWS_WITH(llama2c::load_tokenizer(file.path, 10), mentions(file.path) && mentions("token 9"));
@@ -238,7 +228,7 @@ TEST_CASE("llama2.c tokenizer: damaged files are errors naming the file and the 
 
 TEST_CASE("llama2c tokenize: each text line becomes one token sequence the other commands read",
           "[llama2c][cli]") {
-  const TemporaryPath tokenizer_file("tokenizer.bin"), text("text.txt"), tokens("tokens.txt");
+  const TemporaryFile tokenizer_file("tokenizer.bin"), text("text.txt"), tokens("tokens.txt");
   std::ofstream(tokenizer_file.path, std::ios::binary) << tokenizer_bytes(7, small_vocabulary);
   std::ofstream(text.path) << "ab a\n\n  \nab\n";
   std::ostringstream out, error;
@@ -295,7 +285,7 @@ TEST_CASE("stories260K: calibrate writes a threshold file that eval runs, and ev
           "[llama2c][cli]") {
   LLAMA2C_REQUIRE_MODEL();
   const SerialEigen serial_eigen;
-  const TemporaryPath thresholds("thresholds.json"), results("eval.json");
+  const TemporaryFile thresholds("thresholds.json"), results("eval.json");
   const std::string model = model_directory() + "/stories260K.bin";
   std::ostringstream out, error;
   REQUIRE(llama2c::run_command_line({"calibrate", "--model", model, "--tokens", model_directory() + "/calib.tokens",
