@@ -192,7 +192,7 @@ TEST_CASE("split-key decode is identical for any thread count", "[decode][execut
 
 TEMPLATE_TEST_CASE("prefill with the default tiles equals the oracle where few elements survive, dense rows among them",
                    "[top_theta][prefill]", float, double, Eigen::bfloat16) {
-  // Stacked blocks of 32 rows x 4 heads: tiles whose survivors are gathered row by row, tiles with a dense row
+  // Stacked blocks of 64 rows x 4 heads: tiles whose survivors are gathered row by row, tiles with a dense row
   // (L_i <= k) or many survivors that use a GEMM, and rows whose tile has no survivor.
   const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_over_query_norm);
   const DenominatorCompensation denominator =

@@ -294,11 +294,18 @@ template <class Acc, class Stored>
 void add_gathered_rows(const Acc* weights, const std::int32_t* columns, Index count, const Stored* values,
                        Index value_stride, Index dim, Acc* output) {
   constexpr Index size = packet_size<Acc>;
-  constexpr int Packets = 8;
   const Index packets = dim / size;
   Index packet = 0;
-  for (; packet + Packets <= packets; packet += Packets)
-    add_gathered_rows_pass<Packets>(weights, columns, count, values, value_stride, packet * size, output);
+  for (; packet + 8 <= packets; packet += 8)
+    add_gathered_rows_pass<8>(weights, columns, count, values, value_stride, packet * size, output);
+  if (packet + 4 <= packets) {
+    add_gathered_rows_pass<4>(weights, columns, count, values, value_stride, packet * size, output);
+    packet += 4;
+  }
+  if (packet + 2 <= packets) {
+    add_gathered_rows_pass<2>(weights, columns, count, values, value_stride, packet * size, output);
+    packet += 2;
+  }
   for (; packet < packets; ++packet)
     add_gathered_rows_pass<1>(weights, columns, count, values, value_stride, packet * size, output);
   for (Index t = 0; t < count; ++t)
