@@ -170,11 +170,12 @@ class TiledAttention {
     std::vector<char> column_kept;
     std::vector<Index> kept_columns;
     // The tile's selected elements of sparse rows, row by row: column c and score a_ic - m_kept, then (after
-    // `weigh_survivors`) weight exp(a_ic - m_kept). Room for every element of a tile, filled to survivor_count.
+    // `weigh_survivors`) weight exp(a_ic - m_kept), filled to survivor_count. The room grows as a tile needs it
+    // (room for every element of a tile would be rows x kv_block, where Top-θ keeps a few percent).
     struct SurvivorRun {
       Index row, begin, end;
     };
-    std::unique_ptr<std::int32_t[]> survivor_columns;
+    std::vector<std::int32_t> survivor_columns;
     // Eigen storage: aligned, so that the vectorised exp over it rounds the same for any thread's allocation.
     Eigen::Matrix<Acc, Eigen::Dynamic, 1> survivor_weights;
     std::vector<SurvivorRun> survivor_runs;
@@ -206,9 +207,7 @@ class TiledAttention {
           rows.push_back(row);
         }
       output.setZero(Index(rows.size()), shape.head_dim);
-      const Index survivor_room = Index(rows.size()) * Tiles::kv_block + scan_slack;
-      survivor_columns.reset(new std::int32_t[std::size_t(survivor_room)]);
-      survivor_weights.resize(survivor_room);
+      make_survivor_room(Index(rows.size()) * std::min<Index>(Tiles::kv_block, 16));
       survivor_runs.reserve(rows.size());
     }
 
@@ -370,13 +369,23 @@ class TiledAttention {
       std::fill(column_kept.begin(), column_kept.begin() + visible.size(), char(1));
     }
 
+    /// Room for `more` survivors after the tile's current ones (and the scan's slack), keeping them.
+    void make_survivor_room(Index more) {
+      const Index needed = survivor_count + more + scan_slack;
+      if (needed <= Index(survivor_columns.size())) return;
+      const Index room = std::max(needed, 2 * Index(survivor_columns.size()));
+      survivor_columns.resize(std::size_t(room));
+      survivor_weights.conservativeResize(room);
+    }
+
     /// Tests each visible score against the row's rule (in decreasing position, for the cap), tracks the row max,
     /// and appends the survivors with their scores relative to the kept max, to be weighed with the tile's
     /// others. Pruned scores feed the exact compensation when it is on.
     template <class Visible>
     void select_and_weigh(Index r, Row& row, const Visible& visible, Index first) {
+      make_survivor_room(visible.size());
       const Index begin = survivor_count;
-      std::int32_t* columns = survivor_columns.get() + begin;
+      std::int32_t* columns = survivor_columns.data() + begin;
       Acc* kept = survivor_weights.data() + begin;
       Index survivors = 0;
       Acc kept_max = -std::numeric_limits<Acc>::infinity();  // of the tile's survivors
@@ -417,7 +426,7 @@ class TiledAttention {
       const auto in_range = [&](Index c) { return c >= offset && c < offset + count; };
       if (tile_sparse) {
         for (const SurvivorRun& run : survivor_runs)
-          add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.get() + run.begin,
+          add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.data() + run.begin,
                             run.end - run.begin, kernel.v_.row(tile_first, kv_head), kernel.v_.token_stride(), dim,
                             output.data() + run.row * dim);
       } else if (output.rows() <= streaming_rows) {
