@@ -70,6 +70,19 @@ TEMPLATE_TEST_CASE("row products equal the same sums in double, for every row an
       CHECK(std::abs(double(output[std::size_t(r * dim + d)]) - sum) <= epsilon * (magnitude + 1));
     }
   }
+
+  // Asking for next rows (here: rows of the same buffer, fewer than or as many as the current ones) only
+  // prefetches: the sums are the same bits.
+  const Index next_count = GENERATE_COPY(count / 2, count);
+  const detail::NextRows<TestType> next{stored.data(), next_count};
+  std::vector<Acc> scores_with_next(scores.size(), Acc(0));
+  auto output_with_next = initial_output;
+  detail::dot_rows(detail::RowBlock<const Acc>{queries.data(), dim}, rows, stored.data(), stride, count, dim,
+                   detail::RowBlock<Acc>{scores_with_next.data(), count}, next);
+  detail::add_weighted_rows(detail::RowBlock<const Acc>{weights.data(), count}, rows, stored.data(), stride, count,
+                            dim, detail::RowBlock<Acc>{output_with_next.data(), dim}, next);
+  CHECK(scores_with_next == scores);
+  CHECK(output_with_next == output);
 }
 
 TEMPLATE_TEST_CASE("gathered row products equal the same sums in double, for any picked rows", "[row_products]",

@@ -80,7 +80,8 @@ void ask_for_lines(const void* address) {
 template <class Stored>
 void prefetch_rows(const Stored* rows, Index stride, Index count, Index bytes) {
   for (Index j = 0; j < count; ++j)
-    for (Index offset = 0; offset < bytes; offset += 64) ask_for_line(reinterpret_cast<const char*>(rows + j * stride) + offset);
+    for (Index offset = 0; offset < bytes; offset += 64)
+      ask_for_line(reinterpret_cast<const char*>(rows + j * stride) + offset);
 }
 
 /// The rows a stream will read next, at the stride of the rows it reads now: the products below ask for next
