@@ -541,7 +541,8 @@ class TiledAttention {
       const Index end = first + blocks.front()->tile_width;
       // After its last K rows, a block asks for the first K rows of the next tile (the one before).
       const auto next_tile_keys = [&](const Block& block) {
-        return tile > first_tile ? NextRows<Scalar>{k_.row(first - Tiles::kv_block, block.kv_head), sweep_keys}
+        return tile > first_tile ? NextRows<Scalar>{k_.row(first - Tiles::kv_block, block.kv_head),
+                                                  std::min(sweep_keys, Tiles::kv_block)}
                                  : NextRows<Scalar>{};
       };
       sweep(first, end, k_, [](const Block& block) { return block.row_scores.size() == 0; }, next_tile_keys,
