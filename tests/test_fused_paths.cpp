@@ -140,6 +140,18 @@ TEMPLATE_TEST_CASE("the threshold scan finds the survivors and the max of a plai
   }
 }
 
+TEMPLATE_TEST_CASE("the max's position is the last position holding it", "[threshold_scan]", float, double) {
+  const Index count = GENERATE(1, 2, 15, 16, 17, 31, 32, 33, 100, 257);
+  const Index copies = GENERATE(1, 2, 3);  // the max at 1 to 3 positions spread over the row
+  auto scores = random_values<TestType>(count, unsigned(count * 7 + copies));
+  const TestType max = *std::max_element(scores.begin(), scores.end()) + 1;
+  for (Index copy = 0; copy < copies; ++copy) scores[std::size_t(copy * (count - 1) / 2)] = max;
+  Index expected = count - 1;
+  while (scores[std::size_t(expected)] != max) --expected;  // plain backwards search
+  INFO(type_name<TestType>() << " count " << count << " copies " << copies);
+  CHECK(detail::last_position_of(scores.data(), count, max) == expected);
+}
+
 TEMPLATE_TEST_CASE("split-key decode equals the reference for every stored type, head dim and group", "[dense][decode]",
                    float, double, Eigen::half, Eigen::bfloat16) {
   const Index head_dim = GENERATE(64, 80, 96, 128, 72);

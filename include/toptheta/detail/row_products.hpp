@@ -70,6 +70,27 @@ inline void ask_for_line(const void* address) {
 #endif
 }
 
+/// Asks for the cache line at `address` to be brought into L2 for writing (an output row).
+inline void ask_for_line_to_write(const void* address) {
+#if defined(__GNUC__)
+  __builtin_prefetch(address, 1, 2);
+#else
+  (void)address;
+#endif
+}
+
+/// Asks for the cache lines of the `bytes` bytes from `address` on, to read or (`ToWrite`) to write.
+template <bool ToWrite = false>
+void ask_for_bytes(const void* address, Index bytes) {
+  const char* const begin = static_cast<const char*>(address);
+  for (Index offset = 0; offset < bytes; offset += 64) {
+    if constexpr (ToWrite)
+      ask_for_line_to_write(begin + offset);
+    else
+      ask_for_line(begin + offset);
+  }
+}
+
 /// Asks for `Lines` cache lines from `address` on.
 template <int Lines>
 void ask_for_lines(const void* address) {
@@ -79,9 +100,7 @@ void ask_for_lines(const void* address) {
 /// Asks for the `bytes` bytes of each of `count` rows `stride` values apart.
 template <class Stored>
 void prefetch_rows(const Stored* rows, Index stride, Index count, Index bytes) {
-  for (Index j = 0; j < count; ++j)
-    for (Index offset = 0; offset < bytes; offset += 64)
-      ask_for_line(reinterpret_cast<const char*>(rows + j * stride) + offset);
+  for (Index j = 0; j < count; ++j) ask_for_bytes(rows + j * stride, bytes);
 }
 
 /// The rows a stream will read next, at the stride of the rows it reads now: the products below ask for next
@@ -279,14 +298,17 @@ void add_gathered_rows_pass(const Acc* weights, const std::int32_t* columns, Ind
   namespace ei = Eigen::internal;
   using P = Packet<Acc>;
   constexpr Index size = packet_size<Acc>;
+  // The sums start at 0 and the output is added once at the end: loaded into the sums first, GCC copies
+  // the output through the stack in halves and reloads it whole, a store-forwarding stall per call.
   P sum[Packets];
-  for (int p = 0; p < Packets; ++p) sum[p] = ei::ploadu<P>(output + offset + p * size);
+  for (int p = 0; p < Packets; ++p) sum[p] = ei::pset1<P>(Acc(0));
   for (Index t = 0; t < count; ++t) {
     const Stored* value = values + Index(columns[t]) * value_stride + offset;
     const P weight = ei::pset1<P>(weights[t]);
     for (int p = 0; p < Packets; ++p) sum[p] = ei::pmadd(weight, load_widened<Acc>(value + p * size), sum[p]);
   }
-  for (int p = 0; p < Packets; ++p) ei::pstoreu(output + offset + p * size, sum[p]);
+  for (int p = 0; p < Packets; ++p)
+    ei::pstoreu(output + offset + p * size, ei::padd(ei::ploadu<P>(output + offset + p * size), sum[p]));
 }
 
 /// `output += Σ_t weights_t values_{columns_t}` for `count` value rows of `dim` stored values picked by

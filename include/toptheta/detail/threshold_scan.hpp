@@ -59,4 +59,22 @@ Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* co
   return survivors;
 }
 
+/// The largest `c < count` with `scores[c] == value` (one must exist): where a row's max lies, searched from
+/// the end so that ties go to the larger position; 16 scores at a time with AVX-512 floats.
+template <class Acc>
+Index last_position_of(const Acc* scores, Index count, Acc value) {
+  Index c = count;
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<Acc, float>) {
+    const __m512 wanted = _mm512_set1_ps(value);
+    for (; c >= 16; c -= 16)
+      if (const __mmask16 equal = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores + c - 16), wanted, _CMP_EQ_OQ))
+        return c - 16 + (31 - __builtin_clz(unsigned(equal)));
+  }
+#endif
+  while (scores[--c] != value) {
+  }
+  return c;
+}
+
 }  // namespace toptheta::detail

@@ -150,6 +150,8 @@ class TiledAttention {
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
+  /// Query and output rows, a token stride apart, are asked for this many rows before they are used.
+  static constexpr Index rows_ahead = 8;
   /// With split keys, the KV heads' blocks take turns every this many keys, so that K and V are read in
   /// nearly address order from a `[tokens, heads, d]` cache and the hardware prefetcher follows.
   static constexpr Index sweep_keys = 16;
@@ -190,22 +192,29 @@ class TiledAttention {
       const AttentionShape& shape = kernel.shape_;
       const Index first = query_block * Tiles::query_block;
       const Index count = std::min(Tiles::query_block, shape.query_rows - first);
-      rows.reserve(std::size_t(shape.group_size * count));
-      scaled_queries.resize(shape.group_size * count, shape.head_dim);
-      for (Index g = 0; g < shape.group_size; ++g)
-        for (Index i = first; i < first + count; ++i) {
-          const Index h = kv_head * shape.group_size + g;
-          auto query = scaled_queries.row(Index(rows.size()));  // q_i, then s q_i
-          convert(kernel.q_.row(i, h), shape.head_dim, query.data());
-          Row row;
-          row.query_head = h;
-          row.query_row = i;
-          row.length = shape.row_length(i);
-          row.query_norm = query.norm();
-          query *= Acc(shape.scale);
-          visible_end = std::max(visible_end, row.length);
-          rows.push_back(row);
-        }
+      const Index stacked = shape.group_size * count;
+      rows.reserve(std::size_t(stacked));
+      scaled_queries.resize(stacked, shape.head_dim);
+      // Stacked row n is query row first + n % count of head n / count of the group. Query rows lie a token
+      // stride apart, each a miss of its own: row n + rows_ahead is asked for while row n is converted.
+      const auto stacked_row = [&](Index n) {
+        return kernel.q_.row(first + n % count, kv_head * shape.group_size + n / count);
+      };
+      const Index row_bytes = shape.head_dim * Index(sizeof(Scalar));
+      for (Index n = 0; n < std::min(rows_ahead, stacked); ++n) ask_for_bytes(stacked_row(n), row_bytes);
+      for (Index n = 0; n < stacked; ++n) {
+        if (n + rows_ahead < stacked) ask_for_bytes(stacked_row(n + rows_ahead), row_bytes);
+        auto query = scaled_queries.row(n);  // q_i, then s q_i
+        convert(stacked_row(n), shape.head_dim, query.data());
+        Row row;
+        row.query_head = kv_head * shape.group_size + n / count;
+        row.query_row = first + n % count;
+        row.length = shape.row_length(row.query_row);
+        row.query_norm = query.norm();
+        query *= Acc(shape.scale);
+        visible_end = std::max(visible_end, row.length);
+        rows.push_back(row);
+      }
       output.setZero(Index(rows.size()), shape.head_dim);
       make_survivor_room(Index(rows.size()) * std::min<Index>(Tiles::kv_block, 16));
       survivor_runs.reserve(rows.size());
@@ -346,13 +355,11 @@ class TiledAttention {
     void weigh_survivors() {
       Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>> weights(survivor_weights.data(), survivor_count);
       weights = weights.exp();
+      const std::int32_t* const columns = survivor_columns.data();
+      char* const kept = column_kept.data();
       for (const SurvivorRun& run : survivor_runs) {
-        Acc kept_mass = 0;
-        for (Index t = run.begin; t < run.end; ++t) {
-          kept_mass += weights[t];
-          column_kept[std::size_t(survivor_columns[t])] = 1;
-        }
-        rows[std::size_t(run.row)].mass.kept_mass += kept_mass;
+        rows[std::size_t(run.row)].mass.kept_mass += weights.segment(run.begin, run.end - run.begin).sum();
+        for (Index t = run.begin; t < run.end; ++t) kept[columns[t]] = 1;
       }
     }
 
@@ -413,7 +420,11 @@ class TiledAttention {
       if (survivors == 0) return;
       if (const Acc factor = row.raise_kept_max(kept_max); factor != Acc(1)) output.row(r) *= factor;
       Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(kept, survivors) -= row.mass.kept_max;
-      survivor_runs.push_back({r, begin, begin + survivors});
+      // Field by field: GCC builds a pushed aggregate on the stack and reloads it whole, a store-forwarding stall.
+      SurvivorRun& run = survivor_runs.emplace_back();
+      run.row = r;
+      run.begin = begin;
+      run.end = begin + survivors;
       survivor_count += survivors;
     }
 
@@ -456,10 +467,8 @@ class TiledAttention {
     template <class Visible>
     void track_max_score_key(Row& row, const Visible& visible, Index first, Acc tile_max) {
       if (tile_max > row.best_score) {  // strict, and tiles run backwards: ties go to the larger position
-        Index position = visible.size() - 1;
-        while (visible(position) != tile_max) --position;
         row.best_score = tile_max;
-        row.best_position = first + position;
+        row.best_position = first + last_position_of(visible.data(), visible.size(), tile_max);
       }
       row.raise_max(tile_max);
     }
@@ -476,7 +485,14 @@ class TiledAttention {
     void finish_rows(AttentionStats& stats) {
       const auto values = kernel.v_.head(kv_head);
       const Compensation& compensation = kernel.selection_.compensation();
+      const Index row_bytes = kernel.shape_.head_dim * Index(sizeof(Scalar));
+      const auto output_row = [&](Index r) {
+        return kernel.out_.row(rows[std::size_t(r)].query_row, rows[std::size_t(r)].query_head);
+      };
+      for (Index r = 0; r < std::min<Index>(rows_ahead, Index(rows.size())); ++r)
+        ask_for_bytes<true>(output_row(r), row_bytes);
       for (Index r = 0; r < Index(rows.size()); ++r) {
+        if (r + rows_ahead < Index(rows.size())) ask_for_bytes<true>(output_row(r + rows_ahead), row_bytes);
         Row& row = rows[std::size_t(r)];
         row.mass.length = row.length;
         if (row.keep_best_if_empty()) {
@@ -491,8 +507,8 @@ class TiledAttention {
         output.row(r) /= denominator;
         if (compensation.v_mean)
           output.row(r) += v_mean_weight(row.mass, denominator) * kernel.value_means_->mean(kv_head, row.length);
-        Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(kernel.out_.row(row.query_row, row.query_head),
-                                                             kernel.shape_.head_dim) = output.row(r).template cast<Scalar>();
+        Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(output_row(r), kernel.shape_.head_dim) =
+            output.row(r).template cast<Scalar>();
 
         stats.elements_kept[std::size_t(row.query_head)] += std::uint64_t(row.mass.kept);
         stats.elements_visible[std::size_t(row.query_head)] += std::uint64_t(row.length);
