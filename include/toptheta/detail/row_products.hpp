@@ -61,34 +61,21 @@ Packet<Acc> load_widened(const Stored* source) {
 }
 
 /// Asks for the cache line at `address` to be brought into L2 (not L1: rows asked for a sweep step ahead
-/// would push the current ones out of it).
-inline void ask_for_line(const void* address) {
+/// would push the current ones out of it), to be read or (`ToWrite`) written.
+template <bool ToWrite = false>
+void ask_for_line(const void* address) {
 #if defined(__GNUC__)
-  __builtin_prefetch(address, 0, 2);
+  __builtin_prefetch(address, ToWrite ? 1 : 0, 2);
 #else
   (void)address;
 #endif
 }
 
-/// Asks for the cache line at `address` to be brought into L2 for writing (an output row).
-inline void ask_for_line_to_write(const void* address) {
-#if defined(__GNUC__)
-  __builtin_prefetch(address, 1, 2);
-#else
-  (void)address;
-#endif
-}
-
-/// Asks for the cache lines of the `bytes` bytes from `address` on, to read or (`ToWrite`) to write.
+/// Asks for the cache lines of the `bytes` bytes from `address` on.
 template <bool ToWrite = false>
 void ask_for_bytes(const void* address, Index bytes) {
-  const char* const begin = static_cast<const char*>(address);
-  for (Index offset = 0; offset < bytes; offset += 64) {
-    if constexpr (ToWrite)
-      ask_for_line_to_write(begin + offset);
-    else
-      ask_for_line(begin + offset);
-  }
+  for (Index offset = 0; offset < bytes; offset += 64)
+    ask_for_line<ToWrite>(static_cast<const char*>(address) + offset);
 }
 
 /// Asks for `Lines` cache lines from `address` on.

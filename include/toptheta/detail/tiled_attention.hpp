@@ -420,7 +420,8 @@ class TiledAttention {
       if (survivors == 0) return;
       if (const Acc factor = row.raise_kept_max(kept_max); factor != Acc(1)) output.row(r) *= factor;
       Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(kept, survivors) -= row.mass.kept_max;
-      // Field by field: GCC builds a pushed aggregate on the stack and reloads it whole, a store-forwarding stall.
+      // Field by field: GCC builds a pushed aggregate on the stack and reloads it whole (a store-forwarding
+      // stall per row and tile).
       SurvivorRun& run = survivor_runs.emplace_back();
       run.row = r;
       run.begin = begin;
