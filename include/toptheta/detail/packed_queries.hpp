@@ -34,21 +34,33 @@ class PackedQueries {
 
   Index rows() const { return rows_; }
 
-  /// `scores(i, j) = <q_i, k_j>` for the `width` key rows at `keys` (row-major, outer stride `key_stride`), into
-  /// the row-major `scores` with outer stride `score_stride`.
-  void scores(const Acc* keys, Index width, Index key_stride, Acc* scores, Index score_stride) {
+  /// Packs the `width` key rows at `keys` (row-major, `dim` values each at outer stride `key_stride`) into
+  /// `packed` (`width * dim` values) as the left-hand operand of the score product.
+  static void pack_keys(const Acc* keys, Index width, Index dim, Index key_stride, Acc* packed) {
     namespace ei = Eigen::internal;
     using KeyMapper = ei::const_blas_data_mapper<Acc, Index, Eigen::RowMajor>;
-    using ScoreMapper = ei::blas_data_mapper<Acc, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
-    for (Index i = 0; i < rows_; ++i) std::fill(scores + i * score_stride, scores + i * score_stride + width, Acc(0));
-    if (width == 0 || rows_ == 0 || dim_ == 0) return;
-    packed_keys_.resize(width * dim_);
     ei::gemm_pack_lhs<Acc, Index, KeyMapper, Traits::mr, Traits::LhsProgress, typename Traits::LhsPacket4Packing,
                       Eigen::RowMajor>
         pack_lhs;
-    pack_lhs(packed_keys_.data(), KeyMapper(keys, key_stride), dim_, width);
+    pack_lhs(packed, KeyMapper(keys, key_stride), dim, width);
+  }
+
+  /// `scores(i, j) = <q_i, k_j>` for the `width` key rows at `keys` (row-major, outer stride `key_stride`), into
+  /// the row-major `scores` with outer stride `score_stride`.
+  void scores(const Acc* keys, Index width, Index key_stride, Acc* scores, Index score_stride) {
+    packed_keys_.resize(width * dim_);
+    if (width > 0) pack_keys(keys, width, dim_, key_stride, packed_keys_.data());
+    packed_scores(packed_keys_.data(), width, scores, score_stride);
+  }
+
+  /// The same for `width` key rows that `pack_keys` packed.
+  void packed_scores(const Acc* packed_keys, Index width, Acc* scores, Index score_stride) const {
+    namespace ei = Eigen::internal;
+    using ScoreMapper = ei::blas_data_mapper<Acc, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
+    for (Index i = 0; i < rows_; ++i) std::fill(scores + i * score_stride, scores + i * score_stride + width, Acc(0));
+    if (width == 0 || rows_ == 0 || dim_ == 0) return;
     ei::gebp_kernel<Acc, Acc, Index, ScoreMapper, Traits::mr, Traits::nr, false, false> gebp;
-    gebp(ScoreMapper(scores, score_stride), packed_keys_.data(), packed_queries_.data(), width, dim_, rows_, Acc(1));
+    gebp(ScoreMapper(scores, score_stride), packed_keys, packed_queries_.data(), width, dim_, rows_, Acc(1));
   }
 
  private:

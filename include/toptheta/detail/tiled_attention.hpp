@@ -96,6 +96,31 @@ class TiledAttention {
       tiles_per_split_ = (tiles_ + max_key_splits - 1) / max_key_splits;
       key_splits_ = (tiles_ + tiles_per_split_ - 1) / tiles_per_split_;
       partials_.resize(std::size_t(query_blocks_ * key_splits_ * shape.kv_heads));
+    } else if (block_rows > streaming_rows && query_blocks_ > 1) {
+      // Several GEMM blocks read each full K tile: it is packed once per call (`pack_key_tile`).
+      const Index tiles = shape.max_row_length() / Tiles::kv_block;
+      const double bytes = double(tiles * Tiles::kv_block * shape.head_dim * shape.kv_heads) * sizeof(Acc);
+      if (bytes <= double(max_packed_key_bytes)) {
+        shared_key_tiles_ = tiles;
+        packed_key_tiles_.resize(shape.kv_heads * tiles * Tiles::kv_block * shape.head_dim);
+      }
+    }
+  }
+
+  /// Full K tiles that several blocks read, to pack before the blocks run (0 when each block packs its own).
+  Index key_tile_items() const { return shared_key_tiles_ * shape_.kv_heads; }
+
+  /// Packs K tile `item % tiles` of KV head `item / tiles` for the score GEMM of every block that reads it.
+  void pack_key_tile(Index item) {
+    const Index kv_head = item / shared_key_tiles_, first = (item % shared_key_tiles_) * Tiles::kv_block;
+    Acc* const packed = packed_key_tiles_.data() + item * Tiles::kv_block * shape_.head_dim;
+    if constexpr (std::is_same_v<Scalar, Acc>) {
+      PackedQueries<Acc>::pack_keys(k_.row(first, kv_head), Tiles::kv_block, shape_.head_dim, k_.token_stride(),
+                                    packed);
+    } else {
+      Matrix keys(Tiles::kv_block, shape_.head_dim);
+      for (Index j = 0; j < Tiles::kv_block; ++j) convert(k_.row(first + j, kv_head), shape_.head_dim, keys.row(j).data());
+      PackedQueries<Acc>::pack_keys(keys.data(), Tiles::kv_block, shape_.head_dim, shape_.head_dim, packed);
     }
   }
 
@@ -147,6 +172,9 @@ class TiledAttention {
   /// Most key ranges one call is split into (when it splits keys); a fixed count, not the thread count, so
   /// results do not depend on the executor.
   static constexpr Index max_key_splits = 16;
+
+  /// Most bytes of K tiles packed once per call for the blocks' score GEMMs; a larger call packs per block.
+  static constexpr std::size_t max_packed_key_bytes = std::size_t(64) << 20;
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
@@ -245,8 +273,12 @@ class TiledAttention {
       } else {
         if (packed_queries.rows() == 0)
           packed_queries.pack(scaled_queries.data(), scaled_queries.rows(), scaled_queries.cols(), scaled_queries.cols());
-        const auto keys = as_accumulator(kernel.k_.head(kv_head).middleRows(first, width));
-        packed_queries.scores(keys.data(), width, keys.outerStride(), into.data(), into.outerStride());
+        if (const Acc* packed = kernel.packed_key_tile(kv_head, first, width)) {
+          packed_queries.packed_scores(packed, width, into.data(), into.outerStride());
+        } else {
+          const auto keys = as_accumulator(kernel.k_.head(kv_head).middleRows(first, width));
+          packed_queries.scores(keys.data(), width, keys.outerStride(), into.data(), into.outerStride());
+        }
       }
     }
 
@@ -582,6 +614,13 @@ class TiledAttention {
           std::move(blocks[std::size_t(kv_head)]);
   }
 
+  /// Keys [first, first + width) of `kv_head` packed by `pack_key_tile`, or null when they are not one full tile.
+  const Acc* packed_key_tile(Index kv_head, Index first, Index width) const {
+    const Index tile = first / Tiles::kv_block;
+    if (width != Tiles::kv_block || first % Tiles::kv_block != 0 || tile >= shared_key_tiles_) return nullptr;
+    return packed_key_tiles_.data() + (kv_head * shared_key_tiles_ + tile) * Tiles::kv_block * shape_.head_dim;
+  }
+
   TensorView<const Scalar> q_, k_, v_;
   TensorView<Scalar> out_;
   AttentionShape shape_;
@@ -592,6 +631,8 @@ class TiledAttention {
   Index query_blocks_ = 0;
   Index tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;  // key_splits_ = 0: items are (KV head, query block)
   std::vector<std::unique_ptr<Block>> partials_;              // [query block][key range][KV head]
+  Index shared_key_tiles_ = 0;                                // full K tiles per KV head packed once per call
+  Eigen::Matrix<Acc, Eigen::Dynamic, 1> packed_key_tiles_;    // [KV head][tile], kv_block x d packed each
   KeptRowSets kept_rows_;
 };
 
@@ -607,6 +648,8 @@ void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<con
   if (selection.compensation().v_mean) value_means = ValueMeans<Acc>::of(v, shape, value_prefix_sum);
   TiledAttention<Tiles, Scalar, Selection> kernel(q, k, v, out, shape, selection, &value_means, stats != nullptr);
 
+  if (kernel.key_tile_items() > 0)
+    executor.parallel_for(kernel.key_tile_items(), [&](Index item) { kernel.pack_key_tile(item); });
   std::vector<AttentionStats> item_stats(std::size_t(kernel.work_items()));
   executor.parallel_for(kernel.work_items(), [&](Index item) {
     item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
