@@ -236,30 +236,41 @@ TEMPLATE_TEST_CASE("prefill with the default tiles equals the oracle where few e
   if (keep_fraction < 0.1) CHECK(stats.kept_fraction() < 0.15);  // mostly sparse tiles (0.3 keeps most: GEMMs)
 }
 
-TEMPLATE_TEST_CASE("prefill in chunks of one query block is bit-identical to one call, whose blocks share packed K",
-                   "[dense][prefill]", float, Eigen::bfloat16) {
+TEMPLATE_TEST_CASE("prefill in chunks of one query block is bit-identical to one call, which prepares K and V",
+                   "[prefill]", float, Eigen::bfloat16) {
   // One call of 600 tokens: 10 query blocks of 64 rows x 4 heads read K tiles [0, 256) and [256, 512), packed
-  // once for all of them; a chunk of 64 rows is a single block that packs its own tiles.
-  const Index tokens = 600, chunk = 64, q_heads = 8, kv_heads = 2, dim = 64;
+  // once for all of them, and V copied head by head; a chunk of 64 rows is one block that packs its own K
+  // tiles and reads V where it lies. Dense and Top-θ (survivors gathered row by row, and GEMM tiles).
+  const int kernel = GENERATE(0, 1);
+  const Index tokens = 600, chunk = 64, q_heads = 8, kv_heads = 2, dim = 64, k = 8;
   Problem<TestType> problem(tokens, tokens, q_heads, kv_heads, dim, 23, 1.5);
   AttentionOptions attention;
   attention.causal = true;
-  dense_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), attention);
+  const ThresholdSpace space = ThresholdSpace::score_over_query_norm;
+  const auto table = LayerThresholds::uniform(k, space, separated_thresholds(problem, attention, space, k, 0.05));
+  const auto attend = [&](const TensorView<const TestType>& q, const TensorView<const TestType>& keys,
+                          const TensorView<const TestType>& values, const TensorView<TestType>& out, Index past) {
+    AttentionOptions step = attention;
+    step.past = past;
+    if (kernel == 0) return dense_attention(q, keys, values, out, step);
+    TopThetaOptions options;
+    options.attention = step;
+    top_theta_attention(q, keys, values, out, table, options);
+  };
+  attend(problem.queries(), problem.keys(), problem.values(), problem.output(), 0);
   const std::vector<TestType> whole = problem.out;
 
   std::vector<TestType> chunked(problem.out.size());
   const Index row_values = q_heads * dim;
   for (Index past = 0; past < tokens; past += chunk) {
     const Index rows = std::min(chunk, tokens - past);
-    AttentionOptions step = attention;
-    step.past = past;
-    dense_attention(TensorView<const TestType>(problem.q.data() + past * row_values, rows, q_heads, dim),
-                    TensorView<const TestType>(problem.k.data(), past + rows, kv_heads, dim),
-                    TensorView<const TestType>(problem.v.data(), past + rows, kv_heads, dim),
-                    TensorView<TestType>(chunked.data() + past * row_values, rows, q_heads, dim), step);
+    attend(TensorView<const TestType>(problem.q.data() + past * row_values, rows, q_heads, dim),
+           TensorView<const TestType>(problem.k.data(), past + rows, kv_heads, dim),
+           TensorView<const TestType>(problem.v.data(), past + rows, kv_heads, dim),
+           TensorView<TestType>(chunked.data() + past * row_values, rows, q_heads, dim), past);
   }
   Index differing = 0;
   for (std::size_t e = 0; e < whole.size(); ++e) differing += !(chunked[e] == whole[e]);
-  INFO(type_name<TestType>());
+  INFO(type_name<TestType>() << (kernel == 0 ? " dense" : " top_theta"));
   CHECK(differing == 0);
 }

@@ -75,6 +75,10 @@ class KeptRowSets {
 /// Calls with few stacked rows per block (decode) and a one-pass rule without a cap split the keys instead:
 /// a work item is (query block, key range) over every KV head, so a `[tokens, heads, d]` cache is read in
 /// address order and one long row uses every core; the ranges' partial rows merge exactly afterwards.
+///
+/// Calls with several GEMM blocks per KV head (prefill) first pack the full K tiles for the score GEMMs and,
+/// for a `[tokens, heads, d]` V, copy V head by head: two transient buffers of at most K's size in the
+/// accumulator type and V's size (each skipped above `max_prepared_bytes`). Results are the same bits.
 template <class Tiles, class Scalar, class Selection>
 class TiledAttention {
  public:
@@ -97,18 +101,39 @@ class TiledAttention {
       key_splits_ = (tiles_ + tiles_per_split_ - 1) / tiles_per_split_;
       partials_.resize(std::size_t(query_blocks_ * key_splits_ * shape.kv_heads));
     } else if (block_rows > streaming_rows && query_blocks_ > 1) {
-      // Several GEMM blocks read each full K tile: it is packed once per call (`pack_key_tile`).
-      const Index tiles = shape.max_row_length() / Tiles::kv_block;
-      const double bytes = double(tiles * Tiles::kv_block * shape.head_dim * shape.kv_heads) * sizeof(Acc);
-      if (bytes <= double(max_packed_key_bytes)) {
+      // Several GEMM blocks read each K and V tile of a KV head: full K tiles are packed for the score GEMM
+      // once per call, and V rows stored a token stride apart ([tokens, heads, d]: each row a miss of its
+      // own) are copied head by head, so that the blocks gather them from consecutive memory.
+      const Index visible = shape.max_row_length(), tiles = visible / Tiles::kv_block;
+      const double key_bytes = double(tiles * Tiles::kv_block * shape.head_dim * shape.kv_heads) * sizeof(Acc);
+      if (key_bytes <= double(max_prepared_bytes)) {
         shared_key_tiles_ = tiles;
         packed_key_tiles_.resize(shape.kv_heads * tiles * Tiles::kv_block * shape.head_dim);
+      }
+      const double value_bytes = double(visible * shape.kv_heads * shape.head_dim) * sizeof(Scalar);
+      if (v.token_stride() != shape.head_dim && value_bytes <= double(max_prepared_bytes)) {
+        head_major_values_.resize(std::size_t(visible * shape.kv_heads * shape.head_dim));
+        v_ = TensorView<const Scalar>(head_major_values_.data(), visible, shape.kv_heads, shape.head_dim,
+                                      shape.head_dim, visible * shape.head_dim);
+        value_copy_chunks_ = (visible + Tiles::kv_block - 1) / Tiles::kv_block;
       }
     }
   }
 
-  /// Full K tiles that several blocks read, to pack before the blocks run (0 when each block packs its own).
-  Index key_tile_items() const { return shared_key_tiles_ * shape_.kv_heads; }
+  /// Work items to run before the blocks: packing K tiles, then copying V in chunks of tokens.
+  Index preparation_items() const { return shared_key_tiles_ * shape_.kv_heads + value_copy_chunks_; }
+
+  /// Runs preparation item `item`; `values` is the caller's V.
+  void prepare(Index item, const TensorView<const Scalar>& values) {
+    const Index key_items = shared_key_tiles_ * shape_.kv_heads;
+    if (item < key_items) return pack_key_tile(item);
+    // Tokens [first, end) in address order, each head's rows to its own run.
+    const Index first = (item - key_items) * Tiles::kv_block, end = std::min(first + Tiles::kv_block, v_.tokens());
+    for (Index t = first; t < end; ++t)
+      for (Index h = 0; h < shape_.kv_heads; ++h)
+        std::copy_n(values.row(t, h), shape_.head_dim,
+                    head_major_values_.data() + (h * v_.tokens() + t) * shape_.head_dim);
+  }
 
   /// Packs K tile `item % tiles` of KV head `item / tiles` for the score GEMM of every block that reads it.
   void pack_key_tile(Index item) {
@@ -173,8 +198,9 @@ class TiledAttention {
   /// results do not depend on the executor.
   static constexpr Index max_key_splits = 16;
 
-  /// Most bytes of K tiles packed once per call for the blocks' score GEMMs; a larger call packs per block.
-  static constexpr std::size_t max_packed_key_bytes = std::size_t(64) << 20;
+  /// Most bytes of packed K tiles, and of copied V rows, that a call prepares for its blocks (a larger call's
+  /// blocks pack their own K tiles and read V where it lies).
+  static constexpr std::size_t max_prepared_bytes = std::size_t(64) << 20;
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
@@ -621,7 +647,8 @@ class TiledAttention {
     return packed_key_tiles_.data() + (kv_head * shared_key_tiles_ + tile) * Tiles::kv_block * shape_.head_dim;
   }
 
-  TensorView<const Scalar> q_, k_, v_;
+  TensorView<const Scalar> q_, k_;
+  TensorView<const Scalar> v_;  // the caller's V, or its head-major copy that the blocks read
   TensorView<Scalar> out_;
   AttentionShape shape_;
   const Selection& selection_;
@@ -633,6 +660,8 @@ class TiledAttention {
   std::vector<std::unique_ptr<Block>> partials_;              // [query block][key range][KV head]
   Index shared_key_tiles_ = 0;                                // full K tiles per KV head packed once per call
   Eigen::Matrix<Acc, Eigen::Dynamic, 1> packed_key_tiles_;    // [KV head][tile], kv_block x d packed each
+  std::vector<Scalar> head_major_values_;                     // V as [KV head][token][d], when v_ points at it
+  Index value_copy_chunks_ = 0;
   KeptRowSets kept_rows_;
 };
 
@@ -648,8 +677,8 @@ void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<con
   if (selection.compensation().v_mean) value_means = ValueMeans<Acc>::of(v, shape, value_prefix_sum);
   TiledAttention<Tiles, Scalar, Selection> kernel(q, k, v, out, shape, selection, &value_means, stats != nullptr);
 
-  if (kernel.key_tile_items() > 0)
-    executor.parallel_for(kernel.key_tile_items(), [&](Index item) { kernel.pack_key_tile(item); });
+  if (kernel.preparation_items() > 0)
+    executor.parallel_for(kernel.preparation_items(), [&](Index item) { kernel.prepare(item, v); });
   std::vector<AttentionStats> item_stats(std::size_t(kernel.work_items()));
   executor.parallel_for(kernel.work_items(), [&](Index item) {
     item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
