@@ -417,7 +417,7 @@ class TiledAttention {
       char* const kept = column_kept.data();
       for (const SurvivorRun& run : survivor_runs) {
         rows[std::size_t(run.row)].mass.kept_mass += weights.segment(run.begin, run.end - run.begin).sum();
-        for (Index t = run.begin; t < run.end; ++t) kept[columns[t]] = 1;
+        for (Index t = run.begin, end = run.end; t < end; ++t) kept[columns[t]] = 1;  // end: not reloaded per store
       }
     }
 
