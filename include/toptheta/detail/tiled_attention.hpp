@@ -128,7 +128,8 @@ class TiledAttention {
     const Index key_items = shared_key_tiles_ * shape_.kv_heads;
     if (item < key_items) return pack_key_tile(item);
     // Tokens [first, end) in address order, each head's rows to its own run.
-    const Index first = (item - key_items) * Tiles::kv_block, end = std::min(first + Tiles::kv_block, v_.tokens());
+    const Index first = (item - key_items) * Tiles::kv_block;
+    const Index end = std::min(first + Tiles::kv_block, v_.tokens());
     for (Index t = first; t < end; ++t)
       for (Index h = 0; h < shape_.kv_heads; ++h)
         std::copy_n(values.row(t, h), shape_.head_dim,
@@ -144,7 +145,8 @@ class TiledAttention {
                                     packed);
     } else {
       Matrix keys(Tiles::kv_block, shape_.head_dim);
-      for (Index j = 0; j < Tiles::kv_block; ++j) convert(k_.row(first + j, kv_head), shape_.head_dim, keys.row(j).data());
+      for (Index j = 0; j < Tiles::kv_block; ++j)
+        convert(k_.row(first + j, kv_head), shape_.head_dim, keys.row(j).data());
       PackedQueries<Acc>::pack_keys(keys.data(), Tiles::kv_block, shape_.head_dim, shape_.head_dim, packed);
     }
   }
@@ -640,7 +642,7 @@ class TiledAttention {
           std::move(blocks[std::size_t(kv_head)]);
   }
 
-  /// Keys [first, first + width) of `kv_head` packed by `pack_key_tile`, or null when they are not one full tile.
+  /// Keys [first, first + width) of `kv_head` packed by `pack_key_tile`; null unless they are a full tile.
   const Acc* packed_key_tile(Index kv_head, Index first, Index width) const {
     const Index tile = first / Tiles::kv_block;
     if (width != Tiles::kv_block || first % Tiles::kv_block != 0 || tile >= shared_key_tiles_) return nullptr;
