@@ -136,19 +136,35 @@ class TiledAttention {
                     head_major_values_.data() + (h * v_.tokens() + t) * shape_.head_dim);
   }
 
+  /// `stored` rows as Acc: the map itself when the stored type is Acc, else a copy in `buffer`.
+  template <class StoredRows>
+  static auto as_accumulator(const StoredRows& stored, Matrix& buffer) {
+    if constexpr (std::is_same_v<Scalar, Acc>) {
+      return stored;
+    } else {
+      buffer.resize(stored.rows(), stored.cols());
+      for (Index row = 0; row < stored.rows(); ++row)
+        convert(stored.data() + row * stored.outerStride(), stored.cols(), buffer.data() + row * stored.cols());
+      return Eigen::Ref<const Matrix>(buffer);
+    }
+  }
+
+  /// Asks for row `n + rows_ahead` of `count` rows (`row_at(j)`, `bytes` each) while row `n` is worked on,
+  /// and for the first rows too when `n` is 0: rows a token stride apart, each a miss of its own.
+  template <bool ToWrite = false, class RowAt>
+  static void ask_ahead(Index n, Index count, const RowAt& row_at, Index bytes) {
+    if (n == 0)
+      for (Index j = 0; j < std::min(rows_ahead, count); ++j) ask_for_bytes<ToWrite>(row_at(j), bytes);
+    if (n + rows_ahead < count) ask_for_bytes<ToWrite>(row_at(n + rows_ahead), bytes);
+  }
+
   /// Packs K tile `item % tiles` of KV head `item / tiles` for the score GEMM of every block that reads it.
   void pack_key_tile(Index item) {
     const Index kv_head = item / shared_key_tiles_, first = (item % shared_key_tiles_) * Tiles::kv_block;
-    Acc* const packed = packed_key_tiles_.data() + item * Tiles::kv_block * shape_.head_dim;
-    if constexpr (std::is_same_v<Scalar, Acc>) {
-      PackedQueries<Acc>::pack_keys(k_.row(first, kv_head), Tiles::kv_block, shape_.head_dim, k_.token_stride(),
-                                    packed);
-    } else {
-      Matrix keys(Tiles::kv_block, shape_.head_dim);
-      for (Index j = 0; j < Tiles::kv_block; ++j)
-        convert(k_.row(first + j, kv_head), shape_.head_dim, keys.row(j).data());
-      PackedQueries<Acc>::pack_keys(keys.data(), Tiles::kv_block, shape_.head_dim, shape_.head_dim, packed);
-    }
+    Matrix buffer;
+    const auto keys = as_accumulator(k_.head(kv_head).middleRows(first, Tiles::kv_block), buffer);
+    PackedQueries<Acc>::pack_keys(keys.data(), Tiles::kv_block, shape_.head_dim, keys.outerStride(),
+                                  packed_key_tiles_.data() + item * Tiles::kv_block * shape_.head_dim);
   }
 
   Index work_items() const {
@@ -251,15 +267,13 @@ class TiledAttention {
       const Index stacked = shape.group_size * count;
       rows.reserve(std::size_t(stacked));
       scaled_queries.resize(stacked, shape.head_dim);
-      // Stacked row n is query row first + n % count of head n / count of the group. Query rows lie a token
-      // stride apart, each a miss of its own: row n + rows_ahead is asked for while row n is converted.
+      // Stacked row n is query row first + n % count of head n / count of the group.
       const auto stacked_row = [&](Index n) {
         return kernel.q_.row(first + n % count, kv_head * shape.group_size + n / count);
       };
       const Index row_bytes = shape.head_dim * Index(sizeof(Scalar));
-      for (Index n = 0; n < std::min(rows_ahead, stacked); ++n) ask_for_bytes(stacked_row(n), row_bytes);
       for (Index n = 0; n < stacked; ++n) {
-        if (n + rows_ahead < stacked) ask_for_bytes(stacked_row(n + rows_ahead), row_bytes);
+        ask_ahead(n, stacked, stacked_row, row_bytes);
         auto query = scaled_queries.row(n);  // q_i, then s q_i
         convert(stacked_row(n), shape.head_dim, query.data());
         Row row;
@@ -276,17 +290,10 @@ class TiledAttention {
       survivor_runs.reserve(rows.size());
     }
 
-    /// Rows `[first, first + width)` of `stored` as Acc: the map itself when the stored type is Acc, else a copy.
+    /// `stored` rows as Acc, converted (other stored types) into `converted_rows`.
     template <class StoredRows>
     auto as_accumulator(const StoredRows& stored) {
-      if constexpr (std::is_same_v<Scalar, Acc>) {
-        return stored;
-      } else {
-        converted_rows.resize(stored.rows(), stored.cols());
-        for (Index row = 0; row < stored.rows(); ++row)
-          convert(stored.data() + row * stored.outerStride(), stored.cols(), converted_rows.data() + row * stored.cols());
-        return Eigen::Ref<const Matrix>(converted_rows);
-      }
+      return TiledAttention::as_accumulator(stored, converted_rows);
     }
 
     /// s Q_block K_tileᵀ for keys [first, first + width). A block of few rows (decode) streams the keys: each
@@ -550,10 +557,8 @@ class TiledAttention {
       const auto output_row = [&](Index r) {
         return kernel.out_.row(rows[std::size_t(r)].query_row, rows[std::size_t(r)].query_head);
       };
-      for (Index r = 0; r < std::min<Index>(rows_ahead, Index(rows.size())); ++r)
-        ask_for_bytes<true>(output_row(r), row_bytes);
       for (Index r = 0; r < Index(rows.size()); ++r) {
-        if (r + rows_ahead < Index(rows.size())) ask_for_bytes<true>(output_row(r + rows_ahead), row_bytes);
+        ask_ahead<true>(r, Index(rows.size()), output_row, row_bytes);
         Row& row = rows[std::size_t(r)];
         row.mass.length = row.length;
         if (row.keep_best_if_empty()) {
