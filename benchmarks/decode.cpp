@@ -73,6 +73,22 @@ const KvRotation<Scalar>& kv_rotation(Index tokens) {
   return *static_cast<const KvRotation<Scalar>*>(current.get());
 }
 
+/// `Σ_{j<n-1} v_j` per KV head (`[kv_heads, head_dim]`) of the measured layer at `tokens` = n: what an engine's
+/// KvCache holds for the decode step, so that V-mean compensation reads one V row per head.
+template <class Scalar>
+const std::vector<double>& decode_value_prefix_sum(Index tokens) {
+  static std::map<Index, std::vector<double>> cache;
+  std::vector<double>& sum = cache[tokens];
+  if (sum.empty()) {
+    constexpr Index row_size = LayerShape::kv_heads * LayerShape::head_dim;
+    const Layer<Scalar>& layer = measured_layer<Scalar>(tokens);
+    sum.assign(std::size_t(row_size), 0.0);
+    for (Index j = 0; j + 1 < tokens; ++j)
+      for (Index t = 0; t < row_size; ++t) sum[std::size_t(t)] += double(layer.v[std::size_t(j * row_size + t)]);
+  }
+  return sum;
+}
+
 /// The decode step of the measured layer at `tokens`: its last query row, at position n - 1, attends to keys
 /// and values 0 .. n - 1.
 template <class Scalar>
@@ -87,6 +103,7 @@ AttentionCall<Scalar> decode_call(Index tokens, std::vector<Scalar>& out) {
                              AttentionOptions{}};
   call.attention.causal = true;
   call.attention.past = tokens - 1;
+  call.value_prefix_sum = decode_value_prefix_sum<Scalar>(tokens).data();
   return call;
 }
 

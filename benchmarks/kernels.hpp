@@ -15,16 +15,17 @@
 
 namespace toptheta::bench {
 
-/// The inputs of one attention call.
+/// The inputs of one attention call, and `Σ_{j<past} v_j` per KV head as an engine's KvCache keeps it (null:
+/// V-mean compensation reads the V rows before `past` itself).
 template <class Scalar>
 struct AttentionCall {
   TensorView<const Scalar> q, k, v;
   TensorView<Scalar> out;
   AttentionOptions attention;
+  const double* value_prefix_sum = nullptr;
 };
 
-/// A kernel under test. Sparse kernels use no compensation (the compensations cost O(1) per row, except exact
-/// SDC, and V-mean compensation needs a running V sum a decode step gets from its KvCache).
+/// A kernel under test.
 template <class Scalar>
 struct Kernel {
   std::string name;
@@ -34,9 +35,24 @@ struct Kernel {
                  const OpenMPExecutor& executor, AttentionStats* stats);
 };
 
-/// dense; top_k (k = 64); top_theta (thresholds on a / ||q||, one pass: ||q|| is known before any key is read,
-/// and unlike raw-score thresholds they follow the rows' query norms); top_theta_2pass (probability thresholds,
-/// the post-softmax placement, which forces the two-pass kernel).
+/// Top-θ in the thresholds' space with `passes`; V-mean compensation where `v_mean` (from the call's V prefix
+/// sum), no denominator compensation.
+template <class Scalar, Passes passes, bool v_mean>
+void attend_top_theta(const AttentionCall<Scalar>& call, const LayerThresholds* thresholds,
+                      const OpenMPExecutor& executor, AttentionStats* stats) {
+  TopThetaOptions options;
+  options.attention = call.attention;
+  options.passes = passes;
+  options.compensation.v_mean = v_mean;
+  options.value_prefix_sum = call.value_prefix_sum;
+  top_theta_attention(call.q, call.k, call.v, call.out, *thresholds, options, stats, executor);
+}
+
+/// dense; top_k (k = 64); top_theta, the recommended configuration: probability thresholds (the paper's
+/// post-softmax placement), count-matched, V-mean compensation with the V prefix sum a KvCache keeps, one pass
+/// (design.md §6); the other threshold spaces, one pass, without compensation: top_theta_raw (a), top_theta_qnorm
+/// (a / ||q||), top_theta_minus_max (a - m); top_theta_2pass: the recommended configuration on the two-pass
+/// kernel (row max and sum first).
 template <class Scalar>
 const std::vector<Kernel<Scalar>>& kernels() {
   using Call = AttentionCall<Scalar>;
@@ -52,20 +68,11 @@ const std::vector<Kernel<Scalar>>& kernels() {
          options.k = kept_per_row;
          top_k_attention(call.q, call.k, call.v, call.out, options, stats, executor);
        }},
-      {"top_theta", ThresholdSpace::score_over_query_norm,
-       [](const Call& call, const LayerThresholds* thresholds, const OpenMPExecutor& executor,
-          AttentionStats* stats) {
-         TopThetaOptions options;
-         options.attention = call.attention;
-         top_theta_attention(call.q, call.k, call.v, call.out, *thresholds, options, stats, executor);
-       }},
-      {"top_theta_2pass", ThresholdSpace::probability,
-       [](const Call& call, const LayerThresholds* thresholds, const OpenMPExecutor& executor,
-          AttentionStats* stats) {
-         TopThetaOptions options;
-         options.attention = call.attention;
-         top_theta_attention(call.q, call.k, call.v, call.out, *thresholds, options, stats, executor);
-       }},
+      {"top_theta", ThresholdSpace::probability, attend_top_theta<Scalar, Passes::one, true>},
+      {"top_theta_raw", ThresholdSpace::raw_score, attend_top_theta<Scalar, Passes::one, false>},
+      {"top_theta_qnorm", ThresholdSpace::score_over_query_norm, attend_top_theta<Scalar, Passes::one, false>},
+      {"top_theta_minus_max", ThresholdSpace::score_minus_max, attend_top_theta<Scalar, Passes::one, false>},
+      {"top_theta_2pass", ThresholdSpace::probability, attend_top_theta<Scalar, Passes::two, true>},
   };
   return table;
 }

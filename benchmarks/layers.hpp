@@ -123,7 +123,9 @@ inline LayerThresholds calibrate(const Layer<float>& layer, const std::vector<In
 enum class Phase { decode, prefill };
 
 /// The spaces the suite's kernels calibrate in (kernels.hpp).
-constexpr ThresholdSpace calibrated_spaces[] = {ThresholdSpace::score_over_query_norm, ThresholdSpace::probability};
+constexpr ThresholdSpace calibrated_spaces[] = {ThresholdSpace::probability, ThresholdSpace::raw_score,
+                                                ThresholdSpace::score_over_query_norm,
+                                                ThresholdSpace::score_minus_max};
 
 /// The per-head thresholds a phase at `tokens` tokens uses, one table per space of `calibrated_spaces`.
 struct CalibratedThresholds {

@@ -16,7 +16,8 @@ namespace {
 
 constexpr Index prompt_lengths[] = {512, 2048, 8192};
 constexpr Index quick_prompt_length = 2048;
-const char* const prefill_kernels[] = {"dense", "top_k", "top_theta"};
+const char* const prefill_kernels[] = {"dense",           "top_k",           "top_theta",      "top_theta_raw",
+                                       "top_theta_qnorm", "top_theta_minus_max", "top_theta_2pass"};
 const char* const scaling_kernels[] = {"dense", "top_theta"};
 
 /// Causal prefill of the whole measured layer at `tokens` (f32).

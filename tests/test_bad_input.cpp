@@ -294,21 +294,6 @@ TEST_CASE("a negative, NaN or infinite compensation scale λ throws naming optio
                   "compensation.lambda", "a finite value >= 0");
 }
 
-TEST_CASE("Passes::one with a space that needs the row max throws naming options.passes", "[bad_input]") {
-  const ThresholdSpace space = GENERATE(ThresholdSpace::probability, ThresholdSpace::score_minus_max);
-  INFO(to_string(space));
-  Problem<float> problem(4, 6, 4, 2, 8, 1);
-  const auto table = LayerThresholds::uniform(2, space, {0.1, 0.1, 0.1, 0.1});
-  TopThetaOptions options;
-  options.passes = Passes::one;
-  REQUIRE_INVALID(top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                      table, options),
-                  "options.passes", std::string("two (threshold space ") + to_string(space));
-  options.passes = Passes::two;
-  REQUIRE_NOTHROW(top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                      table, options));
-}
-
 TEST_CASE(
     "denominator compensation with the probability space throws naming options.compensation.denominator",
     "[bad_input]") {

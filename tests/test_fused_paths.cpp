@@ -2,6 +2,7 @@
 // sweeps the KV heads in address order, against plain double arithmetic and the double oracle.
 #include "test_support.hpp"
 
+#include <toptheta/detail/row_candidates.hpp>
 #include <toptheta/detail/row_products.hpp>
 #include <toptheta/detail/threshold_scan.hpp>
 
@@ -152,6 +153,37 @@ TEMPLATE_TEST_CASE("the max's position is the last position holding it", "[thres
   CHECK(detail::last_position_of(scores.data(), count, max) == expected);
 }
 
+TEMPLATE_TEST_CASE("row candidates hold every key above the last floor, through forgetting, growth and merging",
+                   "[row_candidates]", float, double) {
+  // Chunks of scores arrive with a rising floor (a running threshold); whatever was forgotten to make room,
+  // the candidates above the last floor are exactly the keys above it, at their positions.
+  const Index chunk = GENERATE(1, 16, 37, 256);
+  const double rise = GENERATE(0.0, 0.02, 0.5);
+  const Index count = 3000;
+  const auto scores = random_values<TestType>(count, unsigned(chunk + 7), 2.0);
+  detail::RowCandidates<TestType> first_half, second_half;
+  TestType floor = TestType(-3);
+  for (Index from = 0; from < count; from += chunk, floor += TestType(rise)) {
+    const Index width = std::min(chunk, count - from);
+    (from < count / 2 ? first_half : second_half).add_above(scores.data() + from, width, from, floor);
+  }
+  first_half.append(second_half);
+  first_half.keep_above(floor);
+  std::vector<std::pair<std::int32_t, TestType>> held, expected;
+  for (Index t = 0; t < first_half.size(); ++t) held.emplace_back(first_half.positions()[t], first_half.scores()[t]);
+  for (Index j = 0; j < count; ++j)
+    if (scores[std::size_t(j)] > floor) expected.emplace_back(std::int32_t(j), scores[std::size_t(j)]);
+  std::sort(held.begin(), held.end());
+  INFO(type_name<TestType>() << " chunk " << chunk << " rise " << rise << " expected " << expected.size());
+  CHECK(held == expected);
+  // The cap keeps the largest positions.
+  const Index limit = std::min<Index>(5, first_half.size());
+  first_half.keep_largest_positions(limit);
+  REQUIRE(first_half.size() == limit);
+  for (Index t = 0; t < limit; ++t)
+    CHECK(first_half.positions()[t] == expected[expected.size() - 1 - std::size_t(t)].first);
+}
+
 TEMPLATE_TEST_CASE("split-key decode equals the reference for every stored type, head dim and group", "[dense][decode]",
                    float, double, Eigen::half, Eigen::bfloat16) {
   const Index head_dim = GENERATE(64, 80, 96, 128, 72);
@@ -183,8 +215,13 @@ double top_theta_error_vs_oracle(Problem<Scalar>& problem, const AttentionOption
 
 TEMPLATE_TEST_CASE("split-key Top-θ decode equals the oracle on the explicitly built mask", "[top_theta][decode]",
                    float, double, Eigen::half, Eigen::bfloat16) {
+  // Raw scores select as keys arrive; probability and score_minus_max keep candidates until each row's max and
+  // sum are merged over the key ranges (design.md §6).
+  const ThresholdSpace space =
+      GENERATE(ThresholdSpace::raw_score, ThresholdSpace::probability, ThresholdSpace::score_minus_max);
   const DenominatorCompensation denominator =
       GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold);
+  if (space == ThresholdSpace::probability && denominator != DenominatorCompensation::none) return;  // invalid
   const double kept_fraction = GENERATE(0.02, 0.3, 0.9);  // sparse tiles, streamed tiles, nearly dense
   const Index head_dim = GENERATE(80, 128);
   const Index keys = 1500;
@@ -192,11 +229,12 @@ TEMPLATE_TEST_CASE("split-key Top-θ decode equals the oracle on the explicitly 
   AttentionOptions attention;
   attention.past = keys - 1;
   const Index k = 8;
-  const auto thresholds = separated_thresholds(problem, attention, ThresholdSpace::raw_score, k, kept_fraction);
-  const auto table = LayerThresholds::uniform(k, ThresholdSpace::raw_score, thresholds);
+  const auto thresholds = separated_thresholds(problem, attention, space, k, kept_fraction);
+  const auto table = LayerThresholds::uniform(k, space, thresholds);
   AttentionStats stats;
   const double error = top_theta_error_vs_oracle(problem, attention, table, denominator, stats);
-  INFO(type_name<TestType>() << " " << to_string(denominator) << " kept " << kept_fraction << " head_dim " << head_dim);
+  INFO(type_name<TestType>() << " " << to_string(space) << " " << to_string(denominator) << " kept "
+                             << kept_fraction << " head_dim " << head_dim);
   CHECK(error <= tolerance<TestType>());
   CHECK(stats.kept_fraction() < 1.0);
 }
@@ -213,15 +251,31 @@ TEST_CASE("split-key decode is identical for any thread count", "[decode][execut
                     OpenMPExecutor{threads});
     CHECK(problem.out == serial);
   }
+  // One-pass probability thresholds merge the key ranges' candidates in the finishing items.
+  const auto table = LayerThresholds::uniform(8, ThresholdSpace::probability, std::vector<double>(8, 2e-3));
+  TopThetaOptions top_theta;
+  top_theta.attention = options;
+  top_theta.compensation.v_mean = true;
+  top_theta.cap_k = true;
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, top_theta,
+                      nullptr, SerialExecutor{});
+  const std::vector<Eigen::bfloat16> serial_top_theta = problem.out;
+  for (int threads : {1, 2, 3}) {
+    top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, top_theta,
+                        nullptr, OpenMPExecutor{threads});
+    CHECK(problem.out == serial_top_theta);
+  }
 }
 
 TEMPLATE_TEST_CASE("prefill with the default tiles equals the oracle where few elements survive, dense rows among them",
                    "[top_theta][prefill]", float, double, Eigen::bfloat16) {
   // Stacked blocks of 64 rows x 4 heads: tiles whose survivors are gathered row by row, tiles with a dense row
   // (L_i <= k) or many survivors that use a GEMM, and rows whose tile has no survivor.
-  const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_over_query_norm);
+  const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_over_query_norm,
+                                        ThresholdSpace::probability, ThresholdSpace::score_minus_max);
   const DenominatorCompensation denominator =
       GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact);
+  if (space == ThresholdSpace::probability && denominator != DenominatorCompensation::none) return;  // invalid
   const double keep_fraction = GENERATE(0.03, 0.3);
   Problem<TestType> problem(300, 300, 8, 2, 128, 17, 1.5);
   AttentionOptions attention;

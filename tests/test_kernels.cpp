@@ -99,18 +99,83 @@ TEMPLATE_TEST_CASE("Top-θ equals the oracle on the explicitly built mask with t
   CHECK(stats.kept_fraction() < 0.6);
 }
 
-TEST_CASE("two-pass Top-θ equals one-pass Top-θ where both apply", "[top_theta]") {
-  const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_over_query_norm);
-  Problem<double> one(60, 60, 4, 1, 96, 5), two = one;
-  const auto thresholds = separated_thresholds(one, {}, space, 8, 0.2);
-  const auto table = LayerThresholds::uniform(8, space, thresholds, {0.1, 0.2, 0.3, 0.4});
+TEST_CASE("one-pass Top-θ equals two-pass Top-θ in every space, path and compensation", "[top_theta]") {
+  // Decode (one query row: split keys, streamed rows) and prefill (GEMM blocks, causal); probability and
+  // score_minus_max keep candidates until each row's max and sum are known (design.md §6).
+  const ThresholdSpace space = GENERATE(from_range(std::begin(all_spaces), std::end(all_spaces)));
+  const bool decode = GENERATE(true, false);
+  const DenominatorCompensation denominator =
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold);
+  const bool cap_k = GENERATE(false, true);
+  if (space == ThresholdSpace::probability && denominator != DenominatorCompensation::none) return;  // invalid
+  const Index query_rows = decode ? 1 : 60, keys = decode ? 700 : 60;
+  Problem<double> one(query_rows, keys, 4, 1, 96, 5, 1.5), two = one;
+  AttentionOptions attention;
+  attention.causal = true;
+  attention.past = keys - query_rows;
+  const Index k = 8;
+  const auto thresholds = separated_thresholds(one, attention, space, k, 0.1);
+  const auto table = LayerThresholds::uniform(k, space, thresholds, {0.1, 0.2, 0.3, 0.4});
   TopThetaOptions options;
-  options.compensation = {DenominatorCompensation::exact, 1.0, true};
+  options.attention = attention;
+  options.compensation = {denominator, 1.0, true};
+  options.cap_k = cap_k;
+  AttentionStats one_stats, two_stats;
   options.passes = Passes::one;
-  top_theta_attention<Tiles<16, 16>>(one.queries(), one.keys(), one.values(), one.output(), table, options);
+  top_theta_attention<Tiles<16, 16>>(one.queries(), one.keys(), one.values(), one.output(), table, options,
+                                     &one_stats);
   options.passes = Passes::two;
-  top_theta_attention<Tiles<16, 16>>(two.queries(), two.keys(), two.values(), two.output(), table, options);
+  top_theta_attention<Tiles<16, 16>>(two.queries(), two.keys(), two.values(), two.output(), table, options,
+                                     &two_stats);
+  INFO(to_string(space) << (decode ? " decode " : " prefill ") << to_string(denominator) << " cap_k " << cap_k);
   CHECK(relative_error(one.output_matrix(), two.output_matrix()) <= 1e-12);
+  CHECK(one_stats.elements_kept == two_stats.elements_kept);
+  CHECK(one_stats.v_rows_kept == two_stats.v_rows_kept);
+  CHECK(one_stats.empty_rows == two_stats.empty_rows);
+  CHECK(one_stats.capped_rows == two_stats.capped_rows);
+  CHECK(one_stats.kept_fraction() < 0.5);
+}
+
+TEST_CASE("one-pass row-relative Top-θ equals the oracle when candidates outgrow their room or go stale",
+          "[top_theta]") {
+  // Scores rising, falling or random along the row, over 96 small tiles: the running threshold climbs with
+  // every tile (stale candidates forgotten), stays put (nothing to forget), or wanders. Loose thresholds keep
+  // hundreds of keys per row, more than one tile's room.
+  const ThresholdSpace space = GENERATE(ThresholdSpace::probability, ThresholdSpace::score_minus_max);
+  const int order = GENERATE(-1, 0, 1);
+  const double keep_fraction = GENERATE(0.02, 0.4);
+  const Index keys = 3000, dim = 32;
+  Problem<double> problem(1, keys, 4, 1, dim, 7, 1.0);
+  if (order != 0)  // k_j = t_j q_h-ish: the score grows (or falls) with j for every head
+    for (Index j = 0; j < keys; ++j)
+      for (Index d = 0; d < dim; ++d)
+        problem.k[std::size_t(j * dim + d)] =
+            0.02 * problem.k[std::size_t(j * dim + d)] + double(order) * 4.0 * double(j) / double(keys);
+  AttentionOptions attention;
+  attention.past = keys - 1;
+  const Index k = 16;
+  const auto thresholds = separated_thresholds(problem, attention, space, k, keep_fraction);
+  const auto table = LayerThresholds::uniform(k, space, thresholds);
+  TopThetaOptions options;
+  options.attention = attention;
+  options.compensation.v_mean = true;
+  AttentionStats stats;
+  top_theta_attention<Tiles<4, 32>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                    options, &stats);
+  std::uint64_t oracle_kept = 0;
+  auto sparsity = top_theta_sparsity(table, options.compensation, false);
+  const auto keep = sparsity.keep;
+  sparsity.keep = [&](const ReferenceRow& row) {
+    auto kept = keep(row);
+    oracle_kept += std::uint64_t(std::count(kept.begin(), kept.end(), true));
+    return kept;
+  };
+  const Eigen::MatrixXd expected =
+      reference_attention(problem.queries(), problem.keys(), problem.values(), attention, sparsity);
+  INFO(to_string(space) << " order " << order << " keep " << keep_fraction << " kept " << oracle_kept);
+  CHECK(AttentionStats::total(stats.elements_kept) == oracle_kept);
+  CHECK(relative_error(problem.output_matrix(), expected) <= 1e-12);
+  CHECK(oracle_kept > (keep_fraction > 0.1 ? 4u * 200u : 4u));
 }
 
 TEST_CASE("Top-θ with length-dependent thresholds equals the oracle", "[top_theta]") {

@@ -92,7 +92,7 @@ TEST_CASE(
   }
 
 #ifdef __OPTIMIZE__
-  const Index n = 16384;  // ~6 s for the four kernels at -O2 on two cores
+  const Index n = 16384;  // ~8 s for the five kernels at -O2 on two cores
 #else
   const Index n =
       8192;  // unoptimised builds (~2 min at n = 16384); n² floats are still 256 MiB, 4x the budget
@@ -129,6 +129,8 @@ TEST_CASE(
   TopThetaOptions two_pass;
   two_pass.passes = Passes::two;
   two_pass.compensation.v_mean = true;
+  TopThetaOptions one_pass_probability = two_pass;
+  one_pass_probability.passes = Passes::one;
   TopKOptions top_k;
   top_k.k = k_keep;
   top_k.compensation = {DenominatorCompensation::exp_threshold, 1.0, true};
@@ -148,15 +150,20 @@ TEST_CASE(
       case 3:
         top_k_attention(qs, ks, vs, os, top_k, stats, executor);
         break;
+      case 4:
+        top_theta_attention(qs, ks, vs, os, probability, one_pass_probability, stats, executor);
+        break;
     }
   };
-  const char* names[] = {"dense", "one-pass Top-θ (raw score)", "two-pass Top-θ (probability)", "top-k"};
+  const char* names[] = {"dense", "one-pass Top-θ (raw score)", "two-pass Top-θ (probability)", "top-k",
+                         "one-pass Top-θ (probability: candidates)"};
+  const int kernels = 5;
 
   // Warm-up on a 512-token prefix: OpenMP threads, their stacks and malloc arenas exist before measuring.
   {
     const Index m = 512;
     AttentionStats stats;
-    for (int kernel = 0; kernel < 4; ++kernel)
+    for (int kernel = 0; kernel < kernels; ++kernel)
       run(kernel, TensorView<const float>(problem.q.data(), m, 1, head_dim),
           TensorView<const float>(problem.k.data(), m, 1, head_dim),
           TensorView<const float>(problem.v.data(), m, 1, head_dim),
@@ -164,7 +171,7 @@ TEST_CASE(
   }
 
   const auto visible = std::uint64_t(n) * std::uint64_t(n + 1) / 2;
-  for (int kernel = 0; kernel < 4; ++kernel) {
+  for (int kernel = 0; kernel < kernels; ++kernel) {
     AttentionStats stats;
     stats.reset(1, 1);  // sized before measuring: the kernel's own allocations are what is measured
     std::fill(problem.out.begin(), problem.out.end(), std::numeric_limits<float>::quiet_NaN());

@@ -45,7 +45,9 @@ inline std::vector<OptionSpec> attention_options() {
       {"top-k", "K[,K...]", "top-k in every layer: one k, or one per layer", std::nullopt},
       {"denominator", "MODE", "softmax-denominator compensation: none, exact, exp_threshold, calibrated", "none"},
       {"lambda", "X", "scale λ of the denominator term", "1"},
-      {"v-mean", "", "V-mean compensation of the dropped mass", std::nullopt},
+      {"v-mean", "", "V-mean compensation of the dropped mass (the default with --thresholds or --top-k)",
+       std::nullopt},
+      {"no-v-mean", "", "no V-mean compensation", std::nullopt},
       {"cap-k", "", "Top-θ: keep at most k survivors per row (the latest)", std::nullopt},
   };
 }
@@ -67,9 +69,11 @@ inline AttentionPlan attention_plan(const CommandLine& line, const Model& model)
                     DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated})
     if (denominator == toptheta::to_string(mode)) compensation.denominator = mode;
   compensation.lambda = line.real("lambda", 0.0);
-  compensation.v_mean = line.flag("v-mean");
+  if (line.flag("v-mean") && line.flag("no-v-mean"))
+    throw usage_error("--no-v-mean: expected either --v-mean or --no-v-mean, got both");
+  compensation.v_mean = !line.flag("no-v-mean");  // the recommended configuration compensates
   if (!line.given("thresholds") && !line.given("top-k"))
-    for (const char* name : {"denominator", "lambda", "v-mean", "cap-k"})
+    for (const char* name : {"denominator", "lambda", "v-mean", "no-v-mean", "cap-k"})
       if (line.given(name))
         throw usage_error(std::string("--") + name + ": expected with --thresholds or --top-k (dense attention "
                           "prunes nothing)");

@@ -31,9 +31,11 @@ struct RowFacts {
   Index query_head = 0;
   Index length = 0;    ///< L_i
   Acc query_norm = 0;  ///< ||q_i||
-  Acc max = 0;         ///< m_i, when the selection `needs_row_scores()`
-  Acc sum = 0;         ///< Z_i = Σ_j exp(a_ij - m_i), when the selection `needs_row_scores()`
-  const Acc* scores = nullptr;  ///< the L_i visible scores, when the selection `needs_row_scores()`
+  Acc max = 0;         ///< m_i, when `scores` is given
+  Acc sum = 0;         ///< Z_i = Σ_j exp(a_ij - m_i), when `scores` is given
+  /// The L_i visible scores when they are known before selecting (two passes, thresholded_softmax); null in a
+  /// one-pass kernel, where a row-relative space selects with a running threshold (`RowSelection::running`).
+  const Acc* scores = nullptr;
 };
 
 /// The rule that decides `S_i`, in score units: keep `j` when `a_ij > τ_i`, or `a_ij = τ_i` and `j >= tie_from`;
@@ -50,6 +52,16 @@ struct RowSelection {
   Acc calibrated_term = 0;          ///< c_h(L_i), for calibrated compensation
   bool dense = false;               ///< L_i <= k: every visible key kept
   bool extrapolated = false;        ///< the threshold lookup extrapolated beyond the calibrated lengths
+  /// One pass in a row-relative space (design.md §6): `τ` grows with the row's running max and sum, so keys
+  /// are kept as candidates and `τ_i = running_threshold(m_i, Z_i)` decides once the row has seen every key.
+  bool running = false;
+  ThresholdSpace space = ThresholdSpace::raw_score;  ///< of a running threshold
+  double theta = 0;                                  ///< θ_h(L_i) of a running threshold
+
+  /// `τ_t` after keys with running max `max` and `sum = Σ exp(a - max)`: `max + log(θ sum)` or `max + θ`.
+  Acc running_threshold(Acc max, Acc sum) const {
+    return toptheta::score_threshold(space, theta, max, sum, Acc(0));
+  }
 
   /// True when `a > τ` alone decides (no tie rule, no cap), so elements may be tested in any order.
   bool threshold_only() const { return tie_from == unlimited && keep_limit == unlimited; }
@@ -80,10 +92,12 @@ struct RowState {
     return false;
   }
 
-  /// Online softmax over all visible keys: moves the pruned mass to a larger row max.
+  /// Online softmax over all visible keys: moves the pruned mass and the row sum to a larger row max.
   void raise_max(Acc candidate) {
     if (candidate <= mass.max) return;
-    mass.pruned_mass *= rescale_factor(mass.max, candidate);
+    const Acc factor = rescale_factor(mass.max, candidate);
+    mass.pruned_mass *= factor;
+    mass.total_mass *= factor;
     mass.max = candidate;
   }
 
@@ -102,8 +116,9 @@ struct RowState {
   /// multiplied before they are added.
   std::pair<Acc, Acc> merge(const RowState& other) {
     const Acc max = std::max(mass.max, other.mass.max);
-    mass.pruned_mass = mass.pruned_mass * rescale_factor(mass.max, max) +
-                       other.mass.pruned_mass * rescale_factor(other.mass.max, max);
+    const Acc own_sums = rescale_factor(mass.max, max), their_sums = rescale_factor(other.mass.max, max);
+    mass.pruned_mass = mass.pruned_mass * own_sums + other.mass.pruned_mass * their_sums;
+    mass.total_mass = mass.total_mass * own_sums + other.mass.total_mass * their_sums;
     mass.max = max;
     const Acc kept_max = std::max(mass.kept_max, other.mass.kept_max);
     const Acc own = rescale_factor(mass.kept_max, kept_max), theirs = rescale_factor(other.mass.kept_max, kept_max);
@@ -133,6 +148,7 @@ struct RowState {
 /// Keeps every visible key: dense attention.
 struct DenseSelection {
   bool needs_row_scores() const { return false; }
+  bool has_running_threshold() const { return false; }
   bool caps_rows() const { return false; }
   void require_query_head(Index, const std::string&) const {}
   bool post_softmax() const { return false; }
@@ -150,8 +166,10 @@ struct DenseSelection {
 
 /// How many passes a Top-θ kernel makes over the keys.
 enum class Passes {
-  automatic,  ///< one where the threshold space allows it, else two
-  one,        ///< threshold test during the only pass (raw_score, score_over_query_norm)
+  automatic,  ///< one (the faster in every space, see top_theta_attention)
+  one,        ///< one pass over K: the threshold test as keys arrive (raw_score, score_over_query_norm), or
+              ///< candidates above the running threshold until the row's max and sum are known (probability,
+              ///< score_minus_max; design.md §6)
   two,        ///< row max and log-sum-exp first, then the threshold test (every space)
 };
 
@@ -162,9 +180,7 @@ class TopThetaSelection {
       : thresholds_(thresholds), compensation_(compensation), cap_k_(cap_k) {
     const ThresholdSpace space = thresholds.space();
     compensation.validate("options.compensation");
-    detail::require(!(passes == Passes::one && needs_row_statistics(space)), "options.passes",
-                    std::string("two (threshold space ") + to_string(space) + " needs the row max first)", "one");
-    two_pass_ = passes == Passes::two || needs_row_statistics(space);
+    two_pass_ = passes == Passes::two;
     detail::require(space != ThresholdSpace::probability ||
                         compensation.denominator == DenominatorCompensation::none,
                     "options.compensation.denominator",
@@ -176,6 +192,8 @@ class TopThetaSelection {
   }
 
   bool needs_row_scores() const { return two_pass_; }
+  /// One pass in a space whose threshold depends on the row's max and sum (design.md §6).
+  bool has_running_threshold() const { return !two_pass_ && needs_row_statistics(thresholds_.space()); }
   /// Whether survivors beyond k are dropped: the kept set then depends on the order of the keys.
   bool caps_rows() const { return cap_k_; }
   void require_query_head(Index head, const std::string& argument) const {
@@ -193,8 +211,15 @@ class TopThetaSelection {
       return selection;
     }
     const ThresholdLookup lookup = thresholds_.lookup(row.query_head, row.length);
-    selection.score_threshold = score_threshold(thresholds_.space(), lookup.theta, row.max, row.sum, row.query_norm);
-    selection.pruned_bound = selection.score_threshold;
+    if (needs_row_statistics(thresholds_.space()) && row.scores == nullptr) {  // one pass: τ_i comes at the end
+      selection.running = true;
+      selection.space = thresholds_.space();
+      selection.theta = lookup.theta;
+    } else {
+      selection.score_threshold =
+          score_threshold(thresholds_.space(), lookup.theta, row.max, row.sum, row.query_norm);
+      selection.pruned_bound = selection.score_threshold;
+    }
     selection.calibrated_term = Acc(lookup.denominator_term);
     selection.extrapolated = lookup.extrapolated;
     if (cap_k_) selection.keep_limit = thresholds_.k();
@@ -224,6 +249,7 @@ class TopKSelection {
   }
 
   bool needs_row_scores() const { return true; }
+  bool has_running_threshold() const { return false; }
   bool caps_rows() const { return false; }
   void require_query_head(Index head, const std::string& argument) const {
     if (thresholds_) detail::require_head(head, thresholds_->heads(), argument);

@@ -23,10 +23,18 @@ struct TopThetaOptions : SparseAttentionOptions {
 /// table's threshold space, rows with `L_i <= k` stay dense, a row is never empty, and the dropped mass is
 /// compensated as `options.compensation` says.
 ///
-/// One pass (raw_score, score_over_query_norm): scores, threshold test, online softmax and V accumulation per
-/// KV tile; a tile with no survivor loads no V row. Two passes (needed by probability and score_minus_max): the
-/// block's score rows, max and log-sum-exp first, then the same test and accumulation; extra memory
-/// O(query block x group x L) per work item instead of O(tile).
+/// One pass over K in every space (`Passes::automatic`, `Passes::one`): per KV tile the scores, then
+///  - raw_score, score_over_query_norm: the threshold test, online softmax and V accumulation; a tile with no
+///    survivor loads no V row;
+///  - probability, score_minus_max (design.md §6): the running max and sum `(m_t, Z_t)` and the keys above the
+///    running threshold `τ_t` (which only grows) as candidates; once the row has seen every key (after merging
+///    the key ranges of a split decode), the candidates above the final `τ_i` are the kept set and only their V
+///    rows are read. Extra memory: the live candidates of each row (fewer than `1/θ` in the probability space),
+///    held in room for about one tile per row.
+///
+/// `Passes::two` keeps the two-pass kernel (the block's score rows, max and log-sum-exp first, then the same
+/// test and accumulation; O(query block x group x L) per work item): it gives the same kept sets and outputs
+/// but was slower in every case the benchmark suite measures, and stays as a reference (top-k still uses it).
 /// \param thresholds one layer's table, with one row of thresholds per query head.
 template <class Tiles = DefaultTiles, class Scalar, class Executor = DefaultExecutor>
 void top_theta_attention(const TensorView<const detail::identity_t<Scalar>>& q,

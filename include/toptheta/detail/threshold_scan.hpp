@@ -16,18 +16,20 @@ namespace toptheta::detail {
 /// Extra entries `scan_above` may write past its last survivor: the buffers need `count + scan_slack`.
 constexpr Index scan_slack = 16;
 
-/// Writes the columns `c` with `scores[c] > threshold` (increasing) to `columns` and their scores to `kept`,
-/// sets `max = max_c scores[c]` (count >= 1), and returns the number of survivors. With AVX-512 floats each 16
+/// Writes the columns `first + c` with `scores[c] > threshold` (increasing) to `columns` and their scores to
+/// `kept`, sets `max = max_c scores[c]` (count >= 1), and returns the number of survivors. With AVX-512 floats each 16
 /// scores are tested at once and the survivors compressed into place; elsewhere a branch-free scalar loop.
 template <class Acc>
-Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* columns, Acc* kept, Acc& max) {
+Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* columns, Acc* kept, Acc& max,
+                 Index first = 0) {
   Index survivors = 0, c = 0;
   Acc row_max = -std::numeric_limits<Acc>::infinity();
 #if defined(EIGEN_VECTORIZE_AVX512)
   if constexpr (std::is_same_v<Acc, float>) {
     const __m512 limit = _mm512_set1_ps(threshold);
     __m512 maxes = _mm512_set1_ps(row_max);
-    __m512i positions = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i positions = _mm512_add_epi32(_mm512_set1_epi32(std::int32_t(first)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     // Survivors are compressed in registers and stored as whole vectors (`scan_slack`), without a branch on
     // whether there are any: a compressing store to memory is slow on some cores, and the branch is
     // unpredictable at the densities Top-θ keeps.
@@ -51,7 +53,7 @@ Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* co
   for (; c < count; ++c) {
     const Acc a = scores[c];
     row_max = std::max(row_max, a);
-    columns[survivors] = std::int32_t(c);
+    columns[survivors] = std::int32_t(first + c);
     kept[survivors] = a;
     survivors += a > threshold;
   }

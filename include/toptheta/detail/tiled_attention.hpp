@@ -6,6 +6,7 @@
 #include <toptheta/detail/convert.hpp>
 #include <toptheta/detail/packed_queries.hpp>
 #include <toptheta/detail/require.hpp>
+#include <toptheta/detail/row_candidates.hpp>
 #include <toptheta/detail/row_products.hpp>
 #include <toptheta/detail/serial_product.hpp>
 #include <toptheta/detail/threshold_scan.hpp>
@@ -53,8 +54,11 @@ class KeptRowSets {
     bits_ = std::vector<std::atomic<std::uint64_t>>(std::size_t(kv_heads * words_per_head_));
   }
   void mark(Index kv_head, Index position) {
-    bits_[std::size_t(kv_head * words_per_head_ + position / 64)].fetch_or(std::uint64_t(1) << (position % 64),
-                                                                           std::memory_order_relaxed);
+    mark_word(kv_head, position / 64, std::uint64_t(1) << (position % 64));
+  }
+  /// Marks the positions 64 word + b for the bits b set in `bits`.
+  void mark_word(Index kv_head, Index word, std::uint64_t bits) {
+    bits_[std::size_t(kv_head * words_per_head_ + word)].fetch_or(bits, std::memory_order_relaxed);
   }
   std::uint64_t count(Index kv_head) const {
     std::uint64_t total = 0;
@@ -91,11 +95,13 @@ class TiledAttention {
       : q_(q), k_(k), v_(v), out_(out), shape_(shape), selection_(selection), value_means_(value_means),
         track_pruned_mass_(!selection.post_softmax() &&
                            selection.compensation().denominator == DenominatorCompensation::exact),
+        defers_values_(selection.has_running_threshold()),
         collect_stats_(collect_stats) {
     query_blocks_ = (shape.query_rows + Tiles::query_block - 1) / Tiles::query_block;
     if (collect_stats_) kept_rows_.reset(shape.kv_heads, shape.key_rows);
     const Index block_rows = shape.group_size * std::min(Tiles::query_block, shape.query_rows);
-    if (block_rows <= streaming_rows && !selection.needs_row_scores() && !selection.caps_rows()) {
+    if (block_rows <= streaming_rows && !selection.needs_row_scores() &&
+        (!selection.caps_rows() || defers_values_)) {
       tiles_ = (shape.max_row_length() + Tiles::kv_block - 1) / Tiles::kv_block;
       tiles_per_split_ = (tiles_ + max_key_splits - 1) / max_key_splits;
       key_splits_ = (tiles_ + tiles_per_split_ - 1) / tiles_per_split_;
@@ -184,18 +190,20 @@ class TiledAttention {
     block.finish_rows(stats);
   }
 
-  /// With split keys, after every item ran: merges each (KV head, query block)'s key ranges and writes o_i.
-  void finish_split_rows(AttentionStats& stats) {
-    if (key_splits_ == 0) return;
-    const auto partial = [&](Index query_block, Index split, Index kv_head) -> std::unique_ptr<Block>& {
-      return partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)];
+  /// Work items to run after `run`'s: with split keys, one per (query block, KV head).
+  Index finish_items() const { return key_splits_ > 0 ? query_blocks_ * shape_.kv_heads : 0; }
+
+  /// With split keys, after every item ran: merges the key ranges of (query block `item / kv_heads`, KV head
+  /// `item % kv_heads`) and writes o_i.
+  void finish_split_rows(Index item, AttentionStats& stats) {
+    const Index query_block = item / shape_.kv_heads, kv_head = item % shape_.kv_heads;
+    const auto partial = [&](Index split) -> Block& {
+      return *partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)];
     };
-    for (Index query_block = 0; query_block < query_blocks_; ++query_block)
-      for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head) {
-        Block& merged = *partial(query_block, 0, kv_head);
-        for (Index split = 1; split < key_splits_; ++split) merged.merge(*partial(query_block, split, kv_head));
-        merged.finish_rows(stats);
-      }
+    // From the last range to the first: each row's candidates stay grouped by tile, last tile first.
+    Block& merged = partial(key_splits_ - 1);
+    for (Index split = key_splits_ - 2; split >= 0; --split) merged.merge(partial(split));
+    merged.finish_rows(stats);
   }
 
   /// Distinct V rows kept per KV head over the whole call (only when stats are collected).
@@ -210,6 +218,7 @@ class TiledAttention {
   struct Row : RowState<Acc> {
     Index query_head = 0, query_row = 0, length = 0;
     Acc query_norm = 0;
+    RowCandidates<Acc> candidates;  // of a running threshold
   };
 
   /// Most key ranges one call is split into (when it splits keys); a fixed count, not the thread count, so
@@ -255,6 +264,8 @@ class TiledAttention {
     std::vector<SurvivorRun> survivor_runs;
     Index survivor_count = 0;
     std::vector<char> weights_written;  // per row: tile_weights holds its weights of this tile (dense rows)
+    // With running thresholds: bit j set when some row of the block needs V row j (one bit per visible key).
+    std::vector<std::uint64_t> needed_values;
     Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
     Index tile_first = 0, tile_width = 0;  // the tile being accumulated
     bool tile_sparse = false;              // its V rows are added row by row from the survivors
@@ -286,6 +297,7 @@ class TiledAttention {
         rows.push_back(row);
       }
       output.setZero(Index(rows.size()), shape.head_dim);
+      if (kernel.defers_values_) needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
       make_survivor_room(Index(rows.size()) * std::min<Index>(Tiles::kv_block, 16));
       survivor_runs.reserve(rows.size());
     }
@@ -366,11 +378,7 @@ class TiledAttention {
       const Index first = tile_first, width = tile_width;
       const Index row_count = Index(rows.size());
       const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
-      tile_weights.resize(row_count, width);
-      weights_written.assign(std::size_t(row_count), 0);
-      column_kept.assign(std::size_t(width), 0);
-      survivor_runs.clear();
-      survivor_count = 0;
+      clear_tile_selection();
       Index dense_elements = 0;
       ++stats.kv_tiles;
       for (Index r = 0; r < row_count; ++r) {
@@ -382,27 +390,50 @@ class TiledAttention {
           track_max_score_key(row, row_tile, first, row_tile.maxCoeff());
           weigh_all(r, row, row_tile);
           dense_elements += visible;
-        } else
+        } else if (row.selection.running) {
+          collect_candidates(row, row_tile, first);
+        } else {
           select_and_weigh(r, row, row_tile, first);
+        }
       }
       weigh_survivors();
-      kept_columns.resize(std::size_t(width));
+      return settle_tile_columns(dense_elements, stats);
+    }
+
+    /// Clears the tile's survivor lists and column marks for `weigh_tile` or `accumulate_candidates`.
+    void clear_tile_selection() {
+      tile_weights.resize(Index(rows.size()), tile_width);
+      weights_written.assign(rows.size(), 0);
+      column_kept.assign(std::size_t(tile_width), 0);
+      survivor_runs.clear();
+      survivor_count = 0;
+    }
+
+    /// After the tile's elements are selected and weighed (`dense_elements` of them by dense rows): lists the
+    /// kept columns, counts them, and chooses how their V rows are accumulated. Returns whether any is kept.
+    bool settle_tile_columns(Index dense_elements, AttentionStats& stats) {
+      kept_columns.resize(std::size_t(tile_width));
       Index kept = 0;
-      for (Index c = 0; c < width; ++c) {  // branch-free: every column is written, the kept ones advance
+      for (Index c = 0; c < tile_width; ++c) {  // branch-free: every column is written, the kept ones advance
         kept_columns[std::size_t(kept)] = c;
         kept += column_kept[std::size_t(c)];
       }
       kept_columns.resize(std::size_t(kept));
-      if (kept == 0) {
-        ++stats.kv_tiles_without_survivor;
-        return false;
+      if (kernel.defers_values_) {  // V rows and skipped tiles are counted once every row is decided
+        for (Index c : kept_columns) need_value(tile_first + c);
+        if (kept == 0) return false;
+      } else {
+        if (kept == 0) {
+          ++stats.kv_tiles_without_survivor;
+          return false;
+        }
+        stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
+        if (kernel.collect_stats_)
+          for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, tile_first + c);
       }
-      stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
-      if (kernel.collect_stats_)
-        for (Index c : kept_columns) kernel.kept_rows_.mark(kv_head, first + c);
       const Index selected = dense_elements + survivor_count;
       tile_sparse = dense_elements == 0 && (output.rows() <= streaming_rows
-                                                ? kept < width
+                                                ? kept < tile_width
                                                 : selected * sparse_tile_ratio < output.rows() * kept);
       if (!tile_sparse) fill_tile_weights();
       return true;
@@ -439,7 +470,9 @@ class TiledAttention {
       weights = (visible.array() - row.mass.kept_max).exp().matrix();
       tile_weights.row(r).tail(tile_width - visible.size()).setZero();
       weights_written[std::size_t(r)] = 1;
-      row.mass.kept_mass += weights.sum();
+      const Acc tile_mass = weights.sum();
+      row.mass.kept_mass += tile_mass;
+      if (kernel.defers_values_) row.mass.total_mass += tile_mass;  // m_S = m_i: Z_i is the kept mass
       std::fill(column_kept.begin(), column_kept.begin() + visible.size(), char(1));
     }
 
@@ -496,6 +529,107 @@ class TiledAttention {
       survivor_count += survivors;
     }
 
+    /// A running threshold (design.md §6): moves m_t and Z_t over the tile's visible scores and keeps the keys
+    /// above τ_t (less the rounding margin) as candidates. No V row is read until τ_i is known.
+    template <class Visible>
+    void collect_candidates(Row& row, const Visible& visible, Index first) {
+      track_max_score_key(row, visible, first, visible.maxCoeff());
+      row.mass.total_mass += (visible.array() - row.mass.max).exp().sum();
+      const Acc tau = row.selection.running_threshold(row.mass.max, row.mass.total_mass);
+      row.candidates.add_above(visible.data(), visible.size(), first, forget_floor(tau));
+    }
+
+    /// Decides S_i of a row with a running threshold once it has seen every key: the candidates above the
+    /// final τ_i, capped to the largest positions, weighed `exp(a_ij - m_S)`.
+    void decide_candidates(Row& row) {
+      RowCandidates<Acc>& candidates = row.candidates;
+      const Acc tau = row.selection.running_threshold(row.mass.max, row.mass.total_mass);
+      row.selection.score_threshold = row.selection.pruned_bound = tau;
+      candidates.keep_above(tau);
+      if (candidates.size() > row.selection.keep_limit) {
+        candidates.keep_largest_positions(row.selection.keep_limit);
+        row.capped = true;
+      }
+      if (kernel.track_pruned_mass_) row.mass.pruned_mass = row.mass.total_mass;
+      if (candidates.size() == 0) return;  // the never-empty rule follows
+      row.mass.kept = candidates.size();
+      row.mass.kept_max = candidates.max_score();
+      row.mass.kept_mass = candidates.weigh(row.mass.kept_max);
+      if (kernel.track_pruned_mass_)  // Σ_{j∉S_i} exp(a_ij - m_i) = Z_i - D_i exp(m_S - m_i)
+        row.mass.pruned_mass = std::max(
+            Acc(0), row.mass.total_mass - row.mass.kept_mass * std::exp(row.mass.kept_max - row.mass.max));
+    }
+
+    /// Decides the rows with a running threshold and adds their kept V rows. A block of few rows (decode)
+    /// gathers each row's V rows at once; a GEMM block goes tile by tile from the last to the first as the
+    /// one-pass rules do, so that a tile's V rows are read once for the block (by a GEMM over its kept columns
+    /// where many rows keep them). Each row's candidates are grouped by tile, last tile first.
+    void accumulate_candidates(AttentionStats& stats) {
+      Index left = 0;
+      for (Row& row : rows)
+        if (row.selection.running) {
+          decide_candidates(row);
+          left += row.candidates.size();
+        }
+      if (output.rows() <= streaming_rows) {
+        for (Index r = 0; r < Index(rows.size()); ++r) {
+          const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
+          add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(),
+                            kernel.v_.row(0, kv_head), kernel.v_.token_stride(), output.cols(), output.row(r).data());
+          for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
+        }
+        return;
+      }
+      std::vector<Index> taken(rows.size(), 0);  // per row: candidates accumulated so far
+      for (Index first = (visible_end - 1) / Tiles::kv_block * Tiles::kv_block; left > 0 && first >= 0;
+           first -= Tiles::kv_block) {
+        begin_tile(first);
+        clear_tile_selection();
+        for (Index r = 0; r < Index(rows.size()); ++r) {
+          const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
+          Index& next = taken[std::size_t(r)];
+          const Index begin = next;
+          while (next < candidates.size() && candidates.positions()[next] >= first) ++next;
+          if (next == begin) continue;
+          make_survivor_room(next - begin);
+          SurvivorRun& run = survivor_runs.emplace_back();
+          run.row = r;
+          run.begin = survivor_count;
+          for (Index t = begin; t < next; ++t, ++survivor_count) {
+            const Index column = candidates.positions()[t] - first;
+            survivor_columns[std::size_t(survivor_count)] = std::int32_t(column);
+            survivor_weights[survivor_count] = candidates.scores()[t];
+            column_kept[std::size_t(column)] = 1;
+          }
+          run.end = survivor_count;
+          left -= next - begin;
+        }
+        if (settle_tile_columns(0, stats)) accumulate_values(first, tile_width);
+      }
+    }
+
+    /// Marks V row `position` as needed by some row of the block (running thresholds).
+    void need_value(Index position) {
+      needed_values[std::size_t(position / 64)] |= std::uint64_t(1) << (position % 64);
+    }
+
+    /// With running thresholds, after the rows are finished: the V rows the block read (each once), the call's
+    /// kept rows, and the tiles none of them fell in.
+    void count_needed_values(AttentionStats& stats) {
+      std::uint64_t read = 0;
+      for (std::size_t w = 0; w < needed_values.size(); ++w) {
+        read += std::uint64_t(__builtin_popcountll(needed_values[w]));
+        if (kernel.collect_stats_ && needed_values[w]) kernel.kept_rows_.mark_word(kv_head, Index(w), needed_values[w]);
+      }
+      stats.v_rows_read[std::size_t(kv_head)] += read;
+      for (Index first = 0; first < visible_end; first += Tiles::kv_block) {
+        bool needed = false;
+        for (Index position = first; position < std::min(first + Tiles::kv_block, visible_end); position += 64)
+          needed = needed || (needed_values[std::size_t(position / 64)] != 0);
+        stats.kv_tiles_without_survivor += !needed;
+      }
+    }
+
     /// output += P_tile V_tile over the kept columns among keys [from, from + count) of the tile: V rows no row
     /// kept are never loaded. A sparse tile (few selected elements among many rows; accumulated whole) adds to
     /// each output row its survivors' V rows, gathered; a dense one streams the V rows (few rows; asking for
@@ -546,7 +680,9 @@ class TiledAttention {
       for (Index r = 0; r < Index(rows.size()); ++r) {
         const auto [own, theirs] = rows[std::size_t(r)].merge(other.rows[std::size_t(r)]);
         output.row(r) = own * output.row(r) + theirs * other.output.row(r);
+        rows[std::size_t(r)].candidates.append(other.rows[std::size_t(r)].candidates);
       }
+      for (std::size_t w = 0; w < needed_values.size(); ++w) needed_values[w] |= other.needed_values[w];
     }
 
     /// Applies the never-empty rule, the compensations, and writes o_i.
@@ -557,6 +693,7 @@ class TiledAttention {
       const auto output_row = [&](Index r) {
         return kernel.out_.row(rows[std::size_t(r)].query_row, rows[std::size_t(r)].query_head);
       };
+      if (kernel.defers_values_) accumulate_candidates(stats);
       for (Index r = 0; r < Index(rows.size()); ++r) {
         ask_ahead<true>(r, Index(rows.size()), output_row, row_bytes);
         Row& row = rows[std::size_t(r)];
@@ -564,8 +701,12 @@ class TiledAttention {
         if (row.keep_best_if_empty()) {
           output.row(r) = values.row(row.best_position).template cast<Acc>();
           ++stats.empty_rows;
-          ++stats.v_rows_read[std::size_t(kv_head)];
-          if (kernel.collect_stats_) kernel.kept_rows_.mark(kv_head, row.best_position);
+          if (kernel.defers_values_) {
+            need_value(row.best_position);
+          } else {
+            ++stats.v_rows_read[std::size_t(kv_head)];
+            if (kernel.collect_stats_) kernel.kept_rows_.mark(kv_head, row.best_position);
+          }
         }
         const Acc denominator =
             softmax_denominator(row.mass, compensation, kernel.selection_.post_softmax(), row.selection.pruned_bound,
@@ -583,6 +724,7 @@ class TiledAttention {
         stats.capped_rows += row.capped;
         stats.extrapolated_rows += row.selection.extrapolated;
       }
+      if (kernel.defers_values_) count_needed_values(stats);
     }
   };
 
@@ -661,6 +803,7 @@ class TiledAttention {
   const Selection& selection_;
   const ValueMeans<Acc>* value_means_;
   bool track_pruned_mass_;
+  bool defers_values_;  // running thresholds: V rows are read once each row's τ_i is known
   bool collect_stats_;
   Index query_blocks_ = 0;
   Index tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;  // key_splits_ = 0: items are (KV head, query block)
@@ -691,13 +834,16 @@ void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<con
     item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
     kernel.run(item, item_stats[std::size_t(item)]);
   });
-  AttentionStats merge_stats;
-  merge_stats.reset(shape.q_heads, shape.kv_heads);
-  kernel.finish_split_rows(merge_stats);
+  std::vector<AttentionStats> finish_stats(std::size_t(kernel.finish_items()));
+  if (kernel.finish_items() > 0)
+    executor.parallel_for(kernel.finish_items(), [&](Index item) {
+      finish_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
+      kernel.finish_split_rows(item, finish_stats[std::size_t(item)]);
+    });
   if (!stats) return;
   stats->reset(shape.q_heads, shape.kv_heads);
   for (const auto& item : item_stats) stats->merge(item);
-  stats->merge(merge_stats);
+  for (const auto& item : finish_stats) stats->merge(item);
   kernel.count_kept_rows(*stats);
 }
 
