@@ -13,6 +13,22 @@ Eigen::MatrixXd rows_of(const Eigen::MatrixXd& matrix, Index first, Index count)
   return matrix.middleRows(first, count);
 }
 
+/// The oracle's output for Top-θ with `table`, `compensation` and `cap_k` on `problem`; adds the elements its
+/// masks keep to `kept`.
+template <class Scalar>
+Eigen::MatrixXd top_theta_oracle(const Problem<Scalar>& problem, const AttentionOptions& attention,
+                                 const LayerThresholds& table, const Compensation& compensation, bool cap_k,
+                                 std::uint64_t& kept) {
+  auto sparsity = top_theta_sparsity(table, compensation, cap_k);
+  const auto keep = sparsity.keep;
+  sparsity.keep = [&](const ReferenceRow& row) {
+    auto mask = keep(row);
+    kept += std::uint64_t(std::count(mask.begin(), mask.end(), true));
+    return mask;
+  };
+  return reference_attention(problem.queries(), problem.keys(), problem.values(), attention, sparsity);
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("dense tiled attention equals the reference", "[dense]", float, double, Eigen::half,
@@ -83,15 +99,8 @@ TEMPLATE_TEST_CASE("Top-θ equals the oracle on the explicitly built mask with t
                                     options, &stats);
 
   std::uint64_t oracle_kept = 0;
-  auto sparsity = top_theta_sparsity(table, options.compensation, cap_k);
-  const auto keep = sparsity.keep;
-  sparsity.keep = [&](const ReferenceRow& row) {
-    auto kept = keep(row);
-    oracle_kept += std::uint64_t(std::count(kept.begin(), kept.end(), true));
-    return kept;
-  };
   const Eigen::MatrixXd expected =
-      reference_attention(problem.queries(), problem.keys(), problem.values(), attention, sparsity);
+      top_theta_oracle(problem, attention, table, options.compensation, cap_k, oracle_kept);
   INFO(type_name<TestType>() << " " << to_string(space) << " " << to_string(denominator) << " v_mean " << v_mean
                              << " cap_k " << cap_k << " causal " << causal);
   CHECK(AttentionStats::total(stats.elements_kept) == oracle_kept);
@@ -163,15 +172,8 @@ TEST_CASE("one-pass row-relative Top-θ equals the oracle when candidates outgro
   top_theta_attention<Tiles<4, 32>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
                                     options, &stats);
   std::uint64_t oracle_kept = 0;
-  auto sparsity = top_theta_sparsity(table, options.compensation, false);
-  const auto keep = sparsity.keep;
-  sparsity.keep = [&](const ReferenceRow& row) {
-    auto kept = keep(row);
-    oracle_kept += std::uint64_t(std::count(kept.begin(), kept.end(), true));
-    return kept;
-  };
   const Eigen::MatrixXd expected =
-      reference_attention(problem.queries(), problem.keys(), problem.values(), attention, sparsity);
+      top_theta_oracle(problem, attention, table, options.compensation, false, oracle_kept);
   INFO(to_string(space) << " order " << order << " keep " << keep_fraction << " kept " << oracle_kept);
   CHECK(AttentionStats::total(stats.elements_kept) == oracle_kept);
   CHECK(relative_error(problem.output_matrix(), expected) <= 1e-12);

@@ -69,8 +69,11 @@ long long peak_rss_growth(Work&& work) {
   work();
   const long long after = peak_rss_bytes();
   REQUIRE(before > 0);
-  REQUIRE(after >= before);
-  return after - before;
+  // Linux counts resident pages per CPU in batches and folds them in lazily, so a peak read after a run that
+  // freed pages can come out a few pages below the one read before it (seen: 8 KiB): no growth.
+  const long long counter_lag = 1024 * 1024;
+  REQUIRE(after >= before - counter_lag);
+  return std::max(0LL, after - before);
 }
 
 constexpr long long MiB = 1024 * 1024;

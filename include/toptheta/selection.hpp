@@ -56,11 +56,12 @@ struct RowSelection {
   /// are kept as candidates and `τ_i = running_threshold(m_i, Z_i)` decides once the row has seen every key.
   bool running = false;
   ThresholdSpace space = ThresholdSpace::raw_score;  ///< of a running threshold
-  double theta = 0;                                  ///< θ_h(L_i) of a running threshold
+  Acc offset = 0;  ///< of a running threshold: `τ` at max 0 and sum 1, `log θ` (probability) or `θ`
 
-  /// `τ_t` after keys with running max `max` and `sum = Σ exp(a - max)`: `max + log(θ sum)` or `max + θ`.
+  /// `τ_t` after keys with running max `max` and `sum = Σ exp(a - max)`: `max + log θ + log sum` or `max + θ`,
+  /// the same operations as `score_threshold`.
   Acc running_threshold(Acc max, Acc sum) const {
-    return toptheta::score_threshold(space, theta, max, sum, Acc(0));
+    return space == ThresholdSpace::probability ? max + offset + std::log(sum) : max + offset;
   }
 
   /// True when `a > τ` alone decides (no tie rule, no cap), so elements may be tested in any order.
@@ -214,7 +215,7 @@ class TopThetaSelection {
     if (needs_row_statistics(thresholds_.space()) && row.scores == nullptr) {  // one pass: τ_i comes at the end
       selection.running = true;
       selection.space = thresholds_.space();
-      selection.theta = lookup.theta;
+      selection.offset = score_threshold(selection.space, lookup.theta, Acc(0), Acc(1), Acc(0));
     } else {
       selection.score_threshold =
           score_threshold(thresholds_.space(), lookup.theta, row.max, row.sum, row.query_norm);
