@@ -61,6 +61,7 @@ class RowCandidates {
 
   /// Adds the candidates of the same row over another key range.
   void append(const RowCandidates& other) {
+    if (other.size_ == 0) return;  // rows without a running threshold merge nothing
     make_room(size_ + other.size_ + scan_slack);
     std::copy_n(other.positions_.data(), other.size_, positions_.data() + size_);
     std::copy_n(other.scores_.data(), other.size_, scores_.data() + size_);
