@@ -155,24 +155,33 @@ TEMPLATE_TEST_CASE("the max's position is the last position holding it", "[thres
 
 TEMPLATE_TEST_CASE("row candidates hold every key above the last floor, through forgetting, growth and merging",
                    "[row_candidates]", float, double) {
-  // Chunks of scores arrive with a rising floor (a running threshold); whatever was forgotten to make room,
-  // the candidates above the last floor are exactly the keys above it, at their positions.
+  // Chunks of scores arrive with a rising floor (a running threshold); whatever was forgotten to make room
+  // (first in 48 lent entries, then in storage of their own), the candidates above the last floor are exactly
+  // the keys above it, at their positions.
   const Index chunk = GENERATE(1, 16, 37, 256);
   const double rise = GENERATE(0.0, 0.02, 0.5);
   const Index count = 3000;
   const auto scores = random_values<TestType>(count, unsigned(chunk + 7), 2.0);
+  std::vector<std::int32_t> lent_positions(48);
+  std::vector<TestType> lent_scores(48);
   detail::RowCandidates<TestType> first_half, second_half;
+  first_half.use_room(lent_positions.data(), lent_scores.data(), 48);
+  detail::ScannedKeys<TestType> scanned;
   TestType floor = TestType(-3);
   for (Index from = 0; from < count; from += chunk, floor += TestType(rise)) {
     const Index width = std::min(chunk, count - from);
-    (from < count / 2 ? first_half : second_half).add_above(scores.data() + from, width, from, floor);
+    scanned.scan(scores.data() + from, width, from, floor);
+    (from < count / 2 ? first_half : second_half).add(scanned, floor);
   }
-  first_half.append(second_half);
+  first_half.append_above(second_half, floor);
   first_half.keep_above(floor);
-  std::vector<std::pair<std::int32_t, TestType>> held, expected;
+  const detail::RowCandidates<TestType> copy = first_half;
+  std::vector<std::pair<std::int32_t, TestType>> held, copied, expected;
   for (Index t = 0; t < first_half.size(); ++t) held.emplace_back(first_half.positions()[t], first_half.scores()[t]);
+  for (Index t = 0; t < copy.size(); ++t) copied.emplace_back(copy.positions()[t], copy.scores()[t]);
   for (Index j = 0; j < count; ++j)
     if (scores[std::size_t(j)] > floor) expected.emplace_back(std::int32_t(j), scores[std::size_t(j)]);
+  CHECK(copied == held);
   std::sort(held.begin(), held.end());
   INFO(type_name<TestType>() << " chunk " << chunk << " rise " << rise << " expected " << expected.size());
   CHECK(held == expected);

@@ -26,35 +26,82 @@ Acc forget_floor(Acc tau_t) {
   return tau_t - margin * std::max(Acc(1), std::abs(tau_t));
 }
 
-/// Candidates `(position j, score a_ij)` of one row: every key above the running floor when it arrived, less
-/// those found stale when room ran short. Room grows only when the live candidates and one tile do not fit,
-/// so it stays near (live candidates + one tile); in the probability space fewer than `1/θ` are live
-/// (design.md §6, 3).
+/// The keys of one tile above a floor, found by one scan before they join a row's candidates.
 template <class Acc>
-class RowCandidates {
+class ScannedKeys {
  public:
-  Index size() const { return size_; }
+  /// Finds the keys `first + c` of `scores[0 .. count)` whose score exceeds `floor`.
+  void scan(const Acc* scores, Index count, Index first, Acc floor) {
+    if (positions_.size() < count + scan_slack) {
+      positions_.resize(count + scan_slack);
+      scores_.resize(count + scan_slack);
+    }
+    Acc max;
+    count_ = scan_above(scores, count, floor, positions_.data(), scores_.data(), max, first);
+  }
+  Index count() const { return count_; }
   const std::int32_t* positions() const { return positions_.data(); }
   const Acc* scores() const { return scores_.data(); }
 
-  /// Adds the keys `first + c` of `scores[0 .. count)` whose score exceeds `floor`, first forgetting the held
-  /// candidates at or below `floor` when the room is short.
-  void add_above(const Acc* scores, Index count, Index first, Acc floor) {
-    if (size_ + count + scan_slack > room()) {
-      keep_above(floor);
-      make_room(size_ + count + scan_slack);
+ private:
+  Index count_ = 0;
+  Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1> positions_;
+  Eigen::Matrix<Acc, Eigen::Dynamic, 1> scores_;
+};
+
+/// Candidates `(position j, score a_ij)` of one row: every key above the running floor when it arrived, less
+/// those found stale when room ran short; in the probability space fewer than `1/θ` are live (design.md §6,
+/// 3). They are held in room lent by the caller (`use_room`, a share of a work item's buffer) until they
+/// outgrow it, then in storage of their own that doubles when the live candidates do not fit.
+template <class Acc>
+class RowCandidates {
+ public:
+  RowCandidates() = default;
+  /// A copy holds the same candidates in storage of its own.
+  RowCandidates(const RowCandidates& other) { append(other); }
+  RowCandidates& operator=(const RowCandidates& other) {
+    if (this != &other) {
+      size_ = 0;
+      append(other);
     }
-    Acc max;
-    size_ += scan_above(scores, count, floor, positions_.data() + size_, scores_.data() + size_, max, first);
+    return *this;
+  }
+
+  /// Holds up to `room` candidates at `positions` and `scores` (which must outlive this) before any storage
+  /// of its own; only while empty.
+  void use_room(std::int32_t* positions, Acc* scores, Index room) {
+    if (size_ > 0) return;
+    positions_ = positions;
+    scores_ = scores;
+    room_ = room;
+  }
+
+  Index size() const { return size_; }
+  const std::int32_t* positions() const { return positions_; }
+  const Acc* scores() const { return scores_; }
+
+  /// Adds the scanned keys (all above `floor`), first forgetting the held candidates at or below `floor` when
+  /// the room is short.
+  void add(const ScannedKeys<Acc>& keys, Acc floor) {
+    if (keys.count() == 0) return;
+    if (size_ + keys.count() > room_) {
+      keep_above(floor);
+      make_room(size_ + keys.count());
+    }
+    std::copy_n(keys.positions(), keys.count(), positions_ + size_);
+    std::copy_n(keys.scores(), keys.count(), scores_ + size_);
+    size_ += keys.count();
   }
 
   /// Forgets the candidates with score <= `floor`; the rest keep their order.
   void keep_above(Acc floor) {
+    std::int32_t* const positions = positions_;
+    Acc* const scores = scores_;
     Index kept = 0;
     for (Index t = 0; t < size_; ++t) {  // branch-free: every entry is written, the kept ones advance
-      positions_[std::size_t(kept)] = positions_[std::size_t(t)];
-      scores_[kept] = scores_[t];
-      kept += scores_[t] > floor;
+      positions[kept] = positions[t];
+      scores[kept] = scores[t];
+      kept += scores[t] > floor;
     }
     size_ = kept;
   }
@@ -62,10 +109,22 @@ class RowCandidates {
   /// Adds the candidates of the same row over another key range.
   void append(const RowCandidates& other) {
     if (other.size_ == 0) return;  // rows without a running threshold merge nothing
-    make_room(size_ + other.size_ + scan_slack);
-    std::copy_n(other.positions_.data(), other.size_, positions_.data() + size_);
-    std::copy_n(other.scores_.data(), other.size_, scores_.data() + size_);
+    make_room(size_ + other.size_);
+    std::copy_n(other.positions_, other.size_, positions_ + size_);
+    std::copy_n(other.scores_, other.size_, scores_ + size_);
     size_ += other.size_;
+  }
+
+  /// Adds the candidates of the same row over another key range whose score exceeds `floor`.
+  void append_above(const RowCandidates& other, Acc floor) {
+    make_room(size_ + other.size_);
+    Index added = 0;
+    for (Index t = 0; t < other.size_; ++t) {  // branch-free, as keep_above
+      positions_[size_ + added] = other.positions_[t];
+      scores_[size_ + added] = other.scores_[t];
+      added += other.scores_[t] > floor;
+    }
+    size_ += added;
   }
 
   /// Keeps the `limit` candidates with the largest positions (the cap of design.md §1, step 2), in decreasing
@@ -74,39 +133,50 @@ class RowCandidates {
     if (size_ <= limit) return;
     std::vector<std::pair<std::int32_t, Acc>> entries;
     entries.reserve(static_cast<std::size_t>(size_));
-    for (Index t = 0; t < size_; ++t) entries.emplace_back(positions_[std::size_t(t)], scores_[t]);
+    for (Index t = 0; t < size_; ++t) entries.emplace_back(positions_[t], scores_[t]);
     std::partial_sort(entries.begin(), entries.begin() + limit, entries.end(),
                       [](const auto& a, const auto& b) { return a.first > b.first; });
     for (Index t = 0; t < limit; ++t) {
-      positions_[std::size_t(t)] = entries[std::size_t(t)].first;
+      positions_[t] = entries[std::size_t(t)].first;
       scores_[t] = entries[std::size_t(t)].second;
     }
     size_ = limit;
   }
 
   /// `m_S = max` of the scores (size() >= 1).
-  Acc max_score() const { return scores_.head(size_).maxCoeff(); }
+  Acc max_score() const { return held_scores().maxCoeff(); }
 
   /// Turns each score `a` into the weight `exp(a - kept_max)` in one vectorised pass and returns their sum.
   Acc weigh(Acc kept_max) {
-    auto weights = scores_.head(size_).array();
+    auto weights = held_scores();
     weights = (weights - kept_max).exp();
     return weights.sum();
   }
 
  private:
-  Index room() const { return Index(positions_.size()); }
-  void make_room(Index needed) {
-    if (needed <= room()) return;
-    const Index grown = std::max(needed, 2 * room());
-    positions_.resize(std::size_t(grown));
-    scores_.conservativeResize(grown);
+  Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>> held_scores() const {
+    return Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(scores_, size_);
   }
 
-  Index size_ = 0;
-  std::vector<std::int32_t> positions_;
-  // Eigen storage: aligned, so that the vectorised exp over it rounds the same for any thread's allocation.
-  Eigen::Matrix<Acc, Eigen::Dynamic, 1> scores_;
+  void make_room(Index needed) {
+    if (needed <= room_) return;
+    const Index grown = std::max(needed, 2 * room_);
+    std::vector<std::int32_t> positions(positions_, positions_ + size_);
+    positions.resize(std::size_t(grown));
+    Eigen::Matrix<Acc, Eigen::Dynamic, 1> scores(grown);
+    std::copy_n(scores_, size_, scores.data());
+    own_positions_.swap(positions);
+    own_scores_.swap(scores);
+    positions_ = own_positions_.data();
+    scores_ = own_scores_.data();
+    room_ = grown;
+  }
+
+  std::int32_t* positions_ = nullptr;
+  Acc* scores_ = nullptr;
+  Index room_ = 0, size_ = 0;
+  std::vector<std::int32_t> own_positions_;
+  Eigen::Matrix<Acc, Eigen::Dynamic, 1> own_scores_;
 };
 
 }  // namespace toptheta::detail

@@ -231,6 +231,9 @@ class TiledAttention {
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
+  /// Candidates each row of a running threshold holds in its block's buffer before storage of its own
+  /// (a multiple of 16, so that each row's share starts on a 64-byte line).
+  static constexpr Index candidate_room = 128;
   /// Query and output rows, a token stride apart, are asked for this many rows before they are used.
   static constexpr Index rows_ahead = 8;
   /// With split keys, the KV heads' blocks take turns every this many keys, so that K and V are read in
@@ -264,8 +267,12 @@ class TiledAttention {
     std::vector<SurvivorRun> survivor_runs;
     Index survivor_count = 0;
     std::vector<char> weights_written;  // per row: tile_weights holds its weights of this tile (dense rows)
-    // With running thresholds: bit j set when some row of the block needs V row j (one bit per visible key).
+    // With running thresholds: bit j set when some row of the block needs V row j (one bit per visible key);
+    // `candidate_room` candidates per row lent to the rows, and the tile's keys above a row's floor.
     std::vector<std::uint64_t> needed_values;
+    Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1> candidate_positions;
+    Eigen::Matrix<Acc, Eigen::Dynamic, 1> candidate_scores;
+    ScannedKeys<Acc> scanned_keys;
     Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
     Index tile_first = 0, tile_width = 0;  // the tile being accumulated
     bool tile_sparse = false;              // its V rows are added row by row from the survivors
@@ -297,7 +304,14 @@ class TiledAttention {
         rows.push_back(row);
       }
       output.setZero(Index(rows.size()), shape.head_dim);
-      if (kernel.defers_values_) needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
+      if (kernel.defers_values_) {
+        needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
+        candidate_positions.resize(stacked * candidate_room);
+        candidate_scores.resize(stacked * candidate_room);
+        for (Index n = 0; n < stacked; ++n)
+          rows[std::size_t(n)].candidates.use_room(candidate_positions.data() + n * candidate_room,
+                                                   candidate_scores.data() + n * candidate_room, candidate_room);
+      }
       make_survivor_room(Index(rows.size()) * std::min<Index>(Tiles::kv_block, 16));
       survivor_runs.reserve(rows.size());
     }
@@ -536,7 +550,9 @@ class TiledAttention {
       track_max_score_key(row, visible, first, visible.maxCoeff());
       row.mass.total_mass += (visible.array() - row.mass.max).exp().sum();
       const Acc tau = row.selection.running_threshold(row.mass.max, row.mass.total_mass);
-      row.candidates.add_above(visible.data(), visible.size(), first, forget_floor(tau));
+      const Acc floor = forget_floor(tau);
+      scanned_keys.scan(visible.data(), visible.size(), first, floor);
+      row.candidates.add(scanned_keys, floor);
     }
 
     /// Decides S_i of a row with a running threshold once it has seen every key: the candidates above the
@@ -572,6 +588,12 @@ class TiledAttention {
           left += row.candidates.size();
         }
       if (output.rows() <= streaming_rows) {
+        // Every kept V row is asked for first, so that their loads from memory overlap instead of stalling
+        // the gathers one row at a time.
+        const Index row_bytes = output.cols() * Index(sizeof(Scalar));
+        for (const Row& row : rows)
+          for (Index t = 0; t < row.candidates.size(); ++t)
+            ask_for_bytes(kernel.v_.row(row.candidates.positions()[t], kv_head), row_bytes);
         for (Index r = 0; r < Index(rows.size()); ++r) {
           const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
           add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(),
@@ -587,22 +609,28 @@ class TiledAttention {
         clear_tile_selection();
         for (Index r = 0; r < Index(rows.size()); ++r) {
           const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-          Index& next = taken[std::size_t(r)];
-          const Index begin = next;
-          while (next < candidates.size() && candidates.positions()[next] >= first) ++next;
-          if (next == begin) continue;
-          make_survivor_room(next - begin);
+          const std::int32_t* const positions = candidates.positions();
+          const Index begin = taken[std::size_t(r)], size = candidates.size();
+          if (begin == size || positions[begin] < first) continue;
+          make_survivor_room(size - begin);
+          // Local pointers: the column marks are chars, which may alias anything a member points at.
+          std::int32_t* const columns = survivor_columns.data() + survivor_count;
+          Acc* const weights = survivor_weights.data() + survivor_count;
+          char* const kept = column_kept.data();
+          const Acc* const candidate_weights = candidates.scores();
+          Index end = begin;
+          for (; end < size && positions[end] >= first; ++end) {
+            const std::int32_t column = positions[end] - std::int32_t(first);
+            columns[end - begin] = column;
+            weights[end - begin] = candidate_weights[end];
+            kept[column] = 1;
+          }
+          taken[std::size_t(r)] = end;
           SurvivorRun& run = survivor_runs.emplace_back();
           run.row = r;
           run.begin = survivor_count;
-          for (Index t = begin; t < next; ++t, ++survivor_count) {
-            const Index column = candidates.positions()[t] - first;
-            survivor_columns[std::size_t(survivor_count)] = std::int32_t(column);
-            survivor_weights[survivor_count] = candidates.scores()[t];
-            column_kept[std::size_t(column)] = 1;
-          }
-          run.end = survivor_count;
-          left -= next - begin;
+          run.end = survivor_count += end - begin;
+          left -= end - begin;
         }
         if (settle_tile_columns(0, stats)) accumulate_values(first, tile_width);
       }
@@ -675,12 +703,25 @@ class TiledAttention {
       row.raise_max(tile_max);
     }
 
-    /// Joins the same rows' partial state over another key range.
+    /// Forgets the candidates at or below each row's running threshold: at the end of a key range, whose
+    /// first tiles let many keys through while its sum was small.
+    void forget_stale_candidates() {
+      for (Row& row : rows)
+        if (row.selection.running)
+          row.candidates.keep_above(
+              forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass)));
+    }
+
+    /// Joins the same rows' partial state over another key range; of its candidates, those above the joined
+    /// running threshold.
     void merge(const Block& other) {
       for (Index r = 0; r < Index(rows.size()); ++r) {
-        const auto [own, theirs] = rows[std::size_t(r)].merge(other.rows[std::size_t(r)]);
+        Row& row = rows[std::size_t(r)];
+        const auto [own, theirs] = row.merge(other.rows[std::size_t(r)]);
         output.row(r) = own * output.row(r) + theirs * other.output.row(r);
-        rows[std::size_t(r)].candidates.append(other.rows[std::size_t(r)].candidates);
+        if (row.selection.running)
+          row.candidates.append_above(other.rows[std::size_t(r)].candidates,
+                                      forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass)));
       }
       for (std::size_t w = 0; w < needed_values.size(); ++w) needed_values[w] |= other.needed_values[w];
     }
@@ -784,6 +825,7 @@ class TiledAttention {
             block.accumulate_values(from, count, next);
           });
     }
+    for (auto& block : blocks) block->forget_stale_candidates();
     for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head)
       partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)] =
           std::move(blocks[std::size_t(kv_head)]);
