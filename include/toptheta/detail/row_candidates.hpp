@@ -30,14 +30,16 @@ Acc forget_floor(Acc tau_t) {
 template <class Acc>
 class ScannedKeys {
  public:
-  /// Finds the keys `first + c` of `scores[0 .. count)` whose score exceeds `floor`.
-  void scan(const Acc* scores, Index count, Index first, Acc floor) {
+  /// Finds the keys `first + c` of `scores[0 .. count)` (count >= 1) whose score exceeds `floor`; returns the
+  /// largest score.
+  Acc scan(const Acc* scores, Index count, Index first, Acc floor) {
     if (positions_.size() < count + scan_slack) {
       positions_.resize(count + scan_slack);
       scores_.resize(count + scan_slack);
     }
     Acc max;
     count_ = scan_above(scores, count, floor, positions_.data(), scores_.data(), max, first);
+    return max;
   }
   Index count() const { return count_; }
   const std::int32_t* positions() const { return positions_.data(); }
@@ -80,31 +82,19 @@ class RowCandidates {
   const std::int32_t* positions() const { return positions_; }
   const Acc* scores() const { return scores_; }
 
-  /// Adds the scanned keys (all above `floor`), first forgetting the held candidates at or below `floor` when
-  /// the room is short.
-  void add(const ScannedKeys<Acc>& keys, Acc floor) {
+  /// Adds the scanned keys above `floor`, first forgetting the held candidates at or below `floor` when the
+  /// room is short.
+  void add_above(const ScannedKeys<Acc>& keys, Acc floor) {
     if (keys.count() == 0) return;
     if (size_ + keys.count() > room_) {
       keep_above(floor);
       make_room(size_ + keys.count());
     }
-    std::copy_n(keys.positions(), keys.count(), positions_ + size_);
-    std::copy_n(keys.scores(), keys.count(), scores_ + size_);
-    size_ += keys.count();
+    size_ += copy_above(keys.positions(), keys.scores(), keys.count(), floor, positions_ + size_, scores_ + size_);
   }
 
   /// Forgets the candidates with score <= `floor`; the rest keep their order.
-  void keep_above(Acc floor) {
-    std::int32_t* const positions = positions_;
-    Acc* const scores = scores_;
-    Index kept = 0;
-    for (Index t = 0; t < size_; ++t) {  // branch-free: every entry is written, the kept ones advance
-      positions[kept] = positions[t];
-      scores[kept] = scores[t];
-      kept += scores[t] > floor;
-    }
-    size_ = kept;
-  }
+  void keep_above(Acc floor) { size_ = copy_above(positions_, scores_, size_, floor, positions_, scores_); }
 
   /// Adds the candidates of the same row over another key range.
   void append(const RowCandidates& other) {
@@ -118,13 +108,7 @@ class RowCandidates {
   /// Adds the candidates of the same row over another key range whose score exceeds `floor`.
   void append_above(const RowCandidates& other, Acc floor) {
     make_room(size_ + other.size_);
-    Index added = 0;
-    for (Index t = 0; t < other.size_; ++t) {  // branch-free, as keep_above
-      positions_[size_ + added] = other.positions_[t];
-      scores_[size_ + added] = other.scores_[t];
-      added += other.scores_[t] > floor;
-    }
-    size_ += added;
+    size_ += copy_above(other.positions_, other.scores_, other.size_, floor, positions_ + size_, scores_ + size_);
   }
 
   /// Keeps the `limit` candidates with the largest positions (the cap of design.md §1, step 2), in decreasing
@@ -156,6 +140,19 @@ class RowCandidates {
  private:
   Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>> held_scores() const {
     return Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(scores_, size_);
+  }
+
+  /// Copies the `count` entries with score > `floor` in order to `to_positions`, `to_scores` (which may be the
+  /// sources themselves) and returns how many.
+  static Index copy_above(const std::int32_t* positions, const Acc* scores, Index count, Acc floor,
+                          std::int32_t* to_positions, Acc* to_scores) {
+    Index kept = 0;
+    for (Index t = 0; t < count; ++t) {  // branch-free: every entry is written, the kept ones advance
+      to_positions[kept] = positions[t];
+      to_scores[kept] = scores[t];
+      kept += scores[t] > floor;
+    }
+    return kept;
   }
 
   void make_room(Index needed) {

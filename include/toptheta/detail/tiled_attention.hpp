@@ -549,10 +549,9 @@ class TiledAttention {
     void collect_candidates(Row& row, const Visible& visible, Index first) {
       track_max_score_key(row, visible, first, visible.maxCoeff());
       row.mass.total_mass += (visible.array() - row.mass.max).exp().sum();
-      const Acc tau = row.selection.running_threshold(row.mass.max, row.mass.total_mass);
-      const Acc floor = forget_floor(tau);
+      const Acc floor = forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass));
       scanned_keys.scan(visible.data(), visible.size(), first, floor);
-      row.candidates.add(scanned_keys, floor);
+      row.candidates.add_above(scanned_keys, floor);
     }
 
     /// Decides S_i of a row with a running threshold once it has seen every key: the candidates above the
