@@ -4,7 +4,9 @@
 
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/convert.hpp>
+#include <toptheta/detail/kept_row_sets.hpp>
 #include <toptheta/detail/packed_queries.hpp>
+#include <toptheta/detail/prefill_preparation.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/detail/row_candidates.hpp>
 #include <toptheta/detail/row_products.hpp>
@@ -25,6 +27,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -46,32 +49,6 @@ using DefaultTiles = Tiles<64, 256>;
 
 namespace detail {
 
-/// Rows kept by any query row, per KV head: the union that decides which V rows an engine needs.
-class KeptRowSets {
- public:
-  void reset(Index kv_heads, Index key_rows) {
-    words_per_head_ = (key_rows + 63) / 64;
-    bits_ = std::vector<std::atomic<std::uint64_t>>(std::size_t(kv_heads * words_per_head_));
-  }
-  void mark(Index kv_head, Index position) {
-    mark_word(kv_head, position / 64, std::uint64_t(1) << (position % 64));
-  }
-  /// Marks the positions 64 word + b for the bits b set in `bits`.
-  void mark_word(Index kv_head, Index word, std::uint64_t bits) {
-    bits_[std::size_t(kv_head * words_per_head_ + word)].fetch_or(bits, std::memory_order_relaxed);
-  }
-  std::uint64_t count(Index kv_head) const {
-    std::uint64_t total = 0;
-    for (Index w = 0; w < words_per_head_; ++w)
-      total += std::uint64_t(__builtin_popcountll(bits_[std::size_t(kv_head * words_per_head_ + w)].load()));
-    return total;
-  }
-
- private:
-  Index words_per_head_ = 0;
-  std::vector<std::atomic<std::uint64_t>> bits_;
-};
-
 /// One attention call split into work items (KV head, query block). A block stacks the query rows of every
 /// head of the KV head's group, so each K tile is loaded once for the group and each V row once for the
 /// union of the group's survivors.
@@ -80,9 +57,7 @@ class KeptRowSets {
 /// a work item is (query block, key range) over every KV head, so a `[tokens, heads, d]` cache is read in
 /// address order and one long row uses every core; the ranges' partial rows merge exactly afterwards.
 ///
-/// Calls with several GEMM blocks per KV head (prefill) first pack the full K tiles for the score GEMMs and,
-/// for a `[tokens, heads, d]` V, copy V head by head: two transient buffers of at most K's size in the
-/// accumulator type and V's size (each skipped above `max_prepared_bytes`). Results are the same bits.
+/// Calls with several GEMM blocks per KV head (prefill) first run their `PrefillPreparation`.
 template <class Tiles, class Scalar, class Selection>
 class TiledAttention {
  public:
@@ -106,54 +81,15 @@ class TiledAttention {
       tiles_per_split_ = (tiles_ + max_key_splits - 1) / max_key_splits;
       key_splits_ = (tiles_ + tiles_per_split_ - 1) / tiles_per_split_;
       partials_.resize(std::size_t(query_blocks_ * key_splits_ * shape.kv_heads));
-    } else if (block_rows > streaming_rows && query_blocks_ > 1) {
-      // Several GEMM blocks read each K and V tile of a KV head: full K tiles are packed for the score GEMM
-      // once per call, and V rows stored a token stride apart ([tokens, heads, d]: each row a miss of its
-      // own) are copied head by head, so that the blocks gather them from consecutive memory.
-      const Index visible = shape.max_row_length(), tiles = visible / Tiles::kv_block;
-      const double key_bytes = double(tiles * Tiles::kv_block * shape.head_dim * shape.kv_heads) * sizeof(Acc);
-      if (key_bytes <= double(max_prepared_bytes)) {
-        shared_key_tiles_ = tiles;
-        packed_key_tiles_.resize(shape.kv_heads * tiles * Tiles::kv_block * shape.head_dim);
-      }
-      const double value_bytes = double(visible * shape.kv_heads * shape.head_dim) * sizeof(Scalar);
-      if (v.token_stride() != shape.head_dim && value_bytes <= double(max_prepared_bytes)) {
-        head_major_values_.resize(std::size_t(visible * shape.kv_heads * shape.head_dim));
-        v_ = TensorView<const Scalar>(head_major_values_.data(), visible, shape.kv_heads, shape.head_dim,
-                                      shape.head_dim, visible * shape.head_dim);
-        value_copy_chunks_ = (visible + Tiles::kv_block - 1) / Tiles::kv_block;
-      }
+    } else if (block_rows > streaming_rows && query_blocks_ > 1) {  // several GEMM blocks per KV head
+      preparation_.emplace(k, v, shape.max_row_length());
+      v_ = preparation_->values();
     }
   }
 
-  /// Work items to run before the blocks: packing K tiles, then copying V in chunks of tokens.
-  Index preparation_items() const { return shared_key_tiles_ * shape_.kv_heads + value_copy_chunks_; }
-
-  /// Runs preparation item `item`; `values` is the caller's V.
-  void prepare(Index item, const TensorView<const Scalar>& values) {
-    const Index key_items = shared_key_tiles_ * shape_.kv_heads;
-    if (item < key_items) return pack_key_tile(item);
-    // Tokens [first, end) in address order, each head's rows to its own run.
-    const Index first = (item - key_items) * Tiles::kv_block;
-    const Index end = std::min(first + Tiles::kv_block, v_.tokens());
-    for (Index t = first; t < end; ++t)
-      for (Index h = 0; h < shape_.kv_heads; ++h)
-        std::copy_n(values.row(t, h), shape_.head_dim,
-                    head_major_values_.data() + (h * v_.tokens() + t) * shape_.head_dim);
-  }
-
-  /// `stored` rows as Acc: the map itself when the stored type is Acc, else a copy in `buffer`.
-  template <class StoredRows>
-  static auto as_accumulator(const StoredRows& stored, Matrix& buffer) {
-    if constexpr (std::is_same_v<Scalar, Acc>) {
-      return stored;
-    } else {
-      buffer.resize(stored.rows(), stored.cols());
-      for (Index row = 0; row < stored.rows(); ++row)
-        convert(stored.data() + row * stored.outerStride(), stored.cols(), buffer.data() + row * stored.cols());
-      return Eigen::Ref<const Matrix>(buffer);
-    }
-  }
+  /// Work items to run before the blocks (`PrefillPreparation`).
+  Index preparation_items() const { return preparation_ ? preparation_->items() : 0; }
+  void prepare(Index item) { preparation_->prepare(item); }
 
   /// Asks for row `n + rows_ahead` of `count` rows (`row_at(j)`, `bytes` each) while row `n` is worked on,
   /// and for the first rows too when `n` is 0: rows a token stride apart, each a miss of its own.
@@ -162,15 +98,6 @@ class TiledAttention {
     if (n == 0)
       for (Index j = 0; j < std::min(rows_ahead, count); ++j) ask_for_bytes<ToWrite>(row_at(j), bytes);
     if (n + rows_ahead < count) ask_for_bytes<ToWrite>(row_at(n + rows_ahead), bytes);
-  }
-
-  /// Packs K tile `item % tiles` of KV head `item / tiles` for the score GEMM of every block that reads it.
-  void pack_key_tile(Index item) {
-    const Index kv_head = item / shared_key_tiles_, first = (item % shared_key_tiles_) * Tiles::kv_block;
-    Matrix buffer;
-    const auto keys = as_accumulator(k_.head(kv_head).middleRows(first, Tiles::kv_block), buffer);
-    PackedQueries<Acc>::pack_keys(keys.data(), Tiles::kv_block, shape_.head_dim, keys.outerStride(),
-                                  packed_key_tiles_.data() + item * Tiles::kv_block * shape_.head_dim);
   }
 
   Index work_items() const {
@@ -224,10 +151,6 @@ class TiledAttention {
   /// Most key ranges one call is split into (when it splits keys); a fixed count, not the thread count, so
   /// results do not depend on the executor.
   static constexpr Index max_key_splits = 16;
-
-  /// Most bytes of packed K tiles, and of copied V rows, that a call prepares for its blocks (a larger call's
-  /// blocks pack their own K tiles and read V where it lies).
-  static constexpr std::size_t max_prepared_bytes = std::size_t(64) << 20;
 
   /// Blocks with at most this many stacked rows stream K and V row by row instead of using GEMMs.
   static constexpr Index streaming_rows = 8;
@@ -319,7 +242,7 @@ class TiledAttention {
     /// `stored` rows as Acc, converted (other stored types) into `converted_rows`.
     template <class StoredRows>
     auto as_accumulator(const StoredRows& stored) {
-      return TiledAttention::as_accumulator(stored, converted_rows);
+      return detail::as_accumulator<Acc>(stored, converted_rows);
     }
 
     /// s Q_block K_tileᵀ for keys [first, first + width). A block of few rows (decode) streams the keys: each
@@ -830,11 +753,9 @@ class TiledAttention {
           std::move(blocks[std::size_t(kv_head)]);
   }
 
-  /// Keys [first, first + width) of `kv_head` packed by `pack_key_tile`; null unless they are a full tile.
+  /// Keys [first, first + width) of `kv_head` packed once for every block; null unless they were.
   const Acc* packed_key_tile(Index kv_head, Index first, Index width) const {
-    const Index tile = first / Tiles::kv_block;
-    if (width != Tiles::kv_block || first % Tiles::kv_block != 0 || tile >= shared_key_tiles_) return nullptr;
-    return packed_key_tiles_.data() + (kv_head * shared_key_tiles_ + tile) * Tiles::kv_block * shape_.head_dim;
+    return preparation_ ? preparation_->packed_key_tile(kv_head, first, width) : nullptr;
   }
 
   TensorView<const Scalar> q_, k_;
@@ -849,10 +770,7 @@ class TiledAttention {
   Index query_blocks_ = 0;
   Index tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;  // key_splits_ = 0: items are (KV head, query block)
   std::vector<std::unique_ptr<Block>> partials_;              // [query block][key range][KV head]
-  Index shared_key_tiles_ = 0;                                // full K tiles per KV head packed once per call
-  Eigen::Matrix<Acc, Eigen::Dynamic, 1> packed_key_tiles_;    // [KV head][tile], kv_block x d packed each
-  std::vector<Scalar> head_major_values_;                     // V as [KV head][token][d], when v_ points at it
-  Index value_copy_chunks_ = 0;
+  std::optional<PrefillPreparation<Tiles, Scalar>> preparation_;
   KeptRowSets kept_rows_;
 };
 
@@ -869,7 +787,7 @@ void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<con
   TiledAttention<Tiles, Scalar, Selection> kernel(q, k, v, out, shape, selection, &value_means, stats != nullptr);
 
   if (kernel.preparation_items() > 0)
-    executor.parallel_for(kernel.preparation_items(), [&](Index item) { kernel.prepare(item, v); });
+    executor.parallel_for(kernel.preparation_items(), [&](Index item) { kernel.prepare(item); });
   std::vector<AttentionStats> item_stats(std::size_t(kernel.work_items()));
   executor.parallel_for(kernel.work_items(), [&](Index item) {
     item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
