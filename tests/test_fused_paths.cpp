@@ -2,6 +2,7 @@
 // sweeps the KV heads in address order, against plain double arithmetic and the double oracle.
 #include "test_support.hpp"
 
+#include <toptheta/detail/exp_sum.hpp>
 #include <toptheta/detail/row_candidates.hpp>
 #include <toptheta/detail/row_products.hpp>
 #include <toptheta/detail/threshold_scan.hpp>
@@ -151,6 +152,23 @@ TEMPLATE_TEST_CASE("the max's position is the last position holding it", "[thres
   while (scores[std::size_t(expected)] != max) --expected;  // plain backwards search
   INFO(type_name<TestType>() << " count " << count << " copies " << copies);
   CHECK(detail::last_position_of(scores.data(), count, max) == expected);
+}
+
+TEMPLATE_TEST_CASE("the row's exp-sum is within 3e-7 of the exact sum, for spreads up to scores of ±1e4",
+                   "[exp_sum]", float, double) {
+  // Every count up to 300 (whole vectors, tails), narrow and wide rows: terms near 1, and terms that underflow.
+  const double spread = GENERATE(0.5, 3.0, 40.0, 1e4);
+  double worst = 0;
+  for (Index count = 1; count <= 300; ++count) {
+    const auto scores = random_values<TestType>(count, unsigned(count * 31 + spread), spread);
+    const TestType max = *std::max_element(scores.begin(), scores.end());
+    double exact = 0;
+    for (TestType a : scores) exact += std::exp(double(a) - double(max));
+    const double sum = double(detail::exp_sum(scores.data(), count, max));
+    worst = std::max(worst, std::abs(sum - exact) / exact);
+  }
+  INFO(type_name<TestType>() << " spread " << spread << " worst relative error " << worst);
+  CHECK(worst <= 3e-7);
 }
 
 TEMPLATE_TEST_CASE("row candidates hold every key above the last floor, through forgetting, growth and merging",

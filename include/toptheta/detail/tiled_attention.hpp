@@ -4,6 +4,7 @@
 
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/convert.hpp>
+#include <toptheta/detail/exp_sum.hpp>
 #include <toptheta/detail/kept_row_sets.hpp>
 #include <toptheta/detail/packed_queries.hpp>
 #include <toptheta/detail/prefill_preparation.hpp>
@@ -471,7 +472,7 @@ class TiledAttention {
     template <class Visible>
     void collect_candidates(Row& row, const Visible& visible, Index first) {
       track_max_score_key(row, visible, first, visible.maxCoeff());
-      row.mass.total_mass += (visible.array() - row.mass.max).exp().sum();
+      row.mass.total_mass += exp_sum(visible.data(), visible.size(), row.mass.max);
       const Acc floor = forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass));
       scanned_keys.scan(visible.data(), visible.size(), first, floor);
       row.candidates.add_above(scanned_keys, floor);
