@@ -1,4 +1,4 @@
-// Conversion of stored rows to the accumulation type.
+// Conversion of stored values and rows to the accumulation type.
 #pragma once
 
 #include <toptheta/scalar_traits.hpp>
@@ -25,6 +25,19 @@ void convert(const Stored* source, Index count, Acc* destination) {
     }
   } else {
     for (Index t = 0; t < count; ++t) destination[t] = Acc(source[t]);
+  }
+}
+
+/// `stored` rows as `Acc`: the map itself when the stored type is `Acc`, else a copy in `buffer`.
+template <class Acc, class StoredRows, class Buffer>
+auto as_accumulator(const StoredRows& stored, Buffer& buffer) {
+  if constexpr (std::is_same_v<typename StoredRows::Scalar, Acc>) {
+    return stored;
+  } else {
+    buffer.resize(stored.rows(), stored.cols());
+    for (Index row = 0; row < stored.rows(); ++row)
+      convert(stored.data() + row * stored.outerStride(), stored.cols(), buffer.data() + row * stored.cols());
+    return Eigen::Ref<const Buffer>(buffer);
   }
 }
 

@@ -10,23 +10,9 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <type_traits>
 #include <vector>
 
 namespace toptheta::detail {
-
-/// `stored` rows as `Acc`: the map itself when the stored type is `Acc`, else a copy in `buffer`.
-template <class Acc, class StoredRows, class Buffer>
-auto as_accumulator(const StoredRows& stored, Buffer& buffer) {
-  if constexpr (std::is_same_v<typename StoredRows::Scalar, Acc>) {
-    return stored;
-  } else {
-    buffer.resize(stored.rows(), stored.cols());
-    for (Index row = 0; row < stored.rows(); ++row)
-      convert(stored.data() + row * stored.outerStride(), stored.cols(), buffer.data() + row * stored.cols());
-    return Eigen::Ref<const Buffer>(buffer);
-  }
-}
 
 /// Calls with several GEMM blocks per KV head (prefill) read each K and V tile of a head once per block. Once
 /// per call, before the blocks, this packs every full K tile for the score GEMM, and copies a V stored

@@ -96,9 +96,9 @@ class RowCandidates {
   /// Forgets the candidates with score <= `floor`; the rest keep their order.
   void keep_above(Acc floor) { size_ = copy_above(positions_, scores_, size_, floor, positions_, scores_); }
 
-  /// Adds the candidates of the same row over another key range.
+  /// Adds every candidate of `other` (the copies above).
   void append(const RowCandidates& other) {
-    if (other.size_ == 0) return;  // rows without a running threshold merge nothing
+    if (other.size_ == 0) return;
     make_room(size_ + other.size_);
     std::copy_n(other.positions_, other.size_, positions_ + size_);
     std::copy_n(other.scores_, other.size_, scores_ + size_);

@@ -17,8 +17,9 @@ namespace toptheta::detail {
 constexpr Index scan_slack = 16;
 
 /// Writes the columns `first + c` with `scores[c] > threshold` (increasing) to `columns` and their scores to
-/// `kept`, sets `max = max_c scores[c]` (count >= 1), and returns the number of survivors. With AVX-512 floats each 16
-/// scores are tested at once and the survivors compressed into place; elsewhere a branch-free scalar loop.
+/// `kept`, sets `max = max_c scores[c]` (count >= 1), and returns the number of survivors. With AVX-512 floats
+/// each 16 scores are tested at once and the survivors compressed into place; elsewhere a branch-free scalar
+/// loop.
 template <class Acc>
 Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* columns, Acc* kept, Acc& max,
                  Index first = 0) {
