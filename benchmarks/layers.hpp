@@ -5,6 +5,7 @@
 #include "suite.hpp"
 
 #include <toptheta/calibrator.hpp>
+#include <toptheta/executor.hpp>
 #include <toptheta/synthetic_attention.hpp>
 #include <toptheta/threshold_table.hpp>
 #include <toptheta/views.hpp>
@@ -81,87 +82,87 @@ const Layer<Scalar>& measured_layer(Index tokens) {
   return *entry;
 }
 
-/// Per-head thresholds θ_h(L) in `space` for k = kept_per_row, count-matched (`Calibrator`, design.md §1
-/// "Calibration"): at each calibrated length L, the θ at which the calibration layer's rows of length
-/// L - rows_per_length + 1 .. L keep k elements on average. Rows must be longer than k; each length's rows are
-/// fitted alone (no pooling across the far-apart lengths).
-inline LayerThresholds calibrate(const Layer<float>& layer, const std::vector<Index>& lengths,
-                                 Index rows_per_length, ThresholdSpace space) {
-  constexpr Index group = LayerShape::q_heads / LayerShape::kv_heads;
-  const float scale = 1 / std::sqrt(float(LayerShape::head_dim));
-  CalibratorOptions options;
-  options.shape = {1, LayerShape::q_heads, LayerShape::kv_heads, LayerShape::head_dim};
-  options.space = space;
-  options.k = {kept_per_row};
-  Calibrator calibrator(options);
-  using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  for (Index kv_head = 0; kv_head < LayerShape::kv_heads; ++kv_head) {
-    const Matrix keys = layer.keys().head(kv_head);
-    for (Index h = kv_head * group; h < (kv_head + 1) * group; ++h)
-      for (const Index last : lengths) {
-        const Index first = last - rows_per_length + 1;  // row lengths first..last
-        detail::require(first > kept_per_row && last <= layer.tokens, "lengths",
-                        "rows longer than k, within the layer", last);
-        const Matrix queries = layer.queries().head(h).middleRows(first - 1, rows_per_length);
-        const Matrix scores = scale * (queries * keys.topRows(last).transpose());
-        std::vector<Index> row_lengths;
-        std::vector<double> query_norms;
-        for (Index r = 0; r < rows_per_length; ++r) {
-          row_lengths.push_back(first + r);
-          query_norms.push_back(double(queries.row(r).norm()));
-        }
-        calibrator.observe_rows(0, h, scores, row_lengths, query_norms);
-      }
-  }
-  TableOptions table_options;
-  table_options.method = CalibrationMethod::count_matched;
-  table_options.min_pooled_rows = 1;
-  return calibrator.table(table_options).layer(0);
-}
-
 /// Where a layer's rows sit: one decode row of length n, or the n causal rows of a prefill (lengths 1..n).
 enum class Phase { decode, prefill };
 
-/// The spaces the suite's kernels calibrate in (kernels.hpp).
-constexpr ThresholdSpace calibrated_spaces[] = {ThresholdSpace::probability, ThresholdSpace::raw_score,
-                                                ThresholdSpace::score_over_query_norm,
-                                                ThresholdSpace::score_minus_max};
+/// Rows of the calibration layer each phase's thresholds are fitted to: decode at n, the last 256 rows
+/// (lengths n - 255 .. n); prefill of n, about 1024 rows spread over the lengths k + 1 .. n (every
+/// max(1, n / 1024)-th length down from n).
+inline std::vector<Index> calibration_lengths(Phase phase, Index tokens) {
+  std::vector<Index> lengths;
+  const Index stride = phase == Phase::decode ? 1 : std::max<Index>(1, tokens / 1024);
+  const Index shortest = phase == Phase::decode ? std::max(kept_per_row + 1, tokens - 255) : kept_per_row + 1;
+  for (Index length = tokens; length >= shortest; length -= stride) lengths.push_back(length);
+  return lengths;
+}
 
-/// The per-head thresholds a phase at `tokens` tokens uses, one table per space of `calibrated_spaces`.
-struct CalibratedThresholds {
-  std::map<ThresholdSpace, LayerThresholds> tables;
-
-  const LayerThresholds& in(ThresholdSpace space) const {
-    const auto table = tables.find(space);
-    if (table == tables.end()) detail::fail("space", "a space the suite calibrates", to_string(space));
-    return table->second;
+/// Per-head thresholds θ_h(L), count-matched for k = kept_per_row (`Calibrator`, design.md §1 "Calibration"),
+/// on rows of a layer generated with `calibration_seed`: the rows whose lengths `calibration_lengths` gives,
+/// calibrated on first use in each space, with the library's default pooling (a length bucket with fewer than
+/// `TableOptions::min_pooled_rows` rows is fitted with its neighbours: a count-matched θ fitted to few rows keeps
+/// more than k on other rows). Holds the keys and the calibrated query rows for the whole run.
+class CalibratedThresholds {
+ public:
+  CalibratedThresholds(Phase phase, Index tokens) : lengths_(calibration_lengths(phase, tokens)) {
+    const Layer<float> layer = generate_layer(tokens, calibration_seed);
+    for (Index kv_head = 0; kv_head < LayerShape::kv_heads; ++kv_head)
+      keys_.push_back(layer.keys().head(kv_head).topRows(lengths_.front()));
+    for (Index h = 0; h < LayerShape::q_heads; ++h) {
+      Matrix queries(Index(lengths_.size()), LayerShape::head_dim);
+      for (std::size_t r = 0; r < lengths_.size(); ++r)
+        queries.row(Index(r)) = layer.queries().head(h).row(lengths_[r] - 1);  // length L: query row L - 1
+      queries_.push_back(std::move(queries));
+    }
   }
+
+  const LayerThresholds& in(ThresholdSpace space) {
+    auto& table = tables_[space];
+    if (!table) table = std::make_unique<const LayerThresholds>(calibrate(space));
+    return *table;
+  }
+
+ private:
+  using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  static constexpr Index rows_per_block = 64;
+
+  /// One calibrator per KV head, filled on the suite's threads and merged.
+  LayerThresholds calibrate(ThresholdSpace space) const {
+    constexpr Index group = LayerShape::q_heads / LayerShape::kv_heads;
+    const float scale = 1 / std::sqrt(float(LayerShape::head_dim));
+    CalibratorOptions options;
+    options.shape = {1, LayerShape::q_heads, LayerShape::kv_heads, LayerShape::head_dim};
+    options.space = space;
+    options.k = {kept_per_row};
+    std::vector<Calibrator> calibrators(std::size_t(LayerShape::kv_heads), Calibrator(options));
+    OpenMPExecutor{settings().threads}.parallel_for(LayerShape::kv_heads, [&](Index kv_head) {
+      for (Index h = kv_head * group; h < (kv_head + 1) * group; ++h)
+        for (Index first = 0; first < Index(lengths_.size()); first += rows_per_block) {
+          const Index count = std::min(rows_per_block, Index(lengths_.size()) - first);
+          const std::vector<Index> lengths(lengths_.begin() + first, lengths_.begin() + first + count);
+          const auto queries = queries_[std::size_t(h)].middleRows(first, count);
+          std::vector<double> query_norms;
+          for (Index r = 0; r < count; ++r) query_norms.push_back(double(queries.row(r).norm()));
+          const Matrix scores = scale * (queries * keys_[std::size_t(kv_head)].topRows(lengths.front()).transpose());
+          calibrators[std::size_t(kv_head)].observe_rows(0, h, scores, lengths, query_norms);
+        }
+    });
+    for (std::size_t c = 1; c < calibrators.size(); ++c) calibrators.front().merge(calibrators[c]);
+    TableOptions table_options;
+    table_options.method = CalibrationMethod::count_matched;
+    return calibrators.front().table(table_options).layer(0);
+  }
+
+  std::vector<Index> lengths_;   // descending
+  std::vector<Matrix> keys_;     // per KV head: keys 0 .. lengths_.front() - 1
+  std::vector<Matrix> queries_;  // per query head: the query row of each calibrated length
+  std::map<ThresholdSpace, std::unique_ptr<const LayerThresholds>> tables_;
 };
 
-/// The thresholds of `phase` at `tokens`, calibrated on first use on a layer of `tokens` tokens generated
-/// with `calibration_seed` (then dropped), so that each is calibrated at the row lengths it is used at:
-/// decode: the one length `tokens`, from the calibration layer's last 64 rows;
-/// prefill: lengths 128, 256, ..., tokens, 32 rows each; shorter rows take the 128 value (and count as
-/// extrapolated), the lengths in between are interpolated.
-inline const CalibratedThresholds& calibrated_thresholds(Phase phase, Index tokens) {
-  static std::map<std::pair<Phase, Index>, std::unique_ptr<const CalibratedThresholds>> cache;
+/// The thresholds of `phase` at `tokens` (one set per phase and length for the whole run).
+inline CalibratedThresholds& calibrated_thresholds(Phase phase, Index tokens) {
+  static std::map<std::pair<Phase, Index>, std::unique_ptr<CalibratedThresholds>> cache;
   auto& entry = cache[{phase, tokens}];
-  if (!entry) {
-    const Layer<float> layer = generate_layer(tokens, calibration_seed);
-    std::vector<Index> lengths;
-    Index rows_per_length = 64;
-    if (phase == Phase::decode) {
-      lengths = {tokens};
-    } else {
-      rows_per_length = 32;
-      for (Index length = 2 * kept_per_row; length < tokens; length *= 2) lengths.push_back(length);
-      lengths.push_back(tokens);
-    }
-    auto calibrated = std::make_unique<CalibratedThresholds>();
-    for (const ThresholdSpace space : calibrated_spaces)
-      calibrated->tables.emplace(space, calibrate(layer, lengths, rows_per_length, space));
-    entry = std::move(calibrated);
-  }
+  if (!entry) entry = std::make_unique<CalibratedThresholds>(phase, tokens);
   return *entry;
 }
 
