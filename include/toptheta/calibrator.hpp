@@ -380,7 +380,10 @@ class Calibrator {
   /// `detail::rank_largest`, and the histogram's buffers.
   template <class T>
   struct RowScratch {
-    std::vector<T> scores, weights, selection, partitions;
+    std::vector<T> scores, selection, partitions;
+    // Eigen storage, aligned: a vectorised exp into it then starts on a whole packet wherever the heap put it,
+    // so that a row's weights and sum round the same in every process.
+    Eigen::Array<T, Eigen::Dynamic, 1> weights;
     detail::ValueHistogram::Scratch<T> histogram;
   };
   template <class T>
@@ -497,7 +500,7 @@ class Calibrator {
     // The weights exp(a - m) are kept only when the histogram needs them (masses, probabilities).
     const bool keep_weights = options_.count_summary &&
                               (options_.summary_masses || options_.space == ThresholdSpace::probability);
-    scratch.weights.resize(keep_weights ? std::size_t(length) : 0);
+    scratch.weights.resize(keep_weights ? length : 0);
     Eigen::Map<Array> w(scratch.weights.data(), keep_weights ? length : 0);
     T sum;
     if (keep_weights) {

@@ -82,15 +82,18 @@ class RowCandidates {
   const std::int32_t* positions() const { return positions_; }
   const Acc* scores() const { return scores_; }
 
-  /// Adds the scanned keys above `floor`, first forgetting the held candidates at or below `floor` when the
-  /// room is short.
+  /// Adds the keys scanned above `floor` (`ScannedKeys::scan` with the same floor), first forgetting the held
+  /// candidates at or below `floor` when the room is short.
   void add_above(const ScannedKeys<Acc>& keys, Acc floor) {
-    if (keys.count() == 0) return;
-    if (size_ + keys.count() > room_) {
+    const Index count = keys.count();
+    if (count == 0) return;
+    if (size_ + count > room_) {
       keep_above(floor);
-      make_room(size_ + keys.count());
+      make_room(size_ + count);
     }
-    size_ += copy_above(keys.positions(), keys.scores(), keys.count(), floor, positions_ + size_, scores_ + size_);
+    std::copy_n(keys.positions(), count, positions_ + size_);
+    std::copy_n(keys.scores(), count, scores_ + size_);
+    size_ += count;
   }
 
   /// Forgets the candidates with score <= `floor`; the rest keep their order.

@@ -128,7 +128,7 @@ class TiledAttention {
     const auto partial = [&](Index split) -> Block& {
       return *partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)];
     };
-    // From the last range to the first: each row's candidates stay grouped by tile, last tile first.
+    // From the last range to the first, as the tiles of one range run.
     Block& merged = partial(key_splits_ - 1);
     for (Index split = key_splits_ - 2; split >= 0; --split) merged.merge(partial(split));
     merged.finish_rows(stats);
@@ -338,7 +338,7 @@ class TiledAttention {
       return settle_tile_columns(dense_elements, stats);
     }
 
-    /// Clears the tile's survivor lists and column marks for `weigh_tile` or `accumulate_candidates`.
+    /// Clears the tile's survivor lists and column marks for `weigh_tile`.
     void clear_tile_selection() {
       tile_weights.resize(Index(rows.size()), tile_width);
       weights_written.assign(rows.size(), 0);
@@ -471,7 +471,7 @@ class TiledAttention {
     /// above τ_t (less the rounding margin) as candidates. No V row is read until τ_i is known.
     template <class Visible>
     void collect_candidates(Row& row, const Visible& visible, Index first) {
-      track_max_score_key(row, visible, first, visible.maxCoeff());
+      track_max_score_key(row, visible, first, max_of(visible.data(), visible.size()));
       row.mass.total_mass += exp_sum(visible.data(), visible.size(), row.mass.max);
       const Acc floor = forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass));
       scanned_keys.scan(visible.data(), visible.size(), first, floor);
@@ -499,63 +499,25 @@ class TiledAttention {
             Acc(0), row.mass.total_mass - row.mass.kept_mass * std::exp(row.mass.kept_max - row.mass.max));
     }
 
-    /// Decides the rows with a running threshold and adds their kept V rows. A block of few rows (decode)
-    /// gathers each row's V rows at once; a GEMM block goes tile by tile from the last to the first as the
-    /// one-pass rules do, so that a tile's V rows are read once for the block (by a GEMM over its kept columns
-    /// where many rows keep them). Each row's candidates are grouped by tile, last tile first.
-    void accumulate_candidates(AttentionStats& stats) {
-      Index left = 0;
+    /// Decides the rows with a running threshold and adds their kept V rows, row by row: each row gathers its
+    /// V rows at once (weights `exp(a_ij - m_S)` from the candidates, no copy). In a block of few rows (decode)
+    /// every kept V row is asked for first, so that the loads from memory overlap instead of stalling the
+    /// gathers one row at a time; a GEMM block's V rows of one KV head were read by its neighbours already
+    /// (prefill). Gathering row by row measured as fast as replaying the tiles with GEMMs over kept columns.
+    void accumulate_candidates() {
       for (Row& row : rows)
-        if (row.selection.running) {
-          decide_candidates(row);
-          left += row.candidates.size();
-        }
+        if (row.selection.running) decide_candidates(row);
       if (output.rows() <= streaming_rows) {
-        // Every kept V row is asked for first, so that their loads from memory overlap instead of stalling
-        // the gathers one row at a time.
         const Index row_bytes = output.cols() * Index(sizeof(Scalar));
         for (const Row& row : rows)
           for (Index t = 0; t < row.candidates.size(); ++t)
             ask_for_bytes(kernel.v_.row(row.candidates.positions()[t], kv_head), row_bytes);
-        for (Index r = 0; r < Index(rows.size()); ++r) {
-          const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-          add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(),
-                            kernel.v_.row(0, kv_head), kernel.v_.token_stride(), output.cols(), output.row(r).data());
-          for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
-        }
-        return;
       }
-      std::vector<Index> taken(rows.size(), 0);  // per row: candidates accumulated so far
-      for (Index first = (visible_end - 1) / Tiles::kv_block * Tiles::kv_block; left > 0 && first >= 0;
-           first -= Tiles::kv_block) {
-        begin_tile(first);
-        clear_tile_selection();
-        for (Index r = 0; r < Index(rows.size()); ++r) {
-          const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-          const std::int32_t* const positions = candidates.positions();
-          const Index begin = taken[std::size_t(r)], size = candidates.size();
-          if (begin == size || positions[begin] < first) continue;
-          make_survivor_room(size - begin);
-          // Local pointers: the column marks are chars, which may alias anything a member points at.
-          std::int32_t* const columns = survivor_columns.data() + survivor_count;
-          Acc* const weights = survivor_weights.data() + survivor_count;
-          char* const kept = column_kept.data();
-          const Acc* const candidate_weights = candidates.scores();
-          Index end = begin;
-          for (; end < size && positions[end] >= first; ++end) {
-            const std::int32_t column = positions[end] - std::int32_t(first);
-            columns[end - begin] = column;
-            weights[end - begin] = candidate_weights[end];
-            kept[column] = 1;
-          }
-          taken[std::size_t(r)] = end;
-          SurvivorRun& run = survivor_runs.emplace_back();
-          run.row = r;
-          run.begin = survivor_count;
-          run.end = survivor_count += end - begin;
-          left -= end - begin;
-        }
-        if (settle_tile_columns(0, stats)) accumulate_values(first, tile_width);
+      for (Index r = 0; r < Index(rows.size()); ++r) {
+        const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
+        add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(), kernel.v_.row(0, kv_head),
+                          kernel.v_.token_stride(), output.cols(), output.row(r).data());
+        for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
       }
     }
 
@@ -657,7 +619,7 @@ class TiledAttention {
       const auto output_row = [&](Index r) {
         return kernel.out_.row(rows[std::size_t(r)].query_row, rows[std::size_t(r)].query_head);
       };
-      if (kernel.defers_values_) accumulate_candidates(stats);
+      if (kernel.defers_values_) accumulate_candidates();
       for (Index r = 0; r < Index(rows.size()); ++r) {
         ask_ahead<true>(r, Index(rows.size()), output_row, row_bytes);
         Row& row = rows[std::size_t(r)];
