@@ -4,14 +4,6 @@
 
 using namespace toptheta;
 using namespace toptheta_test;
-/// `expression` throws toptheta::invalid_argument whose message names `argument` first (what() reads
-/// "toptheta: <argument>: expected <what>, got <value>") and mentions `expected`.
-#define REQUIRE_INVALID(expression, argument, expected)                              \
-  do {                                                                               \
-    REQUIRE_THROWS_AS(expression, toptheta::invalid_argument);                       \
-    REQUIRE_THROWS_WITH(expression, mentions("toptheta: " + std::string(argument))); \
-    REQUIRE_THROWS_WITH(expression, mentions(expected));                             \
-  } while (false)
 
 namespace {
 

@@ -338,6 +338,14 @@ TEST_CASE("stories260K: generate is reproducible for a seed, greedy at temperatu
   CHECK(greedy.rfind("1 403 407 ", 0) == 0);
   CHECK(generate({"--temperature", "1", "--seed", "5"}) == generate({"--temperature", "1", "--seed", "5"}));
   CHECK(generate({"--top-k", "8", "--v-mean", "--denominator", "exp_threshold"}).rfind("1 403 407 ", 0) == 0);
+  // Steps past the model's 512-token context are a usage error naming --steps, however large.
+  for (const char* steps : {"510", "600", "9223372036854775807"}) {
+    std::ostringstream out, error;
+    CHECK(llama2c::run_command_line({"generate", "--model", model, "--prompt-tokens", "1 403 407", "--steps", steps},
+                                    out, error) == 2);
+    CHECK_THAT(error.str(), mentions("--steps: expected at most 509 (the model's 512-token context less the 3-token "
+                                     "prompt), got " + std::string(steps)));
+  }
 }
 #endif
 

@@ -20,6 +20,15 @@
 using Catch::Approx;  // Catch2 v2 has it at global scope
 #endif
 
+/// `expression` throws toptheta::invalid_argument whose message names `argument` first (what() reads
+/// "toptheta: <argument>: expected <what>, got <value>") and mentions `expected`.
+#define REQUIRE_INVALID(expression, argument, expected)                                                \
+  do {                                                                                                 \
+    REQUIRE_THROWS_AS(expression, toptheta::invalid_argument);                                         \
+    REQUIRE_THROWS_WITH(expression, toptheta_test::mentions("toptheta: " + std::string(argument)));    \
+    REQUIRE_THROWS_WITH(expression, toptheta_test::mentions(expected));                                \
+  } while (false)
+
 namespace toptheta_test {
 
 using toptheta::Index;

@@ -407,9 +407,17 @@ inline int generate_command(const std::vector<std::string>& arguments, std::ostr
     }
     if (prompt.empty()) throw usage_error("--prompt-tokens: expected at least one token id, got none");
   }
+  const Index context = model.config.seq_len, prompt_tokens = Index(prompt.size());
+  if (prompt_tokens >= context)
+    throw usage_error("--prompt: expected fewer than " + std::to_string(context) +
+                      " tokens (the model's context), got " + std::to_string(prompt_tokens));
+  if (steps > context - prompt_tokens)
+    throw usage_error("--steps: expected at most " + std::to_string(context - prompt_tokens) + " (the model's " +
+                      std::to_string(context) + "-token context less the " + std::to_string(prompt_tokens) +
+                      "-token prompt), got " + std::to_string(steps));
   EngineOptions engine_options;
   engine_options.threads = 1;
-  engine_options.max_tokens = Index(prompt.size()) + steps;
+  engine_options.max_tokens = prompt_tokens + steps;
   Engine<float> engine(model, engine_options);
   engine.set_attention(plan);
 

@@ -73,6 +73,9 @@ class Engine {
       : model_(model), options_(options), executor_{options.threads}, plan_(dense_plan(model.config.layers)) {
     if constexpr (!std::is_same_v<Real, float>) converted_weights_ = model.template cast<Real>();
     const Config& c = model.config;
+    toptheta::detail::require(options.max_tokens >= 0 && options.max_tokens <= c.seq_len, "max_tokens",
+                              "a count in [0, " + std::to_string(c.seq_len) + "] (the model's context)",
+                              options.max_tokens);
     capacity_ = options.max_tokens > 0 ? options.max_tokens : c.seq_len;
     caches_.reserve(std::size_t(c.layers));
     for (Index l = 0; l < c.layers; ++l) caches_.emplace_back(c.kv_heads, c.head_dim(), capacity_);

@@ -13,7 +13,15 @@ Acc rescale_factor(Acc old_max, Acc new_max) {
   return old_max == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(old_max - new_max);
 }
 
-/// Max and `Z = Σ exp(a_j - max)` of `count` scores: the row statistics a two-pass kernel computes first.
+/// Whether scores with max `max` (NaN when some score is NaN) have a softmax: no score is NaN or +inf, and
+/// not every score is -inf. A row without one has no probabilities (`exp(a - m)` is NaN for some or every j).
+template <class Acc>
+bool has_softmax(Acc max) {
+  return max > -std::numeric_limits<Acc>::infinity() && max < std::numeric_limits<Acc>::infinity();
+}
+
+/// Max and `Z = Σ exp(a_j - max)` of `count` scores: the row statistics a two-pass kernel computes first. The
+/// max is NaN when some score is NaN, and the sum is then not computed (0).
 template <class Acc>
 struct RowStatistics {
   Acc max = -std::numeric_limits<Acc>::infinity();
@@ -21,7 +29,13 @@ struct RowStatistics {
 
   static RowStatistics of(const Acc* scores, long count) {
     RowStatistics row;
-    for (long j = 0; j < count; ++j) row.max = scores[j] > row.max ? scores[j] : row.max;
+    bool nan = false;
+    for (long j = 0; j < count; ++j) {
+      row.max = scores[j] > row.max ? scores[j] : row.max;
+      nan = nan || scores[j] != scores[j];
+    }
+    if (nan) row.max = std::numeric_limits<Acc>::quiet_NaN();
+    if (!has_softmax(row.max)) return row;
     for (long j = 0; j < count; ++j) row.sum += std::exp(scores[j] - row.max);
     return row;
   }

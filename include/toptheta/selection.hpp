@@ -80,6 +80,20 @@ struct RowState {
   Acc best_score = -std::numeric_limits<Acc>::infinity();  ///< score of the max-score key
   Index best_position = -1;                                ///< its position (ties: the larger)
   bool capped = false;                                     ///< a survivor was dropped by the cap
+  bool non_finite = false;                                 ///< some visible score is NaN or +inf
+
+  /// Notes the max of some of the row's scores (NaN when one of them is NaN).
+  void note_scores_max(Acc max) { non_finite = non_finite || !(max < std::numeric_limits<Acc>::infinity()); }
+
+  /// Whether the row has a softmax once every visible score was seen (`has_softmax`).
+  bool has_softmax() const { return !non_finite && mass.max > -std::numeric_limits<Acc>::infinity(); }
+
+  /// The rule of a row without a softmax: nothing is kept and no V row is read.
+  static RowSelection<Acc> keep_nothing() {
+    RowSelection<Acc> selection;
+    selection.score_threshold = std::numeric_limits<Acc>::infinity();
+    return selection;
+  }
 
   /// Tests `a_ij` and counts it when `j` joins `S_i`. Elements arrive in decreasing position `j`, so a cap
   /// keeps the largest positions.
@@ -131,6 +145,7 @@ struct RowState {
       best_position = other.best_position;
     }
     capped = capped || other.capped;
+    non_finite = non_finite || other.non_finite;
     return {own, theirs};
   }
 

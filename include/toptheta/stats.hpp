@@ -27,6 +27,8 @@ struct AttentionStats {
   std::uint64_t empty_rows = 0;                 ///< rows with no survivor, given their max-score key
   std::uint64_t capped_rows = 0;                ///< rows cut to k by cap_k
   std::uint64_t extrapolated_rows = 0;          ///< rows whose threshold lookup extrapolated
+  /// rows without a softmax (a NaN or +inf score, or every score -inf): output NaN, no V row read
+  std::uint64_t non_finite_rows = 0;
 
   /// Sizes the per-head counters and zeroes everything.
   void reset(Index q_heads, Index kv_heads) {
@@ -55,6 +57,7 @@ struct AttentionStats {
     empty_rows += other.empty_rows;
     capped_rows += other.capped_rows;
     extrapolated_rows += other.extrapolated_rows;
+    non_finite_rows += other.non_finite_rows;
   }
 
   static std::uint64_t total(const std::vector<std::uint64_t>& counts) {

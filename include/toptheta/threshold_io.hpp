@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -115,23 +116,33 @@ struct JsonField {
   }
 };
 
-/// Rejects duplicate keys while parsing (nlohmann keeps the last one silently), naming the object's path.
+/// Rejects duplicate keys while parsing (nlohmann keeps the last one silently), naming the object's path, and
+/// knows the path of the value being parsed (copies share it: the parser keeps a copy of its callback).
 class DuplicateKeyCheck {
  public:
-  explicit DuplicateKeyCheck(const std::string& file) : file_(&file) {}
+  explicit DuplicateKeyCheck(const std::string& file)
+      : file_(&file), scopes_(std::make_shared<std::vector<Scope>>()) {}
+
+  /// The JSON pointer of the value the parser is at, e.g. `/layers/0/theta/1/3`.
+  std::string path() const {
+    std::string result;
+    for (const Scope& scope : *scopes_)
+      result += "/" + (scope.object ? scope.key : std::to_string(scope.index));
+    return result;
+  }
 
   bool operator()(int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
     using event_t = nlohmann::json::parse_event_t;
     switch (event) {
-      case event_t::object_start: scopes_.push_back({true, {}, {}, 0}); break;
-      case event_t::array_start: scopes_.push_back({false, {}, {}, 0}); break;
+      case event_t::object_start: scopes_->push_back({true, {}, {}, 0}); break;
+      case event_t::array_start: scopes_->push_back({false, {}, {}, 0}); break;
       case event_t::object_end:
       case event_t::array_end:
-        if (!scopes_.empty()) scopes_.pop_back();
+        if (!scopes_->empty()) scopes_->pop_back();
         element_done();
         break;
       case event_t::key: {
-        Scope& scope = scopes_.back();
+        Scope& scope = scopes_->back();
         scope.key = parsed.get<std::string>();
         if (!scope.keys.insert(scope.key).second)
           throw threshold_file_error(*file_, path(), "duplicate key \"" + scope.key + "\"");
@@ -151,18 +162,11 @@ class DuplicateKeyCheck {
   };
 
   void element_done() {
-    if (!scopes_.empty() && !scopes_.back().object) ++scopes_.back().index;
-  }
-
-  std::string path() const {
-    std::string result;
-    for (const Scope& scope : scopes_)
-      result += "/" + (scope.object ? scope.key : std::to_string(scope.index));
-    return result;
+    if (!scopes_->empty() && !scopes_->back().object) ++scopes_->back().index;
   }
 
   const std::string* file_;
-  std::vector<Scope> scopes_;
+  std::shared_ptr<std::vector<Scope>> scopes_;
 };
 
 inline std::string json_row(const Eigen::MatrixXd& values, Index row) {
@@ -245,8 +249,9 @@ inline std::string thresholds_to_json(const ThresholdTable& table) {
 inline ThresholdTable thresholds_from_json(std::string_view text, const std::string& file = "<json>") {
   using nlohmann::json;
   json document;
+  const detail::DuplicateKeyCheck parsing(file);
   try {
-    document = json::parse(text.begin(), text.end(), detail::DuplicateKeyCheck(file));
+    document = json::parse(text.begin(), text.end(), parsing);
   } catch (const json::parse_error& error) {
     // nlohmann's message reads "[json.exception.parse_error.101] parse error at line 3, column 5: ...".
     std::string message = error.what();
@@ -258,8 +263,11 @@ inline ThresholdTable thresholds_from_json(std::string_view text, const std::str
       message = colon == std::string::npos ? message : message.substr(colon + 2);
     }
     throw threshold_file_error(file, location, "malformed JSON: " + message);
+  } catch (const json::out_of_range& error) {  // 406: a number beyond the double range, e.g. 1e309
+    throw threshold_file_error(file, parsing.path(),
+                               std::string("a number outside the double range (|x| <= 1.8e308): ") + error.what());
   } catch (const json::exception& error) {
-    throw threshold_file_error(file, "", std::string("malformed JSON: ") + error.what());
+    throw threshold_file_error(file, parsing.path(), std::string("malformed JSON: ") + error.what());
   }
 
   const detail::JsonField root{document, "", file};

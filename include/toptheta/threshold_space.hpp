@@ -42,7 +42,8 @@ constexpr bool needs_row_statistics(ThresholdSpace space) {
 
 /// The score threshold `τ_i` with `value(a_ij) > θ  ⇔  a_ij > τ_i` for the monotone map of `space`:
 /// `θ`, `m_i + log(θ Z_i)` (`Z_i = Σ_j exp(a_ij - m_i)`), `m_i + θ`, `θ ||q_i||`. A probability threshold
-/// `θ <= 0` keeps every element (`τ = -inf`).
+/// `θ <= 0` keeps every element (`τ = -inf`). A zero query (`||q_i|| = 0`, every score 0) has the value 0 in
+/// the score/||q|| space: it keeps every element when `θ < 0` (`τ = -inf`) and none otherwise (`τ = +inf`).
 template <class Acc>
 Acc score_threshold(ThresholdSpace space, double theta, Acc row_max, Acc row_sum, Acc query_norm) {
   switch (space) {
@@ -51,7 +52,11 @@ Acc score_threshold(ThresholdSpace space, double theta, Acc row_max, Acc row_sum
       if (theta <= 0) return -std::numeric_limits<Acc>::infinity();
       return row_max + Acc(std::log(theta)) + std::log(row_sum);
     case ThresholdSpace::score_minus_max: return row_max + Acc(theta);
-    case ThresholdSpace::score_over_query_norm: return Acc(theta) * query_norm;
+    case ThresholdSpace::score_over_query_norm: {
+      constexpr Acc infinity = std::numeric_limits<Acc>::infinity();
+      if (query_norm == 0) return theta < 0 ? -infinity : infinity;
+      return Acc(theta) * query_norm;
+    }
   }
   return Acc(theta);
 }

@@ -10,6 +10,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -35,7 +36,9 @@ struct ScoreRows {
 };
 
 /// Applies `selection` (dense, Top-θ or top-k) and its compensation to each row of `scores` (already scaled,
-/// `a_ij`) and returns `p_ij` of the kept elements: design.md §1 steps 1–5 without the V product.
+/// `a_ij`) and returns `p_ij` of the kept elements: design.md §1 steps 1–5 without the V product. A row
+/// without a softmax (a NaN or +inf score, or every score -inf) lists every visible column with probability
+/// NaN and a NaN dropped mass, and counts in `AttentionStats::non_finite_rows`.
 /// \param stats if given, sized for one query head and one KV head, and filled with the row counters.
 template <class Derived, class Selection>
 SparseProbabilities<typename Derived::Scalar> thresholded_softmax(const Eigen::MatrixBase<Derived>& scores,
@@ -69,6 +72,20 @@ SparseProbabilities<typename Derived::Scalar> thresholded_softmax(const Eigen::M
     for (Index j = 0; j < length; ++j) row_scores[std::size_t(j)] = scores(r, j);
 
     const auto statistics = RowStatistics<Acc>::of(row_scores.data(), length);
+    if (!has_softmax(statistics.max)) {  // a NaN or +inf score, or every score -inf: every p_ij is NaN
+      for (Index j = 0; j < length; ++j) {
+        result.columns.push_back(j);
+        result.probabilities.push_back(std::numeric_limits<Acc>::quiet_NaN());
+      }
+      result.row_offsets.push_back(Index(result.columns.size()));
+      result.dropped_mass.push_back(std::numeric_limits<Acc>::quiet_NaN());
+      if (stats) {
+        stats->elements_visible[0] += std::uint64_t(length);
+        ++stats->rows;
+        ++stats->non_finite_rows;
+      }
+      continue;
+    }
     const Acc norm = rows.query_norms.empty() ? Acc(0) : Acc(rows.query_norms[std::size_t(r)]);
     RowState<Acc> row;
     row.mass.max = statistics.max;

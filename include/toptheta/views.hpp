@@ -126,6 +126,11 @@ AttentionShape attention_shape(const TensorView<Q>& q, const TensorView<K>& k, c
   }
   shape.scale = options.scale ? *options.scale : 1.0 / std::sqrt(double(q.head_dim()));
   require(std::isfinite(shape.scale) && shape.scale > 0, "options.scale", "a finite value > 0", shape.scale);
+  using Acc = accumulator_t<Q>;  // the scores' type: s must be finite and > 0 in it too
+  require(std::isfinite(Acc(shape.scale)) && Acc(shape.scale) > 0, "options.scale",
+          std::string("a value > 0 that is finite and not 0 in the ") +
+              (sizeof(Acc) == sizeof(float) ? "float" : "double") + " accumulator",
+          shape.scale);
   return shape;
 }
 

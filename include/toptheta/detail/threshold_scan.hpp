@@ -17,7 +17,8 @@ namespace toptheta::detail {
 constexpr Index scan_slack = 16;
 
 /// Writes the columns `first + c` with `scores[c] > threshold` (increasing) to `columns` and their scores to
-/// `kept`, sets `max = max_c scores[c]` (count >= 1), and returns the number of survivors. With AVX-512 floats
+/// `kept`, sets `max = max_c scores[c]` (count >= 1; NaN when a score is NaN), and returns the number of
+/// survivors. With AVX-512 floats
 /// each 16 scores are tested at once and the survivors compressed into place; elsewhere a branch-free scalar
 /// loop.
 template <class Acc>
@@ -29,6 +30,7 @@ Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* co
   if constexpr (std::is_same_v<Acc, float>) {
     const __m512 limit = _mm512_set1_ps(threshold);
     __m512 maxes = _mm512_set1_ps(row_max);
+    __mmask16 nan = 0;
     __m512i positions = _mm512_add_epi32(_mm512_set1_epi32(std::int32_t(first)),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     // Survivors are compressed in registers and stored as whole vectors (`scan_slack`), without a branch on
@@ -36,6 +38,7 @@ Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* co
     // unpredictable at the densities Top-θ keeps.
     const auto test = [&](__mmask16 lanes, __m512 a) {
       maxes = _mm512_mask_max_ps(maxes, lanes, maxes, a);
+      nan |= _mm512_mask_cmp_ps_mask(lanes, a, a, _CMP_UNORD_Q);
       const __mmask16 above = _mm512_mask_cmp_ps_mask(lanes, a, limit, _CMP_GT_OQ);
       _mm512_storeu_ps(kept + survivors, _mm512_maskz_compress_ps(above, a));
       _mm512_storeu_si512(columns + survivors, _mm512_maskz_compress_epi32(above, positions));
@@ -47,45 +50,55 @@ Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* co
       const __mmask16 tail = __mmask16((1u << (count - c)) - 1);
       test(tail, _mm512_maskz_loadu_ps(tail, scores + c));
     }
-    max = _mm512_reduce_max_ps(maxes);
+    max = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(maxes);
     return survivors;
   }
 #endif
+  bool nan = false;
   for (; c < count; ++c) {
     const Acc a = scores[c];
     row_max = std::max(row_max, a);
+    nan = nan || a != a;
     columns[survivors] = std::int32_t(first + c);
     kept[survivors] = a;
     survivors += a > threshold;
   }
-  max = row_max;
+  max = nan ? std::numeric_limits<Acc>::quiet_NaN() : row_max;
   return survivors;
 }
 
-/// `max_c scores[c]` (count >= 1): with AVX-512 floats 64 scores per step in four independent maxima, so that
-/// a tile row costs a few cycles more than loading it; elsewhere Eigen's `maxCoeff`.
+/// `max_c scores[c]` (count >= 1), NaN when a score is NaN: with AVX-512 floats 64 scores per step in four
+/// independent maxima, so that a tile row costs a few cycles more than loading it; elsewhere Eigen's `maxCoeff`.
 template <class Acc>
 Acc max_of(const Acc* scores, Index count) {
 #if defined(EIGEN_VECTORIZE_AVX512)
   if constexpr (std::is_same_v<Acc, float>) {
     const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    // vmaxps drops a NaN operand unless it is the second one, so NaN lanes are noted apart.
     __m512 max0 = lowest, max1 = lowest, max2 = lowest, max3 = lowest;
+    __mmask16 nan = 0;
+    const auto note = [&](__m512& max, __m512 a) {
+      max = _mm512_max_ps(max, a);
+      nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    };
     Index c = 0;
     for (; c + 64 <= count; c += 64) {
-      max0 = _mm512_max_ps(max0, _mm512_loadu_ps(scores + c));
-      max1 = _mm512_max_ps(max1, _mm512_loadu_ps(scores + c + 16));
-      max2 = _mm512_max_ps(max2, _mm512_loadu_ps(scores + c + 32));
-      max3 = _mm512_max_ps(max3, _mm512_loadu_ps(scores + c + 48));
+      note(max0, _mm512_loadu_ps(scores + c));
+      note(max1, _mm512_loadu_ps(scores + c + 16));
+      note(max2, _mm512_loadu_ps(scores + c + 32));
+      note(max3, _mm512_loadu_ps(scores + c + 48));
     }
-    for (; c + 16 <= count; c += 16) max0 = _mm512_max_ps(max0, _mm512_loadu_ps(scores + c));
+    for (; c + 16 <= count; c += 16) note(max0, _mm512_loadu_ps(scores + c));
     if (c < count) {
       const __mmask16 tail = __mmask16((1u << (count - c)) - 1);
-      max1 = _mm512_mask_max_ps(max1, tail, max1, _mm512_maskz_loadu_ps(tail, scores + c));
+      note(max1, _mm512_mask_blend_ps(tail, lowest, _mm512_maskz_loadu_ps(tail, scores + c)));
     }
+    if (nan) return std::numeric_limits<float>::quiet_NaN();
     return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(max0, max1), _mm512_max_ps(max2, max3)));
   }
 #endif
-  return Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>(scores, count).maxCoeff();
+  const auto values = Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>(scores, count);
+  return values.isNaN().any() ? std::numeric_limits<Acc>::quiet_NaN() : values.maxCoeff();
 }
 
 /// The largest `c < count` with `scores[c] == value` (one must exist): where a row's max lies, searched from

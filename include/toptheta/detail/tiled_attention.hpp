@@ -13,6 +13,7 @@
 #include <toptheta/detail/row_products.hpp>
 #include <toptheta/detail/serial_product.hpp>
 #include <toptheta/detail/threshold_scan.hpp>
+#include <toptheta/detail/view_overlap.hpp>
 #include <toptheta/online_softmax.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/selection.hpp>
@@ -29,7 +30,9 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace toptheta {
@@ -87,6 +90,12 @@ class TiledAttention {
       v_ = preparation_->values();
     }
   }
+
+  /// Whether some output row with a softmax came out non-finite with the fast V products; then
+  /// `use_careful_values` and running every item again gives the rows that do not weigh a non-finite V value
+  /// their finite output.
+  bool found_non_finite_output() const { return non_finite_output_.load(); }
+  void use_careful_values() { careful_values_ = true; }
 
   /// Work items to run before the blocks (`PrefillPreparation`).
   Index preparation_items() const { return preparation_ ? preparation_->items() : 0; }
@@ -283,6 +292,10 @@ class TiledAttention {
         if (row_scores.size() > 0) {
           facts.scores = row_scores.row(r).data();
           const auto statistics = RowStatistics<Acc>::of(facts.scores, row.length);
+          if (!has_softmax(statistics.max)) {  // the tiles find out the same; nothing to select from
+            row.selection = RowState<Acc>::keep_nothing();
+            continue;
+          }
           facts.max = row.mass.max = statistics.max;
           facts.sum = row.mass.total_mass = statistics.sum;
         }
@@ -325,7 +338,7 @@ class TiledAttention {
         if (visible <= 0) continue;
         const auto row_tile = scores.row(r).head(visible);
         if (row.selection.dense) {
-          track_max_score_key(row, row_tile, first, row_tile.maxCoeff());
+          track_max_score_key(row, row_tile, first, max_of(row_tile.data(), visible));
           weigh_all(r, row, row_tile);
           dense_elements += visible;
         } else if (row.selection.running) {
@@ -444,7 +457,7 @@ class TiledAttention {
         row.mass.kept += survivors;
         kept_max = tile_max;  // the tile's max survives whenever anything does
       } else {  // ties or a cap: elements in decreasing position
-        track_max_score_key(row, visible, first, visible.maxCoeff());
+        track_max_score_key(row, visible, first, max_of(visible.data(), visible.size()));
         for (Index c = visible.size() - 1; c >= 0; --c) {
           const Acc a = visible(c);
           if (row.admit(a, first + c)) {
@@ -515,8 +528,13 @@ class TiledAttention {
       }
       for (Index r = 0; r < Index(rows.size()); ++r) {
         const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-        add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(), kernel.v_.row(0, kv_head),
-                          kernel.v_.token_stride(), output.cols(), output.row(r).data());
+        if (kernel.careful_values_) {
+          for (Index t = 0; t < candidates.size(); ++t)
+            add_if_weighed(candidates.scores()[t], candidates.positions()[t], r);
+        } else {
+          add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(), kernel.v_.row(0, kv_head),
+                            kernel.v_.token_stride(), output.cols(), output.row(r).data());
+        }
         for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
       }
     }
@@ -550,6 +568,19 @@ class TiledAttention {
     void accumulate_values(Index from, Index count, NextRows<Scalar> next = {}) {
       const Index offset = from - tile_first, dim = output.cols();
       const auto in_range = [&](Index c) { return c >= offset && c < offset + count; };
+      if (kernel.careful_values_ && tile_sparse) {
+        for (const SurvivorRun& run : survivor_runs)
+          for (Index t = run.begin; t < run.end; ++t)
+            if (in_range(survivor_columns[std::size_t(t)]))
+              add_if_weighed(survivor_weights[t], tile_first + survivor_columns[std::size_t(t)], run.row);
+        return;
+      }
+      if (kernel.careful_values_) {
+        for (Index r = 0; r < output.rows(); ++r)
+          for (Index c : kept_columns)
+            if (in_range(c)) add_if_weighed(tile_weights(r, c), tile_first + c, r);
+        return;
+      }
       if (tile_sparse) {
         for (const SurvivorRun& run : survivor_runs)
           add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.data() + run.begin,
@@ -578,9 +609,20 @@ class TiledAttention {
       }
     }
 
-    /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax).
+    /// output_r += w v_position, only when w != 0 (careful V products: 0 · inf would be NaN).
+    void add_if_weighed(Acc weight, Index position, Index r) {
+      if (weight == Acc(0)) return;
+      Acc* const into = output.row(r).data();
+      const Scalar* const value = kernel.v_.row(position, kv_head);
+      for (Index d = 0; d < output.cols(); ++d) into[d] += weight * Acc(value[d]);
+    }
+
+    /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax). A NaN
+    /// or +inf `tile_max` marks the row as having no softmax; a NaN leaves its max where it was.
     template <class Visible>
     void track_max_score_key(Row& row, const Visible& visible, Index first, Acc tile_max) {
+      row.note_scores_max(tile_max);
+      if (tile_max != tile_max) return;
       if (tile_max > row.best_score) {  // strict, and tiles run backwards: ties go to the larger position
         row.best_score = tile_max;
         row.best_position = first + last_position_of(visible.data(), visible.size(), tile_max);
@@ -619,11 +661,21 @@ class TiledAttention {
       const auto output_row = [&](Index r) {
         return kernel.out_.row(rows[std::size_t(r)].query_row, rows[std::size_t(r)].query_head);
       };
+      const auto output_row_of = [&](Index r) {
+        return Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(output_row(r), kernel.shape_.head_dim);
+      };
       if (kernel.defers_values_) accumulate_candidates();
       for (Index r = 0; r < Index(rows.size()); ++r) {
         ask_ahead<true>(r, Index(rows.size()), output_row, row_bytes);
         Row& row = rows[std::size_t(r)];
         row.mass.length = row.length;
+        stats.elements_visible[std::size_t(row.query_head)] += std::uint64_t(row.length);
+        ++stats.rows;
+        if (!row.has_softmax()) {  // design.md §1 has no probabilities to give: o_i is NaN, as p_ij are
+          output_row_of(r).setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+          ++stats.non_finite_rows;
+          continue;
+        }
         if (row.keep_best_if_empty()) {
           output.row(r) = values.row(row.best_position).template cast<Acc>();
           ++stats.empty_rows;
@@ -639,13 +691,11 @@ class TiledAttention {
                                 row.selection.calibrated_term);
         output.row(r) /= denominator;
         if (compensation.v_mean)
-          output.row(r) += v_mean_weight(row.mass, denominator) * kernel.value_means_->mean(kv_head, row.length);
-        Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(output_row(r), kernel.shape_.head_dim) =
-            output.row(r).template cast<Scalar>();
-
+          if (const Acc weight = v_mean_weight(row.mass, denominator); weight != Acc(0))
+            output.row(r) += weight * kernel.value_means_->mean(kv_head, row.length);
+        if (!kernel.careful_values_ && !output.row(r).allFinite()) kernel.non_finite_output_ = true;
+        output_row_of(r) = output.row(r).template cast<Scalar>();
         stats.elements_kept[std::size_t(row.query_head)] += std::uint64_t(row.mass.kept);
-        stats.elements_visible[std::size_t(row.query_head)] += std::uint64_t(row.length);
-        ++stats.rows;
         stats.dense_rows += row.selection.dense;
         stats.capped_rows += row.capped;
         stats.extrapolated_rows += row.selection.extrapolated;
@@ -730,6 +780,12 @@ class TiledAttention {
   bool track_pruned_mass_;
   bool defers_values_;  // running thresholds: V rows are read once each row's τ_i is known
   bool collect_stats_;
+  // Non-finite V values: a zero weight times inf is NaN, so the fast V products (GEMMs, streams over every row
+  // of a block) would let a V row that a row does not use (pruned, masked) poison it. They are used as long as
+  // every output row with a softmax comes out finite; otherwise the call runs again `careful_values_`, adding
+  // each V row only to the rows that weigh it.
+  bool careful_values_ = false;
+  std::atomic<bool> non_finite_output_{false};
   Index query_blocks_ = 0;
   Index tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;  // key_splits_ = 0: items are (KV head, query block)
   std::vector<std::unique_ptr<Block>> partials_;              // [query block][key range][KV head]
@@ -745,6 +801,19 @@ void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<con
                          const double* value_prefix_sum, const Executor& executor, AttentionStats* stats) {
   using Acc = accumulator_t<Scalar>;
   const AttentionShape shape = attention_shape(q, k, v, out, options);
+  // The output is written while q, k and v are read (by other work items, and again when V values are not
+  // finite), so it may share no memory with them, nor its rows with each other.
+  require(!rows_overlap(out), "out", "rows that do not overlap (token_stride, head_stride >= head_dim)",
+          "token_stride " + std::to_string(out.token_stride()) + ", head_stride " +
+              std::to_string(out.head_stride()) + ", head_dim " + std::to_string(out.head_dim()));
+  for (const auto& [name, overlaps] : {std::pair<const char*, bool>{"q", may_overlap(out, q)},
+                                       {"k", may_overlap(out, k)}, {"v", may_overlap(out, v)}})
+    require(!overlaps, "out", std::string("memory apart from ") + name + " (no in-place attention)",
+            std::string("a view that overlaps ") + name);
+  if (shape.query_rows == 0) {  // an empty chunk: nothing to attend, nothing read
+    if (stats) stats->reset(shape.q_heads, shape.kv_heads);
+    return;
+  }
   ValueMeans<Acc> value_means;
   if (selection.compensation().v_mean) value_means = ValueMeans<Acc>::of(v, shape, value_prefix_sum);
   TiledAttention<Tiles, Scalar, Selection> kernel(q, k, v, out, shape, selection, &value_means, stats != nullptr);
@@ -752,16 +821,23 @@ void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<con
   if (kernel.preparation_items() > 0)
     executor.parallel_for(kernel.preparation_items(), [&](Index item) { kernel.prepare(item); });
   std::vector<AttentionStats> item_stats(std::size_t(kernel.work_items()));
-  executor.parallel_for(kernel.work_items(), [&](Index item) {
-    item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
-    kernel.run(item, item_stats[std::size_t(item)]);
-  });
   std::vector<AttentionStats> finish_stats(std::size_t(kernel.finish_items()));
-  if (kernel.finish_items() > 0)
-    executor.parallel_for(kernel.finish_items(), [&](Index item) {
-      finish_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
-      kernel.finish_split_rows(item, finish_stats[std::size_t(item)]);
+  const auto run_items = [&] {
+    executor.parallel_for(kernel.work_items(), [&](Index item) {
+      item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
+      kernel.run(item, item_stats[std::size_t(item)]);
     });
+    if (kernel.finish_items() > 0)
+      executor.parallel_for(kernel.finish_items(), [&](Index item) {
+        finish_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
+        kernel.finish_split_rows(item, finish_stats[std::size_t(item)]);
+      });
+  };
+  run_items();
+  if (kernel.found_non_finite_output()) {  // non-finite V values (or sums that overflow): V products that skip
+    kernel.use_careful_values();          // zero weights, for every row again (out does not overlap q, k, v)
+    run_items();
+  }
   if (!stats) return;
   stats->reset(shape.q_heads, shape.kv_heads);
   for (const auto& item : item_stats) stats->merge(item);
