@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
 
   toptheta::bench::register_probe_benchmarks();
   toptheta::bench::register_decode_benchmarks();
+  toptheta::bench::register_batch_benchmarks();
   toptheta::bench::register_prefill_benchmarks();
   toptheta::bench::register_calibration_benchmarks();
 

@@ -117,6 +117,7 @@ double relative_error(const Scalar* output, const Scalar* reference, std::size_t
 
 void register_probe_benchmarks();        // probes.cpp
 void register_decode_benchmarks();       // decode.cpp
+void register_batch_benchmarks();        // batch.cpp
 void register_prefill_benchmarks();      // prefill.cpp
 void register_calibration_benchmarks();  // calibration.cpp
 

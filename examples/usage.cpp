@@ -26,5 +26,21 @@ int main() {
                       TensorView<float>(out.data(), tokens, q_heads, head_dim), thresholds, options, &stats);
   std::printf("kept %.1f%% of attention elements; V rows kept per KV head: %.1f%%\n", 100 * stats.kept_fraction(),
               100 * stats.v_rows_kept_fraction());
+
+  // A decode step of a batch in one call: each sequence with its own cache, length and new query rows (here
+  // the first 100, 300 and 512 tokens as three sequences' caches, each attending its last token).
+  std::vector<float> decode_out(3 * q_heads * head_dim);
+  std::vector<SequenceViews<float>> batch;
+  for (const Index length : {100, 300, 512}) {
+    const Index last = length - 1;
+    batch.push_back({TensorView<const float>(q.data() + last * q_heads * head_dim, 1, q_heads, head_dim),
+                     TensorView<const float>(k.data(), length, kv_heads, head_dim),
+                     TensorView<const float>(v.data(), length, kv_heads, head_dim),
+                     TensorView<float>(decode_out.data() + batch.size() * q_heads * head_dim, 1, q_heads, head_dim),
+                     /*past=*/last});
+  }
+  options.attention = AttentionOptions{};  // causal; each sequence's past is in its SequenceViews
+  top_theta_attention(batch, thresholds, options);
+  std::printf("decoded a batch of %zu sequences in one call\n", batch.size());
   return 0;
 }

@@ -96,6 +96,7 @@ class TiledAttention {
   /// their finite output.
   bool found_non_finite_output() const { return non_finite_output_.load(); }
   void use_careful_values() { careful_values_ = true; }
+  bool careful_values() const { return careful_values_; }
 
   /// Work items to run before the blocks (`PrefillPreparation`).
   Index preparation_items() const { return preparation_ ? preparation_->items() : 0; }
@@ -134,13 +135,15 @@ class TiledAttention {
   /// `item % kv_heads`) and writes o_i.
   void finish_split_rows(Index item, AttentionStats& stats) {
     const Index query_block = item / shape_.kv_heads, kv_head = item % shape_.kv_heads;
-    const auto partial = [&](Index split) -> Block& {
-      return *partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)];
+    const auto partial = [&](Index split) -> std::unique_ptr<Block>& {
+      return partials_[std::size_t((query_block * key_splits_ + split) * shape_.kv_heads + kv_head)];
     };
     // From the last range to the first, as the tiles of one range run.
-    Block& merged = partial(key_splits_ - 1);
-    for (Index split = key_splits_ - 2; split >= 0; --split) merged.merge(partial(split));
+    Block& merged = *partial(key_splits_ - 1);
+    for (Index split = key_splits_ - 2; split >= 0; --split) merged.merge(*partial(split));
     merged.finish_rows(stats);
+    // Only this item used these partial rows: freed now, not when the call (or a whole batch) ends.
+    for (Index split = 0; split < key_splits_; ++split) partial(split).reset();
   }
 
   /// Distinct V rows kept per KV head over the whole call (only when stats are collected).
@@ -793,56 +796,149 @@ class TiledAttention {
   KeptRowSets kept_rows_;
 };
 
-/// Runs `selection` over one attention call on `executor`: the body of every public attention kernel.
+/// One attention call of a batch: a sequence's views, placement and V prefix sum, and where its statistics go.
+template <class Scalar>
+struct SequenceCall {
+  TensorView<const Scalar> q, k, v;
+  TensorView<Scalar> out;
+  AttentionOptions options;
+  const double* value_prefix_sum = nullptr;
+  AttentionStats* stats = nullptr;
+};
+
+/// Checks one call's views (`attention_shape`) and that `out` shares no memory with q, k, v or itself, and
+/// returns its shape. With a `name` (a batch's "sequences[3]"), errors name the argument below it.
+template <class Scalar>
+AttentionShape checked_call_shape(const SequenceCall<Scalar>& call, const std::string& name) {
+  try {
+    const AttentionShape shape = attention_shape(call.q, call.k, call.v, call.out, call.options);
+    // The output is written while q, k and v are read (by other work items, and again when V values are not
+    // finite), so it may share no memory with them, nor its rows with each other.
+    const auto& out = call.out;
+    require(!rows_overlap(out), "out", "rows that do not overlap (token_stride, head_stride >= head_dim)",
+            "token_stride " + std::to_string(out.token_stride()) + ", head_stride " +
+                std::to_string(out.head_stride()) + ", head_dim " + std::to_string(out.head_dim()));
+    for (const auto& [input, overlaps] : {std::pair<const char*, bool>{"q", may_overlap(out, call.q)},
+                                          {"k", may_overlap(out, call.k)}, {"v", may_overlap(out, call.v)}})
+      require(!overlaps, "out", std::string("memory apart from ") + input + " (no in-place attention)",
+              std::string("a view that overlaps ") + input);
+    return shape;
+  } catch (const invalid_argument& error) {
+    if (name.empty()) throw;
+    const std::string message = error.what(), prefix = "toptheta: ";  // "toptheta: <argument>: ..."
+    throw invalid_argument(prefix + name + "." + message.substr(message.rfind(prefix, 0) == 0 ? prefix.size() : 0));
+  }
+}
+
+/// Runs `selection` over a batch of attention calls on `executor`: the body of every public attention kernel
+/// (a single call is a batch of one). Every call is checked before any work starts. The calls' work items
+/// (preparation, then blocks or key ranges, then the merges of split keys) run as one list per stage, so short
+/// calls and long ones share the threads; each call's results are those it gives alone, bit for bit.
+template <class Tiles, class Scalar, class Selection, class Executor>
+void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar>>& calls, const Selection& selection,
+                               const Executor& executor, bool name_calls) {
+  using Acc = accumulator_t<Scalar>;
+  using Kernel = TiledAttention<Tiles, Scalar, Selection>;
+  const std::size_t count = calls.size();
+  std::vector<AttentionShape> shapes;
+  for (std::size_t c = 0; c < count; ++c)
+    shapes.push_back(checked_call_shape(calls[c], name_calls ? "sequences[" + std::to_string(c) + "]" : ""));
+  std::vector<ValueMeans<Acc>> value_means(count);
+  std::vector<std::unique_ptr<Kernel>> kernels(count);  // none for a call without query rows: it does nothing
+  for (std::size_t c = 0; c < count; ++c) {
+    const SequenceCall<Scalar>& call = calls[c];
+    if (call.stats) call.stats->reset(shapes[c].q_heads, shapes[c].kv_heads);
+    if (shapes[c].query_rows == 0) continue;
+    if (selection.compensation().v_mean)
+      value_means[c] = ValueMeans<Acc>::of(call.v, shapes[c], call.value_prefix_sum);
+    kernels[c] = std::make_unique<Kernel>(call.q, call.k, call.v, call.out, shapes[c], selection, &value_means[c],
+                                          call.stats != nullptr);
+  }
+  // One parallel_for over `items_of(c)` items of each call c (0 for calls without a kernel), in call order.
+  std::vector<Index> first(count + 1);
+  const auto run_stage = [&](auto&& items_of, auto&& run) {
+    first[0] = 0;
+    for (std::size_t c = 0; c < count; ++c) first[c + 1] = first[c] + (kernels[c] ? items_of(c) : 0);
+    if (first[count] == 0) return;
+    executor.parallel_for(first[count], [&](Index item) {
+      const std::size_t c = std::size_t(std::upper_bound(first.begin(), first.end(), item) - first.begin()) - 1;
+      run(c, item - first[c]);
+    });
+  };
+  run_stage([&](std::size_t c) { return kernels[c]->preparation_items(); },
+            [&](std::size_t c, Index item) { kernels[c]->prepare(item); });
+  std::vector<std::vector<AttentionStats>> item_stats(count), finish_stats(count);
+  for (std::size_t c = 0; c < count; ++c)
+    if (kernels[c]) {
+      item_stats[c].resize(std::size_t(kernels[c]->work_items()));
+      finish_stats[c].resize(std::size_t(kernels[c]->finish_items()));
+    }
+  const auto run_item = [&](std::size_t c, Index item) {
+    item_stats[c][std::size_t(item)].reset(shapes[c].q_heads, shapes[c].kv_heads);
+    kernels[c]->run(item, item_stats[c][std::size_t(item)]);
+  };
+  const auto finish_item = [&](std::size_t c, Index item) {
+    finish_stats[c][std::size_t(item)].reset(shapes[c].q_heads, shapes[c].kv_heads);
+    kernels[c]->finish_split_rows(item, finish_stats[c][std::size_t(item)]);
+  };
+  // Calls in groups of at least `group_items` work items, and one parallel_for per group that also runs the
+  // previous group's merges (split keys): the threads stay busy across calls, and a group's partial rows are
+  // merged while they are still in cache.
+  constexpr Index group_items = 64;
+  std::vector<std::size_t> group_first{0};
+  for (std::size_t c = 0, items = 0; c < count; ++c) {
+    items += kernels[c] ? std::size_t(kernels[c]->work_items()) : 0;
+    if (items >= std::size_t(group_items) || c + 1 == count) {
+      group_first.push_back(c + 1);
+      items = 0;
+    }
+  }
+  const std::size_t groups = group_first.size() - 1;
+  for (std::size_t g = 0; g <= groups; ++g) {  // group g's work items and group g - 1's merges
+    const auto in_group = [&](std::size_t c, std::size_t group) {
+      return group < groups && c >= group_first[group] && c < group_first[group + 1];
+    };
+    const auto works = [&](std::size_t c) { return in_group(c, g); };
+    const auto merges = [&](std::size_t c) { return g > 0 && in_group(c, g - 1); };
+    run_stage(
+        [&](std::size_t c) {
+          return (works(c) ? kernels[c]->work_items() : 0) + (merges(c) ? kernels[c]->finish_items() : 0);
+        },
+        [&](std::size_t c, Index item) {
+          if (works(c)) return run_item(c, item);
+          finish_item(c, item);
+        });
+  }
+  // Non-finite V values (or sums that overflow) in a call: V products that skip zero weights, for every row of
+  // that call again (its out overlaps none of its inputs).
+  bool any_careful = false;
+  for (std::size_t c = 0; c < count; ++c)
+    if (kernels[c] && kernels[c]->found_non_finite_output()) {
+      kernels[c]->use_careful_values();
+      any_careful = true;
+    }
+  if (any_careful) {
+    const auto careful = [&](std::size_t c) { return kernels[c]->careful_values(); };
+    run_stage([&](std::size_t c) { return careful(c) ? kernels[c]->work_items() : 0; }, run_item);
+    run_stage([&](std::size_t c) { return careful(c) ? kernels[c]->finish_items() : 0; }, finish_item);
+  }
+  for (std::size_t c = 0; c < count; ++c) {
+    AttentionStats* stats = calls[c].stats;
+    if (!stats || !kernels[c]) continue;
+    for (const auto& item : item_stats[c]) stats->merge(item);
+    for (const auto& item : finish_stats[c]) stats->merge(item);
+    kernels[c]->count_kept_rows(*stats);
+  }
+}
+
+/// Runs `selection` over one attention call on `executor`.
 template <class Tiles, class Scalar, class Selection, class Executor>
 void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<const Scalar>& k,
                          const TensorView<const Scalar>& v, const TensorView<Scalar>& out,
                          const AttentionOptions& options, const Selection& selection,
                          const double* value_prefix_sum, const Executor& executor, AttentionStats* stats) {
-  using Acc = accumulator_t<Scalar>;
-  const AttentionShape shape = attention_shape(q, k, v, out, options);
-  // The output is written while q, k and v are read (by other work items, and again when V values are not
-  // finite), so it may share no memory with them, nor its rows with each other.
-  require(!rows_overlap(out), "out", "rows that do not overlap (token_stride, head_stride >= head_dim)",
-          "token_stride " + std::to_string(out.token_stride()) + ", head_stride " +
-              std::to_string(out.head_stride()) + ", head_dim " + std::to_string(out.head_dim()));
-  for (const auto& [name, overlaps] : {std::pair<const char*, bool>{"q", may_overlap(out, q)},
-                                       {"k", may_overlap(out, k)}, {"v", may_overlap(out, v)}})
-    require(!overlaps, "out", std::string("memory apart from ") + name + " (no in-place attention)",
-            std::string("a view that overlaps ") + name);
-  if (shape.query_rows == 0) {  // an empty chunk: nothing to attend, nothing read
-    if (stats) stats->reset(shape.q_heads, shape.kv_heads);
-    return;
-  }
-  ValueMeans<Acc> value_means;
-  if (selection.compensation().v_mean) value_means = ValueMeans<Acc>::of(v, shape, value_prefix_sum);
-  TiledAttention<Tiles, Scalar, Selection> kernel(q, k, v, out, shape, selection, &value_means, stats != nullptr);
-
-  if (kernel.preparation_items() > 0)
-    executor.parallel_for(kernel.preparation_items(), [&](Index item) { kernel.prepare(item); });
-  std::vector<AttentionStats> item_stats(std::size_t(kernel.work_items()));
-  std::vector<AttentionStats> finish_stats(std::size_t(kernel.finish_items()));
-  const auto run_items = [&] {
-    executor.parallel_for(kernel.work_items(), [&](Index item) {
-      item_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
-      kernel.run(item, item_stats[std::size_t(item)]);
-    });
-    if (kernel.finish_items() > 0)
-      executor.parallel_for(kernel.finish_items(), [&](Index item) {
-        finish_stats[std::size_t(item)].reset(shape.q_heads, shape.kv_heads);
-        kernel.finish_split_rows(item, finish_stats[std::size_t(item)]);
-      });
-  };
-  run_items();
-  if (kernel.found_non_finite_output()) {  // non-finite V values (or sums that overflow): V products that skip
-    kernel.use_careful_values();          // zero weights, for every row again (out does not overlap q, k, v)
-    run_items();
-  }
-  if (!stats) return;
-  stats->reset(shape.q_heads, shape.kv_heads);
-  for (const auto& item : item_stats) stats->merge(item);
-  for (const auto& item : finish_stats) stats->merge(item);
-  kernel.count_kept_rows(*stats);
+  const std::vector<SequenceCall<Scalar>> call{{q, k, v, out, options, value_prefix_sum, stats}};
+  run_tiled_attention_batch<Tiles, Scalar>(call, selection, executor, false);
 }
 
 }  // namespace detail
