@@ -36,6 +36,7 @@ struct TopThetaOptions : SparseAttentionOptions {
 /// test and accumulation; O(query block x group x L) per work item): it gives the same kept sets and outputs
 /// but was slower in every case the benchmark suite measures, and stays as a reference (top-k still uses it).
 /// \param thresholds one layer's table, with one row of thresholds per query head.
+/// Errors and non-finite data as `dense_attention`.
 template <class Tiles = DefaultTiles, class Scalar, class Executor = DefaultExecutor>
 void top_theta_attention(const TensorView<const detail::identity_t<Scalar>>& q,
                          const TensorView<const detail::identity_t<Scalar>>& k,
