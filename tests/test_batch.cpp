@@ -118,8 +118,10 @@ bool same_stats(const AttentionStats& a, const AttentionStats& b) {
 
 }  // namespace
 
+// float only: batching changes which items run together, not how a call computes (the single-call tests cover
+// the stored types), and every further type costs CI a full instantiation of the kernels.
 TEMPLATE_TEST_CASE("a batched call gives every sequence its own call's output and statistics, bit for bit",
-                   "[batch]", float, double, Eigen::bfloat16) {
+                   "[batch]", float) {
   const Kind kind = GENERATE(from_range(std::begin(every_kind), std::end(every_kind)));
   const int threads = GENERATE(1, 2, 3);
   const bool prefix_sums = GENERATE(false, true);
