@@ -8,6 +8,7 @@
 #include "layers.hpp"
 #include "suite.hpp"
 
+#include <toptheta/aligned_vector.hpp>
 #include <toptheta/attention_batch.hpp>
 
 #include <memory>
@@ -32,7 +33,7 @@ class DecodeBatch {
       std::vector<double> sum(std::size_t(row_size), 0.0);
       for (Index j = start; j + 1 < start + length; ++j)
         for (Index t = 0; t < row_size; ++t) sum[std::size_t(t)] += double(layer_.v[std::size_t(j * row_size + t)]);
-      sequences_.push_back({start, length, std::move(sum), std::vector<float>(std::size_t(query_size), 0.0f)});
+      sequences_.push_back({start, length, std::move(sum), AlignedVector<float>(std::size_t(query_size), 0.0f)});
       start += length;
     }
   }
@@ -58,8 +59,8 @@ class DecodeBatch {
   }
 
   /// All outputs, sequence after sequence.
-  std::vector<float> outputs() const {
-    std::vector<float> all;
+  AlignedVector<float> outputs() const {
+    AlignedVector<float> all;
     for (const Sequence& s : sequences_) all.insert(all.end(), s.out.begin(), s.out.end());
     return all;
   }
@@ -68,7 +69,7 @@ class DecodeBatch {
   struct Sequence {
     Index start, length;
     std::vector<double> sum;
-    std::vector<float> out;
+    AlignedVector<float> out;
   };
   const Layer<float>& layer_;
   std::vector<Sequence> sequences_;
@@ -115,7 +116,7 @@ void register_batch_case(const std::string& kernel, const std::string& variant, 
     DecodeBatch& batch = decode_batch();
     const OpenMPExecutor executor{threads};
     if (!*summary) {
-      static const std::vector<float> dense = [&] {
+      static const AlignedVector<float> dense = [&] {
         attend("dense", batch.views(), false, executor);
         return batch.outputs();
       }();
@@ -124,7 +125,7 @@ void register_batch_case(const std::string& kernel, const std::string& variant, 
       CallSummary call;
       for (const AttentionStats& s : stats) call.stats.merge(s);
       call.bytes_per_k_or_v_row = double(LayerShape::head_dim) * sizeof(float);
-      const std::vector<float> out = batch.outputs();
+      const AlignedVector<float> out = batch.outputs();
       call.error_vs_dense = relative_error(out.data(), dense.data(), dense.size());
       *summary = call;
     }

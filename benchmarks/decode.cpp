@@ -55,7 +55,7 @@ class KvRotation {
   Index tokens_;
   std::size_t copy_size_;
   Index copies_;
-  std::vector<Scalar> data_;
+  AlignedVector<Scalar> data_;
 };
 
 /// The rotation of the measured layer at `tokens` in `Scalar`. One rotation (1 GiB) is kept at a time, for
@@ -92,7 +92,7 @@ const std::vector<double>& decode_value_prefix_sum(Index tokens) {
 /// The decode step of the measured layer at `tokens`: its last query row, at position n - 1, attends to keys
 /// and values 0 .. n - 1.
 template <class Scalar>
-AttentionCall<Scalar> decode_call(Index tokens, std::vector<Scalar>& out) {
+AttentionCall<Scalar> decode_call(Index tokens, AlignedVector<Scalar>& out) {
   const Layer<Scalar>& layer = measured_layer<Scalar>(tokens);
   constexpr Index row_size = LayerShape::q_heads * LayerShape::head_dim;
   out.assign(std::size_t(row_size), Scalar(0));
@@ -108,11 +108,11 @@ AttentionCall<Scalar> decode_call(Index tokens, std::vector<Scalar>& out) {
 }
 
 template <class Scalar>
-const std::vector<Scalar>& dense_decode_output(Index tokens) {
-  static std::map<Index, std::vector<Scalar>> cache;
+const AlignedVector<Scalar>& dense_decode_output(Index tokens) {
+  static std::map<Index, AlignedVector<Scalar>> cache;
   auto found = cache.find(tokens);
   if (found == cache.end()) {
-    std::vector<Scalar> out;
+    AlignedVector<Scalar> out;
     kernel<Scalar>("dense").attend(decode_call(tokens, out), nullptr, OpenMPExecutor{settings().threads},
                                    nullptr);
     found = cache.emplace(tokens, std::move(out)).first;
@@ -128,7 +128,7 @@ void register_decode_case(const Kernel<Scalar>& entry, Index tokens) {
   register_case(name, tokens == quick_context_length, [&entry, tokens, summary](benchmark::State& state) {
     const OpenMPExecutor executor{settings().threads};
     const LayerThresholds* thresholds = thresholds_for(entry, Phase::decode, tokens);
-    std::vector<Scalar> out;
+    AlignedVector<Scalar> out;
     AttentionCall<Scalar> call = decode_call<Scalar>(tokens, out);
     if (!*summary)
       *summary = summarize_call(entry, call, thresholds, executor, dense_decode_output<Scalar>(tokens));

@@ -4,6 +4,7 @@
 #include "layers.hpp"
 #include "suite.hpp"
 
+#include <toptheta/aligned_vector.hpp>
 #include <toptheta/dense_attention.hpp>
 #include <toptheta/executor.hpp>
 #include <toptheta/top_k_attention.hpp>
@@ -96,7 +97,7 @@ const LayerThresholds* thresholds_for(const Kernel<Scalar>& entry, Phase phase, 
 template <class Scalar>
 CallSummary summarize_call(const Kernel<Scalar>& entry, const AttentionCall<Scalar>& call,
                            const LayerThresholds* thresholds, const OpenMPExecutor& executor,
-                           const std::vector<Scalar>& dense_output) {
+                           const AlignedVector<Scalar>& dense_output) {
   CallSummary summary;
   entry.attend(call, thresholds, executor, &summary.stats);
   summary.bytes_per_k_or_v_row = double(LayerShape::head_dim) * sizeof(Scalar);

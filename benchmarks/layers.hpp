@@ -4,6 +4,7 @@
 
 #include "suite.hpp"
 
+#include <toptheta/aligned_vector.hpp>
 #include <toptheta/calibrator.hpp>
 #include <toptheta/executor.hpp>
 #include <toptheta/synthetic_attention.hpp>
@@ -31,7 +32,7 @@ constexpr unsigned measured_seed = 1, calibration_seed = 2, model_seed = 1;
 template <class Scalar>
 struct Layer {
   Index tokens = 0;
-  std::vector<Scalar> q, k, v;
+  AlignedVector<Scalar> q, k, v;
 
   TensorView<const Scalar> queries() const {
     return {q.data(), tokens, LayerShape::q_heads, LayerShape::head_dim};
@@ -57,8 +58,8 @@ inline Layer<float> generate_layer(Index tokens, unsigned seed) {
 }
 
 template <class To, class From>
-std::vector<To> converted(const std::vector<From>& values) {
-  std::vector<To> out(values.size());
+AlignedVector<To> converted(const AlignedVector<From>& values) {
+  AlignedVector<To> out(values.size());
   std::transform(values.begin(), values.end(), out.begin(), [](From x) { return To(x); });
   return out;
 }

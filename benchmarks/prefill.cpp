@@ -21,7 +21,7 @@ const char* const prefill_kernels[] = {"dense",           "top_k",           "to
 const char* const scaling_kernels[] = {"dense", "top_theta"};
 
 /// Causal prefill of the whole measured layer at `tokens` (f32).
-AttentionCall<float> prefill_call(Index tokens, std::vector<float>& out) {
+AttentionCall<float> prefill_call(Index tokens, AlignedVector<float>& out) {
   const Layer<float>& layer = measured_layer<float>(tokens);
   out.assign(layer.q.size(), 0.0f);
   AttentionCall<float> call{layer.queries(), layer.keys(), layer.values(),
@@ -32,11 +32,11 @@ AttentionCall<float> prefill_call(Index tokens, std::vector<float>& out) {
   return call;
 }
 
-const std::vector<float>& dense_prefill_output(Index tokens) {
-  static std::map<Index, std::vector<float>> cache;
+const AlignedVector<float>& dense_prefill_output(Index tokens) {
+  static std::map<Index, AlignedVector<float>> cache;
   auto found = cache.find(tokens);
   if (found == cache.end()) {
-    std::vector<float> out;
+    AlignedVector<float> out;
     kernel<float>("dense").attend(prefill_call(tokens, out), nullptr, OpenMPExecutor{settings().threads},
                                   nullptr);
     found = cache.emplace(tokens, std::move(out)).first;
@@ -57,7 +57,7 @@ void register_prefill_case(const std::string& name, const Kernel<float>& entry, 
       name, tokens == quick_prompt_length, [&entry, tokens, threads, summary](benchmark::State& state) {
         const OpenMPExecutor executor{threads};
         const LayerThresholds* thresholds = thresholds_for(entry, Phase::prefill, tokens);
-        std::vector<float> out;
+        AlignedVector<float> out;
         const AttentionCall<float> call = prefill_call(tokens, out);
         if (!*summary)
           *summary = summarize_call(entry, call, thresholds, executor, dense_prefill_output(tokens));

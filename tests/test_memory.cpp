@@ -9,6 +9,7 @@
 #include "test_support.hpp"
 
 #include <chrono>
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 
@@ -189,5 +190,21 @@ TEST_CASE(
     CHECK(stats.rows == std::uint64_t(n));
     CHECK(std::all_of(problem.out.begin(), problem.out.end(), [](float x) { return std::isfinite(x); }));
     if (kernel > 0) CHECK(stats.kept_fraction() < 0.05);
+  }
+}
+
+TEMPLATE_TEST_CASE("KV caches and aligned buffers start their rows on a cache line, small or large", "[memory][kv_cache]",
+                   float, Eigen::bfloat16) {
+  // glibc serves blocks above 128 KiB from mmap, 16 bytes into a page: a plain std::vector of that size would
+  // split every 64-byte load of a row between two cache lines.
+  const Index capacity = GENERATE(1, 4096);
+  KvCache<TestType> cache(8, 128, capacity);
+  const auto line = [](const void* data) { return reinterpret_cast<std::uintptr_t>(data) % cache_line_bytes; };
+  INFO("capacity " << capacity);
+  CHECK(line(cache.keys().data()) == 0);
+  CHECK(line(cache.values().data()) == 0);
+  for (const std::size_t count : {std::size_t(1), std::size_t(1) << 20}) {
+    const AlignedVector<TestType> buffer(count);
+    CHECK(line(buffer.data()) == 0);
   }
 }

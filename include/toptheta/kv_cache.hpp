@@ -1,6 +1,7 @@
 // A KV cache that also keeps the running V sum V-mean compensation needs.
 #pragma once
 
+#include <toptheta/aligned_vector.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/views.hpp>
@@ -126,7 +127,7 @@ class KvCache {
 
   Index kv_heads_, head_dim_, capacity_, length_ = 0, append_start_ = 0;
   bool check_finite_ = true;
-  std::vector<Scalar> keys_, values_;
+  AlignedVector<Scalar> keys_, values_;
   std::vector<double> value_sum_, value_sum_before_append_;
 };
 

@@ -1,6 +1,7 @@
 // Synthetic attention inputs with the structure real attention rows have, for examples, benchmarks and tests.
 #pragma once
 
+#include <toptheta/aligned_vector.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/views.hpp>
@@ -36,7 +37,7 @@ struct SyntheticAttentionOptions {
 template <class Scalar>
 struct SyntheticAttention {
   SyntheticAttentionOptions shape;
-  std::vector<Scalar> q, k, v;
+  AlignedVector<Scalar> q, k, v;
 
   explicit SyntheticAttention(const SyntheticAttentionOptions& options) : shape(options) {
     detail::require(options.tokens >= 1, "options.tokens", "a count >= 1", options.tokens);
@@ -102,7 +103,7 @@ struct SyntheticAttention {
     return x.normalized();
   }
 
-  void store(std::vector<Scalar>& into, Index token, Index head, Index heads, const Eigen::VectorXd& row) {
+  void store(AlignedVector<Scalar>& into, Index token, Index head, Index heads, const Eigen::VectorXd& row) {
     const Index d = shape.head_dim;
     for (Index c = 0; c < d; ++c) into[std::size_t((token * heads + head) * d + c)] = Scalar(row(c));
   }

@@ -5,6 +5,7 @@
 #define TOPTHETA_VERSION_MINOR 1
 #define TOPTHETA_VERSION_PATCH 0
 
+#include <toptheta/aligned_vector.hpp>
 #include <toptheta/attention_batch.hpp>
 #include <toptheta/calibrator.hpp>
 #include <toptheta/compensation.hpp>

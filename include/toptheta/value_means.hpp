@@ -19,28 +19,41 @@ class ValueMeans {
  public:
   using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-  /// \param prefix_sum `kv_heads x head_dim` row-major sums `Σ_{j<past} v_j`, or null to read those rows.
-  template <class Scalar>
-  static ValueMeans of(const TensorView<const Scalar>& v, const AttentionShape& shape, const double* prefix_sum) {
+  /// The means of a call of `shape`, sized; each KV head's are filled by `compute` (heads in any order or
+  /// in parallel).
+  static ValueMeans sized(const AttentionShape& shape) {
     ValueMeans means;
-    const Index start = std::min(shape.past, shape.key_rows);
+    means.start_ = std::min(shape.past, shape.key_rows);
     means.first_length_ = shape.causal ? shape.past + 1 : shape.key_rows;
     means.lengths_ = shape.causal ? shape.query_rows : 1;
     means.means_.resize(shape.kv_heads * means.lengths_, shape.head_dim);
-    Eigen::RowVectorXd sum(shape.head_dim);
-    for (Index h = 0; h < shape.kv_heads; ++h) {
-      const auto values = v.head(h);
-      if (prefix_sum)
-        sum = Eigen::Map<const Eigen::RowVectorXd>(prefix_sum + h * shape.head_dim, shape.head_dim);
-      else
-        sum = values.topRows(start).template cast<double>().colwise().sum();
-      Index summed = start;  // rows in `sum`
-      for (Index l = 0; l < means.lengths_; ++l) {
-        const Index length = means.first_length_ + l;
-        for (; summed < length; ++summed) sum += values.row(summed).template cast<double>();
-        means.means_.row(h * means.lengths_ + l) = (sum / double(length)).template cast<Acc>();
-      }
+    return means;
+  }
+
+  /// Fills the means of KV head `kv_head` from `v`.
+  /// \param prefix_sum `kv_heads x head_dim` row-major sums `Σ_{j<past} v_j`, or null to read those rows.
+  template <class Scalar>
+  void compute(Index kv_head, const TensorView<const Scalar>& v, const double* prefix_sum) {
+    const Index dim = means_.cols();
+    const auto values = v.head(kv_head);
+    Eigen::RowVectorXd sum(dim);
+    if (prefix_sum)
+      sum = Eigen::Map<const Eigen::RowVectorXd>(prefix_sum + kv_head * dim, dim);
+    else
+      sum = values.topRows(start_).template cast<double>().colwise().sum();
+    Index summed = start_;  // rows in `sum`
+    for (Index l = 0; l < lengths_; ++l) {
+      const Index length = first_length_ + l;
+      for (; summed < length; ++summed) sum += values.row(summed).template cast<double>();
+      means_.row(kv_head * lengths_ + l) = (sum / double(length)).template cast<Acc>();
     }
+  }
+
+  /// Every KV head's means (`sized`, then `compute` for each head).
+  template <class Scalar>
+  static ValueMeans of(const TensorView<const Scalar>& v, const AttentionShape& shape, const double* prefix_sum) {
+    ValueMeans means = sized(shape);
+    for (Index h = 0; h < shape.kv_heads; ++h) means.compute(h, v, prefix_sum);
     return means;
   }
 
@@ -48,6 +61,7 @@ class ValueMeans {
   auto mean(Index kv_head, Index length) const { return means_.row(kv_head * lengths_ + length - first_length_); }
 
  private:
+  Index start_ = 0;  // rows summed from V (those before are in the prefix sum)
   Index first_length_ = 0, lengths_ = 0;
   Matrix means_;
 };

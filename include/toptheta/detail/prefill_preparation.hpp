@@ -39,7 +39,7 @@ class PrefillPreparation {
       packed_keys_.resize(kv_heads * tiles * Tiles::kv_block * dim);
     }
     if (v.token_stride() != dim && double(visible * kv_heads * dim) * sizeof(Scalar) <= double(max_bytes)) {
-      head_major_values_.resize(std::size_t(visible * kv_heads * dim));
+      head_major_values_.resize(visible * kv_heads * dim);
       copied_values_ = TensorView<const Scalar>(head_major_values_.data(), visible, kv_heads, dim, dim, visible * dim);
       value_chunks_ = (visible + Tiles::kv_block - 1) / Tiles::kv_block;
     }
@@ -80,7 +80,9 @@ class PrefillPreparation {
   TensorView<const Scalar> k_, v_, copied_values_;
   Index key_tiles_ = 0;                          // full K tiles per KV head packed
   Eigen::Matrix<Acc, Eigen::Dynamic, 1> packed_keys_;  // [KV head][tile], kv_block x d packed each
-  std::vector<Scalar> head_major_values_;        // V as [KV head][token][d]
+  // V as [KV head][token][d]; Eigen storage is aligned to the vector width, so that a row of 64-byte
+  // multiples starts on a cache line and no load straddles two (a plain vector this large starts 16 bytes in).
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> head_major_values_;
   Index value_chunks_ = 0;
 };
 

@@ -33,10 +33,7 @@ class ScannedKeys {
   /// Finds the keys `first + c` of `scores[0 .. count)` (count >= 1) whose score exceeds `floor`; returns the
   /// largest score.
   Acc scan(const Acc* scores, Index count, Index first, Acc floor) {
-    if (positions_.size() < count + scan_slack) {
-      positions_.resize(count + scan_slack);
-      scores_.resize(count + scan_slack);
-    }
+    make_room(count);
     Acc max;
     count_ = scan_above(scores, count, floor, positions_.data(), scores_.data(), max, first);
     return max;
@@ -46,6 +43,12 @@ class ScannedKeys {
   const Acc* scores() const { return scores_.data(); }
 
  private:
+  void make_room(Index count) {
+    if (positions_.size() >= count + scan_slack) return;
+    positions_.resize(count + scan_slack);
+    scores_.resize(count + scan_slack);
+  }
+
   Index count_ = 0;
   Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1> positions_;
   Eigen::Matrix<Acc, Eigen::Dynamic, 1> scores_;
@@ -143,19 +146,6 @@ class RowCandidates {
  private:
   Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>> held_scores() const {
     return Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(scores_, size_);
-  }
-
-  /// Copies the `count` entries with score > `floor` in order to `to_positions`, `to_scores` (which may be the
-  /// sources themselves) and returns how many.
-  static Index copy_above(const std::int32_t* positions, const Acc* scores, Index count, Acc floor,
-                          std::int32_t* to_positions, Acc* to_scores) {
-    Index kept = 0;
-    for (Index t = 0; t < count; ++t) {  // branch-free: every entry is written, the kept ones advance
-      to_positions[kept] = positions[t];
-      to_scores[kept] = scores[t];
-      kept += scores[t] > floor;
-    }
-    return kept;
   }
 
   void make_room(Index needed) {

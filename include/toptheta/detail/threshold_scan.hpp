@@ -67,6 +67,37 @@ Index scan_above(const Acc* scores, Index count, Acc threshold, std::int32_t* co
   return survivors;
 }
 
+/// Copies the entries `t < count` with `scores[t] > floor`, in order, to `to_positions` and `to_scores` (which
+/// may be the sources themselves: writes never pass reads; the destinations have room for `count`) and returns
+/// how many. With AVX-512 floats 16
+/// entries are tested at once and compressed into place; elsewhere a branch-free scalar loop.
+template <class Acc>
+Index copy_above(const std::int32_t* positions, const Acc* scores, Index count, Acc floor, std::int32_t* to_positions,
+                 Acc* to_scores) {
+  Index kept = 0, t = 0;
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<Acc, float>) {
+    const __m512 limit = _mm512_set1_ps(floor);
+    for (; t + 16 <= count; t += 16) {
+      const __m512 a = _mm512_loadu_ps(scores + t);
+      const __m512i j = _mm512_loadu_si512(positions + t);
+      const __mmask16 above = _mm512_cmp_ps_mask(a, limit, _CMP_GT_OQ);
+      // Compressed in registers and stored whole: kept <= t, so the store ends by t + 16 <= count (and in
+      // place, overwrites only entries already loaded).
+      _mm512_storeu_ps(to_scores + kept, _mm512_maskz_compress_ps(above, a));
+      _mm512_storeu_si512(to_positions + kept, _mm512_maskz_compress_epi32(above, j));
+      kept += __builtin_popcount(above);
+    }
+  }
+#endif
+  for (; t < count; ++t) {  // branch-free: every entry is written, the kept ones advance
+    to_positions[kept] = positions[t];
+    to_scores[kept] = scores[t];
+    kept += scores[t] > floor;
+  }
+  return kept;
+}
+
 /// `max_c scores[c]` (count >= 1), NaN when a score is NaN: with AVX-512 floats 64 scores per step in four
 /// independent maxima, so that a tile row costs a few cycles more than loading it; elsewhere Eigen's `maxCoeff`.
 template <class Acc>

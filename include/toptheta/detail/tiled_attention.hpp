@@ -203,7 +203,8 @@ class TiledAttention {
     std::vector<SurvivorRun> survivor_runs;
     Index survivor_count = 0;
     std::vector<char> weights_written;  // per row: tile_weights holds its weights of this tile (dense rows)
-    // With running thresholds: bit j set when some row of the block needs V row j (one bit per visible key);
+    // With running thresholds: bit j set when some row of the block needs V row j (one bit per visible key;
+    // only when the call collects statistics, the one thing it is for);
     // `candidate_room` candidates per row lent to the rows, and the tile's keys above a row's floor.
     std::vector<std::uint64_t> needed_values;
     Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1> candidate_positions;
@@ -213,6 +214,7 @@ class TiledAttention {
     Index tile_first = 0, tile_width = 0;  // the tile being accumulated
     bool tile_sparse = false;              // its V rows are added row by row from the survivors
     std::vector<Acc> scratch;
+    std::vector<Index> candidate_cursor;  // per row: its candidates added so far (`accumulate_candidates`)
 
     Block(TiledAttention& owner, Index kv, Index query_block) : kernel(owner), kv_head(kv) {
       const AttentionShape& shape = kernel.shape_;
@@ -241,7 +243,7 @@ class TiledAttention {
       }
       output.setZero(Index(rows.size()), shape.head_dim);
       if (kernel.defers_values_) {
-        needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
+        if (kernel.collect_stats_) needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
         candidate_positions.resize(stacked * candidate_room);
         candidate_scores.resize(stacked * candidate_room);
         for (Index n = 0; n < stacked; ++n)
@@ -374,7 +376,8 @@ class TiledAttention {
       }
       kept_columns.resize(std::size_t(kept));
       if (kernel.defers_values_) {  // V rows and skipped tiles are counted once every row is decided
-        for (Index c : kept_columns) need_value(tile_first + c);
+        if (kernel.collect_stats_)
+          for (Index c : kept_columns) need_value(tile_first + c);
         if (kept == 0) return false;
       } else {
         if (kept == 0) {
@@ -531,18 +534,40 @@ class TiledAttention {
       }
       for (Index r = 0; r < Index(rows.size()); ++r) {
         const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-        if (kernel.careful_values_) {
+        if (kernel.careful_values_)
           for (Index t = 0; t < candidates.size(); ++t)
             add_if_weighed(candidates.scores()[t], candidates.positions()[t], r);
-        } else {
-          add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(), kernel.v_.row(0, kv_head),
-                            kernel.v_.token_stride(), output.cols(), output.row(r).data());
-        }
-        for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
+        if (kernel.collect_stats_)
+          for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
       }
+      if (kernel.careful_values_) return;
+      const Index dim = output.cols();
+      if (output.rows() <= streaming_rows) {
+        for (Index r = 0; r < Index(rows.size()); ++r) {
+          const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
+          add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(), kernel.v_.row(0, kv_head),
+                            kernel.v_.token_stride(), dim, output.row(r).data());
+        }
+        return;
+      }
+      // Tile by tile, from the last (each row's candidates are in that order): the tile's V rows stay in cache
+      // while every row adds its own.
+      std::vector<Index>& next = candidate_cursor;
+      next.assign(rows.size(), 0);
+      for (Index first = (visible_end - 1) / Tiles::kv_block * Tiles::kv_block; first >= 0; first -= Tiles::kv_block)
+        for (Index r = 0; r < Index(rows.size()); ++r) {
+          const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
+          const Index begin = next[std::size_t(r)];
+          Index end = begin;
+          while (end < candidates.size() && candidates.positions()[end] >= first) ++end;
+          if (end == begin) continue;
+          add_gathered_rows(candidates.scores() + begin, candidates.positions() + begin, end - begin,
+                            kernel.v_.row(0, kv_head), kernel.v_.token_stride(), dim, output.row(r).data());
+          next[std::size_t(r)] = end;
+        }
     }
 
-    /// Marks V row `position` as needed by some row of the block (running thresholds).
+    /// Marks V row `position` as needed by some row of the block (running thresholds, statistics collected).
     void need_value(Index position) {
       needed_values[std::size_t(position / 64)] |= std::uint64_t(1) << (position % 64);
     }
@@ -683,7 +708,7 @@ class TiledAttention {
           output.row(r) = values.row(row.best_position).template cast<Acc>();
           ++stats.empty_rows;
           if (kernel.defers_values_) {
-            need_value(row.best_position);
+            if (kernel.collect_stats_) need_value(row.best_position);
           } else {
             ++stats.v_rows_read[std::size_t(kv_head)];
             if (kernel.collect_stats_) kernel.kept_rows_.mark(kv_head, row.best_position);
@@ -703,7 +728,7 @@ class TiledAttention {
         stats.capped_rows += row.capped;
         stats.extrapolated_rows += row.selection.extrapolated;
       }
-      if (kernel.defers_values_) count_needed_values(stats);
+      if (kernel.defers_values_ && kernel.collect_stats_) count_needed_values(stats);
     }
   };
 
@@ -849,8 +874,7 @@ void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar>>& calls, c
     const SequenceCall<Scalar>& call = calls[c];
     if (call.stats) call.stats->reset(shapes[c].q_heads, shapes[c].kv_heads);
     if (shapes[c].query_rows == 0) continue;
-    if (selection.compensation().v_mean)
-      value_means[c] = ValueMeans<Acc>::of(call.v, shapes[c], call.value_prefix_sum);
+    if (selection.compensation().v_mean) value_means[c] = ValueMeans<Acc>::sized(shapes[c]);
     kernels[c] = std::make_unique<Kernel>(call.q, call.k, call.v, call.out, shapes[c], selection, &value_means[c],
                                           call.stats != nullptr);
   }
@@ -865,8 +889,14 @@ void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar>>& calls, c
       run(c, item - first[c]);
     });
   };
-  run_stage([&](std::size_t c) { return kernels[c]->preparation_items(); },
-            [&](std::size_t c, Index item) { kernels[c]->prepare(item); });
+  // Before the blocks: each call's preparation, then the V means of each of its KV heads.
+  const Index mean_items = selection.compensation().v_mean ? 1 : 0;
+  run_stage([&](std::size_t c) { return kernels[c]->preparation_items() + mean_items * shapes[c].kv_heads; },
+            [&](std::size_t c, Index item) {
+              const Index preparation_items = kernels[c]->preparation_items();
+              if (item < preparation_items) return kernels[c]->prepare(item);
+              value_means[c].compute(item - preparation_items, calls[c].v, calls[c].value_prefix_sum);
+            });
   std::vector<std::vector<AttentionStats>> item_stats(count), finish_stats(count);
   for (std::size_t c = 0; c < count; ++c)
     if (kernels[c]) {
