@@ -488,11 +488,14 @@ class TiledAttention {
 
     /// A running threshold (design.md §6): moves m_t and Z_t over the tile's visible scores and keeps the keys
     /// above τ_t (less the rounding margin) as candidates. No V row is read until τ_i is known.
+    /// A tile whose max is not above the floor has no candidate and is not scanned.
     template <class Visible>
     void collect_candidates(Row& row, const Visible& visible, Index first) {
-      track_max_score_key(row, visible, first, max_of(visible.data(), visible.size()));
+      const Acc tile_max = max_of(visible.data(), visible.size());
+      track_max_score_key(row, visible, first, tile_max);
       row.mass.total_mass += exp_sum(visible.data(), visible.size(), row.mass.max);
       const Acc floor = forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass));
+      if (!(tile_max > floor)) return;
       scanned_keys.scan(visible.data(), visible.size(), first, floor);
       row.candidates.add_above(scanned_keys, floor);
     }
