@@ -1,5 +1,6 @@
 // decode/<kernel>/kv:<n>/<kv_type>: one new token (all 32 query heads) attends to a KV cache of n tokens.
 // Memory-bound: dense reads all of K and V; top_theta all of K and only the kept V rows.
+// decode_paged/<kernel>/kv:<n>/<kv_type>: the same step with K and V in pages of a pool (a paged KV cache).
 #include "kernels.hpp"
 #include "layers.hpp"
 #include "suite.hpp"
@@ -9,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,6 +20,8 @@ namespace {
 
 constexpr Index context_lengths[] = {1024, 4096, 16384, 65536};
 constexpr Index quick_context_length = 16384;
+/// Context lengths of the paged cases (issue 13).
+constexpr Index paged_context_lengths[] = {16384, 65536};
 /// Bytes of KV cache a decode case cycles through: like the probe, twice the 480 MiB L3 this VM reports.
 constexpr double rotation_bytes = double(Index(1) << 30);
 
@@ -71,6 +75,68 @@ const KvRotation<Scalar>& kv_rotation(Index tokens) {
     current_key = key;
   }
   return *static_cast<const KvRotation<Scalar>*>(current.get());
+}
+
+/// Tokens per page of the paged cases (`decode_paged/...`), as engines commonly use.
+constexpr Index paged_page_size = 16;
+
+/// The rotation's copies in pages (`paged_page_size` tokens each) of one pool per copy, placed in a shuffled
+/// order that a block table undoes, as a paged KV cache shared by many sequences holds one of them.
+template <class Scalar>
+class PagedKvRotation {
+ public:
+  explicit PagedKvRotation(const Layer<Scalar>& layer)
+      : tokens_(layer.tokens),
+        pages_((layer.tokens + paged_page_size - 1) / paged_page_size),
+        pool_size_(std::size_t(pages_ * page_values)),
+        copies_(std::max<Index>(1, Index(std::ceil(rotation_bytes / (2.0 * double(pool_size_) * sizeof(Scalar)))))),
+        data_(2 * std::size_t(copies_) * pool_size_) {
+    for (Index b = 0; b < pages_; ++b) block_table_.push_back(std::int32_t(b));
+    std::shuffle(block_table_.begin(), block_table_.end(), std::mt19937(7));
+    for (Index c = 0; c < copies_; ++c)
+      for (Index t = 0; t < tokens_; ++t) {
+        const std::size_t from = std::size_t(t * row_values);
+        const std::size_t to = std::size_t(block_table_[std::size_t(t / paged_page_size)] * page_values +
+                                           t % paged_page_size * row_values);
+        std::copy_n(layer.k.begin() + std::ptrdiff_t(from), row_values, data_.begin() + std::ptrdiff_t(pool(2 * c) + to));
+        std::copy_n(layer.v.begin() + std::ptrdiff_t(from), row_values,
+                    data_.begin() + std::ptrdiff_t(pool(2 * c + 1) + to));
+      }
+  }
+
+  Index copies() const { return copies_; }
+  PagedTensorView<const Scalar> keys(Index copy) const { return view(2 * copy); }
+  PagedTensorView<const Scalar> values(Index copy) const { return view(2 * copy + 1); }
+
+ private:
+  static constexpr Index row_values = LayerShape::kv_heads * LayerShape::head_dim;
+  static constexpr Index page_values = paged_page_size * row_values;
+
+  std::size_t pool(Index slot) const { return std::size_t(slot) * pool_size_; }
+  PagedTensorView<const Scalar> view(Index slot) const {
+    return {data_.data() + pool(slot), pages_, paged_page_size, block_table_.data(), tokens_, LayerShape::kv_heads,
+            LayerShape::head_dim};
+  }
+
+  Index tokens_, pages_;
+  std::size_t pool_size_;
+  Index copies_;
+  AlignedVector<Scalar> data_;
+  std::vector<std::int32_t> block_table_;
+};
+
+/// The paged rotation of the measured layer at `tokens` in `Scalar`; one at a time, as `kv_rotation`.
+template <class Scalar>
+const PagedKvRotation<Scalar>& paged_kv_rotation(Index tokens) {
+  static std::shared_ptr<const void> current;
+  static std::pair<Index, std::string> current_key;
+  const std::pair<Index, std::string> key{tokens, type_name<Scalar>()};
+  if (!current || current_key != key) {
+    current.reset();
+    current = std::make_shared<const PagedKvRotation<Scalar>>(measured_layer<Scalar>(tokens));
+    current_key = key;
+  }
+  return *static_cast<const PagedKvRotation<Scalar>*>(current.get());
 }
 
 /// `Σ_{j<n-1} v_j` per KV head (`[kv_heads, head_dim]`) of the measured layer at `tokens` = n: what an engine's
@@ -144,6 +210,35 @@ void register_decode_case(const Kernel<Scalar>& entry, Index tokens) {
   });
 }
 
+/// decode_paged/<kernel>/kv:<n>/<type>: the decode step of `register_decode_case` with K and V in pages of 16
+/// tokens, read through a shuffled block table; its time over the contiguous case's is the cost of paging.
+template <class Scalar>
+void register_decode_paged_case(const Kernel<Scalar, PagedTensorView<const Scalar>>& entry, Index tokens) {
+  const std::string name =
+      "decode_paged/" + entry.name + "/kv:" + std::to_string(tokens) + "/" + type_name<Scalar>();
+  auto summary = std::make_shared<std::optional<CallSummary>>();
+  register_case(name, tokens == quick_context_length, [&entry, tokens, summary](benchmark::State& state) {
+    const OpenMPExecutor executor{settings().threads};
+    const LayerThresholds* thresholds = thresholds_for(entry, Phase::decode, tokens);
+    AlignedVector<Scalar> out;
+    const AttentionCall<Scalar> contiguous = decode_call<Scalar>(tokens, out);
+    const PagedKvRotation<Scalar>& rotation = paged_kv_rotation<Scalar>(tokens);
+    AttentionCall<Scalar, PagedTensorView<const Scalar>> call{contiguous.q, rotation.keys(0), rotation.values(0),
+                                                              contiguous.out, contiguous.attention,
+                                                              contiguous.value_prefix_sum};
+    if (!*summary)
+      *summary = summarize_call(entry, call, thresholds, executor, dense_decode_output<Scalar>(tokens));
+    Index copy = 0;
+    const double seconds = timed_loop(state, [&] {
+      call.k = rotation.keys(copy);
+      call.v = rotation.values(copy);
+      entry.attend(call, thresholds, executor, nullptr);
+      copy = (copy + 1) % rotation.copies();
+    });
+    report_call_counters(state, **summary, seconds, executor.threads);
+  });
+}
+
 }  // namespace
 
 void register_decode_benchmarks() {
@@ -151,6 +246,10 @@ void register_decode_benchmarks() {
     for (const Kernel<float>& entry : kernels<float>()) register_decode_case(entry, tokens);
     for (const Kernel<Eigen::bfloat16>& entry : kernels<Eigen::bfloat16>())
       register_decode_case(entry, tokens);
+  }
+  for (Index tokens : paged_context_lengths) {
+    for (const auto& entry : paged_kernels<float>()) register_decode_paged_case(entry, tokens);
+    for (const auto& entry : paged_kernels<Eigen::bfloat16>()) register_decode_paged_case(entry, tokens);
   }
 }
 

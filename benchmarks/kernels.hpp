@@ -7,6 +7,7 @@
 #include <toptheta/aligned_vector.hpp>
 #include <toptheta/dense_attention.hpp>
 #include <toptheta/executor.hpp>
+#include <toptheta/paged_view.hpp>
 #include <toptheta/top_k_attention.hpp>
 #include <toptheta/top_theta_attention.hpp>
 
@@ -17,29 +18,30 @@
 namespace toptheta::bench {
 
 /// The inputs of one attention call, and `Σ_{j<past} v_j` per KV head as an engine's KvCache keeps it (null:
-/// V-mean compensation reads the V rows before `past` itself).
-template <class Scalar>
+/// V-mean compensation reads the V rows before `past` itself). K and V contiguous or paged (`KvView`).
+template <class Scalar, class KvView = TensorView<const Scalar>>
 struct AttentionCall {
-  TensorView<const Scalar> q, k, v;
+  TensorView<const Scalar> q;
+  KvView k, v;
   TensorView<Scalar> out;
   AttentionOptions attention;
   const double* value_prefix_sum = nullptr;
 };
 
 /// A kernel under test.
-template <class Scalar>
+template <class Scalar, class KvView = TensorView<const Scalar>>
 struct Kernel {
   std::string name;
   /// The space its thresholds are calibrated in; none for kernels without thresholds.
   std::optional<ThresholdSpace> space;
-  void (*attend)(const AttentionCall<Scalar>& call, const LayerThresholds* thresholds,
+  void (*attend)(const AttentionCall<Scalar, KvView>& call, const LayerThresholds* thresholds,
                  const OpenMPExecutor& executor, AttentionStats* stats);
 };
 
 /// Top-θ in the thresholds' space with `passes`; V-mean compensation where `v_mean` (from the call's V prefix
 /// sum), no denominator compensation.
-template <class Scalar, Passes passes, bool v_mean>
-void attend_top_theta(const AttentionCall<Scalar>& call, const LayerThresholds* thresholds,
+template <class Scalar, Passes passes, bool v_mean, class KvView = TensorView<const Scalar>>
+void attend_top_theta(const AttentionCall<Scalar, KvView>& call, const LayerThresholds* thresholds,
                       const OpenMPExecutor& executor, AttentionStats* stats) {
   TopThetaOptions options;
   options.attention = call.attention;
@@ -78,6 +80,21 @@ const std::vector<Kernel<Scalar>>& kernels() {
   return table;
 }
 
+/// dense and top_theta (the recommended configuration) on K and V in pages (`decode_paged/...`).
+template <class Scalar>
+const std::vector<Kernel<Scalar, PagedTensorView<const Scalar>>>& paged_kernels() {
+  using View = PagedTensorView<const Scalar>;
+  using Call = AttentionCall<Scalar, View>;
+  static const std::vector<Kernel<Scalar, View>> table = {
+      {"dense", std::nullopt,
+       [](const Call& call, const LayerThresholds*, const OpenMPExecutor& executor, AttentionStats* stats) {
+         dense_attention(call.q, call.k, call.v, call.out, call.attention, stats, executor);
+       }},
+      {"top_theta", ThresholdSpace::probability, attend_top_theta<Scalar, Passes::one, true, View>},
+  };
+  return table;
+}
+
 /// The table's entry called `name`.
 template <class Scalar>
 const Kernel<Scalar>& kernel(const std::string& name) {
@@ -87,15 +104,15 @@ const Kernel<Scalar>& kernel(const std::string& name) {
 }
 
 /// The thresholds `entry` needs for `phase` at `tokens`, or null.
-template <class Scalar>
-const LayerThresholds* thresholds_for(const Kernel<Scalar>& entry, Phase phase, Index tokens) {
+template <class Scalar, class KvView>
+const LayerThresholds* thresholds_for(const Kernel<Scalar, KvView>& entry, Phase phase, Index tokens) {
   return entry.space ? &calibrated_thresholds(phase, tokens).in(*entry.space) : nullptr;
 }
 
 /// Runs `entry` once on `call` with statistics (outside any timed loop) and compares its output with
 /// `dense_output`, dense attention's output for the same inputs.
-template <class Scalar>
-CallSummary summarize_call(const Kernel<Scalar>& entry, const AttentionCall<Scalar>& call,
+template <class Scalar, class KvView>
+CallSummary summarize_call(const Kernel<Scalar, KvView>& entry, const AttentionCall<Scalar, KvView>& call,
                            const LayerThresholds* thresholds, const OpenMPExecutor& executor,
                            const AlignedVector<Scalar>& dense_output) {
   CallSummary summary;

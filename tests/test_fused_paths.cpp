@@ -100,7 +100,8 @@ TEMPLATE_TEST_CASE("gathered row products equal the same sums in double, for any
   auto output = random_values<Acc>(dim, 5);
   const std::vector<Acc> initial_output = output;
 
-  detail::add_gathered_rows(weights.data(), columns.data(), count, stored.data(), stride, dim, output.data());
+  detail::add_gathered_rows(weights.data(), columns.data(), count,
+                            [&](std::int32_t column) { return stored.data() + column * stride; }, dim, output.data());
 
   const double epsilon = std::is_same_v<Acc, double> ? 1e-14 : 1e-5;
   INFO(type_name<TestType>() << " dim " << dim << " count " << count);

@@ -20,13 +20,14 @@
 namespace toptheta {
 
 /// One sequence of a batched attention call.
-template <class Scalar>
+/// \tparam KvView `TensorView<const Scalar>` (contiguous K and V) or `PagedTensorView<const Scalar>`.
+template <class Scalar, class KvView = TensorView<const Scalar>>
 struct SequenceViews {
   /// `[n_q, q_heads, d]`: the sequence's new query rows, `n_q >= 0` (1 in decode, a few when speculating, 0 for
   /// a sequence with nothing to attend this step).
   TensorView<const Scalar> q;
   /// `[n_kv, kv_heads, d]`: every key and value the sequence has, its new tokens' included.
-  TensorView<const Scalar> k, v;
+  KvView k, v;
   /// `[n_q, q_heads, d]`, sharing no memory with q, k, v or another sequence's output.
   TensorView<Scalar> out;
   /// Causal placement: tokens before q's first row (`n_kv - n_q` for a decode step). Ignored without a causal
@@ -43,16 +44,16 @@ namespace detail {
 
 /// The batch as the runner takes it; `options.past` and `value_prefix_sum` are per sequence, so the shared
 /// options must leave them unset.
-template <class Scalar>
-std::vector<SequenceCall<Scalar>> sequence_calls(const std::vector<SequenceViews<Scalar>>& sequences,
-                                                 const AttentionOptions& options,
-                                                 const double* shared_prefix_sum = nullptr) {
+template <class Scalar, class KvView>
+std::vector<SequenceCall<Scalar, KvView>> sequence_calls(const std::vector<SequenceViews<Scalar, KvView>>& sequences,
+                                                         const AttentionOptions& options,
+                                                         const double* shared_prefix_sum = nullptr) {
   require(options.past == 0, "options.past", "0 (set SequenceViews::past per sequence)", options.past);
   require(shared_prefix_sum == nullptr, "options.value_prefix_sum",
           "null (set SequenceViews::value_prefix_sum per sequence)", "a pointer");
-  std::vector<SequenceCall<Scalar>> calls;
+  std::vector<SequenceCall<Scalar, KvView>> calls;
   calls.reserve(sequences.size());
-  for (const SequenceViews<Scalar>& sequence : sequences) {
+  for (const SequenceViews<Scalar, KvView>& sequence : sequences) {
     AttentionOptions placed = options;
     placed.past = sequence.past;
     calls.push_back({sequence.q, sequence.k, sequence.v, sequence.out, placed, sequence.value_prefix_sum,
@@ -68,8 +69,8 @@ std::vector<SequenceCall<Scalar>> sequence_calls(const std::vector<SequenceViews
 /// Each sequence's output and statistics equal those of its own call, bit for bit, for any thread count.
 /// \param options the mask and scale of every sequence; `past` is per sequence (`SequenceViews::past`).
 /// Errors name the sequence: `sequences[3].k.tokens`.
-template <class Tiles = DefaultTiles, class Scalar, class Executor = DefaultExecutor>
-void dense_attention(const std::vector<SequenceViews<Scalar>>& sequences, const AttentionOptions& options = {},
+template <class Tiles = DefaultTiles, class Scalar, class KvView, class Executor = DefaultExecutor>
+void dense_attention(const std::vector<SequenceViews<Scalar, KvView>>& sequences, const AttentionOptions& options = {},
                      const Executor& executor = {}) {
   detail::run_tiled_attention_batch<Tiles, Scalar>(detail::sequence_calls(sequences, options), DenseSelection{},
                                                    executor, true);
@@ -78,8 +79,8 @@ void dense_attention(const std::vector<SequenceViews<Scalar>>& sequences, const 
 /// Top-θ attention (`top_theta_attention`) over a batch of sequences sharing one layer's thresholds; as the
 /// dense batch, each sequence's result is that of its own call. `options.attention.past` and
 /// `options.value_prefix_sum` are per sequence.
-template <class Tiles = DefaultTiles, class Scalar, class Executor = DefaultExecutor>
-void top_theta_attention(const std::vector<SequenceViews<Scalar>>& sequences, const LayerThresholds& thresholds,
+template <class Tiles = DefaultTiles, class Scalar, class KvView, class Executor = DefaultExecutor>
+void top_theta_attention(const std::vector<SequenceViews<Scalar, KvView>>& sequences, const LayerThresholds& thresholds,
                          const TopThetaOptions& options = {}, const Executor& executor = {}) {
   const auto calls = detail::sequence_calls(sequences, options.attention, options.value_prefix_sum);
   for (std::size_t s = 0; s < sequences.size(); ++s)
@@ -92,8 +93,8 @@ void top_theta_attention(const std::vector<SequenceViews<Scalar>>& sequences, co
 }
 
 /// Top-k attention (`top_k_attention`) over a batch of sequences; as the dense batch.
-template <class Tiles = DefaultTiles, class Scalar, class Executor = DefaultExecutor>
-void top_k_attention(const std::vector<SequenceViews<Scalar>>& sequences, const TopKOptions& options = {},
+template <class Tiles = DefaultTiles, class Scalar, class KvView, class Executor = DefaultExecutor>
+void top_k_attention(const std::vector<SequenceViews<Scalar, KvView>>& sequences, const TopKOptions& options = {},
                      const Executor& executor = {}) {
   const auto calls = detail::sequence_calls(sequences, options.attention, options.value_prefix_sum);
   if (options.thresholds)

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <toptheta/aligned_vector.hpp>
+#include <toptheta/detail/cached_tokens.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/views.hpp>
@@ -29,7 +30,45 @@ template <class Scalar>
 class KvCache {
  public:
   KvCache(Index kv_heads, Index head_dim, Index capacity)
-      : kv_heads_(kv_heads), head_dim_(head_dim), capacity_(capacity) {
+      : capacity_(capacity), tokens_(checked(kv_heads, head_dim, capacity)) {
+    keys_.resize(std::size_t(capacity * kv_heads * head_dim));
+    values_.resize(keys_.size());
+  }
+
+  Index length() const { return tokens_.length(); }
+  Index capacity() const { return capacity_; }
+  Index kv_heads() const { return tokens_.kv_heads(); }
+  Index head_dim() const { return tokens_.head_dim(); }
+
+  /// Whether `append` rejects non-finite values (default true).
+  bool check_finite() const { return tokens_.check_finite(); }
+  void check_finite(bool on) { tokens_.check_finite(on); }
+
+  /// Appends `keys` and `values` (`[tokens, kv_heads, head_dim]`, any strides). With `check_finite`, a NaN or
+  /// infinite value throws naming `keys` or `values`, the token's position in the cache and the head, and the
+  /// cache is left unchanged.
+  template <class Stored>
+  void append(const TensorView<Stored>& keys, const TensorView<Stored>& values) {
+    tokens_.check(keys, values, capacity_ - length(), "free capacity");
+    const auto row_at = [this](AlignedVector<Scalar>& rows) {
+      return [&rows, this](Index t, Index h) { return rows.data() + (t * kv_heads() + h) * head_dim(); };
+    };
+    tokens_.template append<Stored, Scalar>(keys, values, row_at(keys_), row_at(values_));
+  }
+
+  TensorView<const Scalar> keys() const { return {keys_.data(), length(), kv_heads(), head_dim()}; }
+  TensorView<const Scalar> values() const { return {values_.data(), length(), kv_heads(), head_dim()}; }
+
+  /// `Σ_{j<position} v_j`, `kv_heads x head_dim` row-major, for `position` = `length()` or the length before
+  /// the latest `append` (the `past` of the call that attends the appended rows). O(1).
+  const double* value_sum_before(Index position) const { return tokens_.value_sum_before(position); }
+
+  /// Forgets every row (capacity stays).
+  void clear() { tokens_.clear(); }
+
+ private:
+  /// The tokens of a cache of this shape, once the shape is checked.
+  detail::CachedTokens checked(Index kv_heads, Index head_dim, Index capacity) const {
     detail::require(kv_heads >= 1, "kv_heads", "a count >= 1", kv_heads);
     detail::require(head_dim >= 1, "head_dim", "a count >= 1", head_dim);
     detail::require(capacity >= 1, "capacity", "a count >= 1", capacity);
@@ -42,93 +81,12 @@ class KvCache {
                     "at most " + std::to_string(largest / per_token) +
                         " tokens (capacity x kv_heads x head_dim values must be addressable)",
                     capacity);
-    keys_.resize(std::size_t(capacity * kv_heads * head_dim));
-    values_.resize(keys_.size());
-    value_sum_.assign(std::size_t(kv_heads * head_dim), 0.0);
-    value_sum_before_append_ = value_sum_;
+    return detail::CachedTokens(kv_heads, head_dim);
   }
 
-  Index length() const { return length_; }
-  Index capacity() const { return capacity_; }
-  Index kv_heads() const { return kv_heads_; }
-  Index head_dim() const { return head_dim_; }
-
-  /// Whether `append` rejects non-finite values (default true).
-  bool check_finite() const { return check_finite_; }
-  void check_finite(bool on) { check_finite_ = on; }
-
-  /// Appends `keys` and `values` (`[tokens, kv_heads, head_dim]`, any strides). With `check_finite`, a NaN or
-  /// infinite value throws naming `keys` or `values`, the token's position in the cache and the head, and the
-  /// cache is left unchanged.
-  template <class Stored>
-  void append(const TensorView<Stored>& keys, const TensorView<Stored>& values) {
-    using detail::require;
-    const std::string expected =
-        "[tokens, " + std::to_string(kv_heads_) + ", " + std::to_string(head_dim_) + "] like the cache";
-    require(keys.heads() == kv_heads_ && keys.head_dim() == head_dim_, "keys", expected, shape_of(keys));
-    require(values.heads() == kv_heads_ && values.head_dim() == head_dim_ && values.tokens() == keys.tokens(),
-            "values", "the shape of keys, " + shape_of(keys), shape_of(values));
-    require(length_ + keys.tokens() <= capacity_, "keys.tokens",
-            "at most " + std::to_string(capacity_ - length_) + " (free capacity)", keys.tokens());
-    if (check_finite_) {
-      require_finite(keys, "keys");
-      require_finite(values, "values");
-    }
-    value_sum_before_append_ = value_sum_;
-    append_start_ = length_;
-    for (Index t = 0; t < keys.tokens(); ++t, ++length_)
-      for (Index h = 0; h < kv_heads_; ++h)
-        for (Index d = 0; d < head_dim_; ++d) {
-          const std::size_t at = std::size_t((length_ * kv_heads_ + h) * head_dim_ + d);
-          keys_[at] = Scalar(keys.row(t, h)[d]);
-          values_[at] = Scalar(values.row(t, h)[d]);
-          value_sum_[std::size_t(h * head_dim_ + d)] += double(values_[at]);
-        }
-  }
-
-  TensorView<const Scalar> keys() const { return {keys_.data(), length_, kv_heads_, head_dim_}; }
-  TensorView<const Scalar> values() const { return {values_.data(), length_, kv_heads_, head_dim_}; }
-
-  /// `Σ_{j<position} v_j`, `kv_heads x head_dim` row-major, for `position` = `length()` or the length before
-  /// the latest `append` (the `past` of the call that attends the appended rows). O(1).
-  const double* value_sum_before(Index position) const {
-    if (position == length_) return value_sum_.data();
-    detail::require(position == append_start_, "position",
-                    "the cache length (" + std::to_string(length_) + ") or the start of the latest append (" +
-                        std::to_string(append_start_) + ")",
-                    position);
-    return value_sum_before_append_.data();
-  }
-
-  /// Forgets every row (capacity stays).
-  void clear() {
-    length_ = append_start_ = 0;
-    value_sum_.assign(value_sum_.size(), 0.0);
-    value_sum_before_append_ = value_sum_;
-  }
-
- private:
-  template <class View>
-  static std::string shape_of(const View& view) {
-    return "[" + std::to_string(view.tokens()) + ", " + std::to_string(view.heads()) + ", " +
-           std::to_string(view.head_dim()) + "]";
-  }
-
-  template <class Stored>
-  void require_finite(const TensorView<Stored>& rows, const char* argument) const {
-    for (Index t = 0; t < rows.tokens(); ++t)
-      for (Index h = 0; h < kv_heads_; ++h)
-        for (Index d = 0; d < head_dim_; ++d)
-          if (const double x = double(rows.row(t, h)[d]); !std::isfinite(x))
-            detail::fail(std::string(argument) + " (token " + std::to_string(length_ + t) + ", KV head " +
-                             std::to_string(h) + ", element " + std::to_string(d) + ")",
-                         "finite values (KvCache::check_finite)", x);
-  }
-
-  Index kv_heads_, head_dim_, capacity_, length_ = 0, append_start_ = 0;
-  bool check_finite_ = true;
+  Index capacity_;
   AlignedVector<Scalar> keys_, values_;
-  std::vector<double> value_sum_, value_sum_before_append_;
+  detail::CachedTokens tokens_;
 };
 
 }  // namespace toptheta

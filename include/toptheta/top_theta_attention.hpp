@@ -37,17 +37,17 @@ struct TopThetaOptions : SparseAttentionOptions {
 /// but was slower in every case the benchmark suite measures, and stays as a reference (top-k still uses it).
 /// \param thresholds one layer's table, with one row of thresholds per query head.
 /// Errors and non-finite data as `dense_attention`.
-template <class Tiles = DefaultTiles, class Scalar, class Executor = DefaultExecutor>
+template <class Tiles = DefaultTiles, class Scalar, class KView, class VView, class Executor = DefaultExecutor>
 void top_theta_attention(const TensorView<const detail::identity_t<Scalar>>& q,
-                         const TensorView<const detail::identity_t<Scalar>>& k,
-                         const TensorView<const detail::identity_t<Scalar>>& v, const TensorView<Scalar>& out,
+                         const KView& k, const VView& v, const TensorView<Scalar>& out,
                          const LayerThresholds& thresholds, const TopThetaOptions& options = {},
                          AttentionStats* stats = nullptr, const Executor& executor = {}) {
   detail::require(thresholds.heads() == q.heads(), "thresholds",
                   "one row per query head (" + std::to_string(q.heads()) + ")", thresholds.heads());
   const TopThetaSelection selection(thresholds, options.compensation, options.cap_k, options.passes);
-  detail::run_tiled_attention<Tiles, Scalar>(q, k, v, out, options.attention, selection, options.value_prefix_sum,
-                                             executor, stats);
+  using KvView = detail::kv_view_t<Scalar, KView, VView>;  // contiguous or paged, read-only
+  detail::run_tiled_attention<Tiles, Scalar>(q, KvView(k), KvView(v), out, options.attention, selection,
+                                             options.value_prefix_sum, executor, stats);
 }
 
 }  // namespace toptheta

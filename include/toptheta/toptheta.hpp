@@ -14,6 +14,9 @@
 #include <toptheta/kv_cache.hpp>
 #include <toptheta/length_buckets.hpp>
 #include <toptheta/online_softmax.hpp>
+#include <toptheta/page_pool.hpp>
+#include <toptheta/paged_kv_cache.hpp>
+#include <toptheta/paged_view.hpp>
 #include <toptheta/reference_attention.hpp>
 #include <toptheta/reference_thresholds.hpp>
 #include <toptheta/scalar_traits.hpp>

@@ -32,26 +32,29 @@ class ValueMeans {
 
   /// Fills the means of KV head `kv_head` from `v`.
   /// \param prefix_sum `kv_heads x head_dim` row-major sums `Σ_{j<past} v_j`, or null to read those rows.
-  template <class Scalar>
-  void compute(Index kv_head, const TensorView<const Scalar>& v, const double* prefix_sum) {
+  /// \tparam View `TensorView<const Scalar>` or `PagedTensorView<const Scalar>`.
+  template <class View>
+  void compute(Index kv_head, const View& v, const double* prefix_sum) {
+    using Scalar = typename View::value_type;
     const Index dim = means_.cols();
-    const auto values = v.head(kv_head);
-    Eigen::RowVectorXd sum(dim);
-    if (prefix_sum)
+    const auto value = [&](Index t) { return Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(v.row(t, kv_head), dim); };
+    Eigen::RowVectorXd sum = Eigen::RowVectorXd::Zero(dim);
+    if (prefix_sum) {
       sum = Eigen::Map<const Eigen::RowVectorXd>(prefix_sum + kv_head * dim, dim);
-    else
-      sum = values.topRows(start_).template cast<double>().colwise().sum();
+    } else {
+      for (Index t = 0; t < start_; ++t) sum += value(t).template cast<double>();
+    }
     Index summed = start_;  // rows in `sum`
     for (Index l = 0; l < lengths_; ++l) {
       const Index length = first_length_ + l;
-      for (; summed < length; ++summed) sum += values.row(summed).template cast<double>();
+      for (; summed < length; ++summed) sum += value(summed).template cast<double>();
       means_.row(kv_head * lengths_ + l) = (sum / double(length)).template cast<Acc>();
     }
   }
 
   /// Every KV head's means (`sized`, then `compute` for each head).
-  template <class Scalar>
-  static ValueMeans of(const TensorView<const Scalar>& v, const AttentionShape& shape, const double* prefix_sum) {
+  template <class View>
+  static ValueMeans of(const View& v, const AttentionShape& shape, const double* prefix_sum) {
     ValueMeans means = sized(shape);
     for (Index h = 0; h < shape.kv_heads; ++h) means.compute(h, v, prefix_sum);
     return means;

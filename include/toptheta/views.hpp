@@ -60,6 +60,8 @@ class TensorView {
   HeadRows head(Index h) const { return HeadRows(data_ + h * head_stride_, tokens_, head_dim_, Eigen::OuterStride<>(token_stride_)); }
   /// Pointer to the `head_dim` values of token `t`, head `h`.
   Scalar* row(Index t, Index h) const { return data_ + t * token_stride_ + h * head_stride_; }
+  /// Tokens from `t` on whose rows lie `token_stride` apart: all the rest (a paged view: the rest of the page).
+  Index contiguous_from(Index t) const { return tokens_ - t; }
 
  private:
   Scalar* data_ = nullptr;
@@ -91,9 +93,10 @@ struct AttentionShape {
 };
 
 /// Checks that `q`, `k`, `v` and `out` describe one attention call and returns its shape.
-template <class Q, class K, class V, class Out>
-AttentionShape attention_shape(const TensorView<Q>& q, const TensorView<K>& k, const TensorView<V>& v,
-                               const TensorView<Out>& out, const AttentionOptions& options) {
+/// `k` and `v` may be any views with `tokens()`, `heads()` and `head_dim()` (`TensorView`, `PagedTensorView`).
+template <class Q, class KView, class VView, class Out>
+AttentionShape attention_shape(const TensorView<Q>& q, const KView& k, const VView& v, const TensorView<Out>& out,
+                               const AttentionOptions& options) {
   using detail::require;
   AttentionShape shape;
   shape.query_rows = q.tokens();

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <toptheta/detail/convert.hpp>
+#include <toptheta/detail/kv_view.hpp>
 #include <toptheta/detail/packed_queries.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/views.hpp>
@@ -19,8 +20,8 @@ namespace toptheta::detail {
 /// `[tokens, heads, d]` (each row a miss of its own, a token stride apart) head by head so that the blocks
 /// gather V rows from consecutive memory. Two transient buffers of at most K's size in the accumulator type
 /// and V's size, each skipped above `max_bytes` (the blocks then pack their own tiles and read V where it
-/// lies). Results are the same bits either way.
-template <class Tiles, class Scalar>
+/// lies). Results are the same bits either way. A paged V is read where it lies, through its block table.
+template <class Tiles, class Scalar, class KvView = TensorView<const Scalar>>
 class PrefillPreparation {
  public:
   using Acc = accumulator_t<Scalar>;
@@ -30,7 +31,7 @@ class PrefillPreparation {
   static constexpr std::size_t max_bytes = std::size_t(64) << 20;
 
   /// Plans the buffers for keys [0, `visible`) of `k` and `v`.
-  PrefillPreparation(const TensorView<const Scalar>& k, const TensorView<const Scalar>& v, Index visible)
+  PrefillPreparation(const KvView& k, const KvView& v, Index visible)
       : k_(k), v_(v) {
     const Index kv_heads = k.heads(), dim = k.head_dim();
     const Index tiles = visible / Tiles::kv_block;
@@ -38,10 +39,12 @@ class PrefillPreparation {
       key_tiles_ = tiles;
       packed_keys_.resize(kv_heads * tiles * Tiles::kv_block * dim);
     }
-    if (v.token_stride() != dim && double(visible * kv_heads * dim) * sizeof(Scalar) <= double(max_bytes)) {
-      head_major_values_.resize(visible * kv_heads * dim);
-      copied_values_ = TensorView<const Scalar>(head_major_values_.data(), visible, kv_heads, dim, dim, visible * dim);
-      value_chunks_ = (visible + Tiles::kv_block - 1) / Tiles::kv_block;
+    if constexpr (!is_paged_view_v<KvView>) {
+      if (v.token_stride() != dim && double(visible * kv_heads * dim) * sizeof(Scalar) <= double(max_bytes)) {
+        head_major_values_.resize(visible * kv_heads * dim);
+        copied_values_ = KvView(head_major_values_.data(), visible, kv_heads, dim, dim, visible * dim);
+        value_chunks_ = (visible + Tiles::kv_block - 1) / Tiles::kv_block;
+      }
     }
   }
 
@@ -53,7 +56,7 @@ class PrefillPreparation {
     if (item < key_items) {  // K tile `item % tiles` of KV head `item / tiles`
       const Index kv_head = item / key_tiles_, first = (item % key_tiles_) * Tiles::kv_block;
       Matrix buffer;
-      const auto keys = as_accumulator<Acc>(k_.head(kv_head).middleRows(first, Tiles::kv_block), buffer);
+      const auto keys = rows_as_accumulator<Acc>(k_, kv_head, first, Tiles::kv_block, buffer);
       PackedQueries<Acc>::pack_keys(keys.data(), Tiles::kv_block, dim, keys.outerStride(),
                                     packed_keys_.data() + item * Tiles::kv_block * dim);
       return;
@@ -67,7 +70,7 @@ class PrefillPreparation {
   }
 
   /// V as the blocks read it: the head-major copy when there is one, else the caller's.
-  TensorView<const Scalar> values() const { return value_chunks_ > 0 ? copied_values_ : v_; }
+  KvView values() const { return value_chunks_ > 0 ? copied_values_ : v_; }
 
   /// Keys [first, first + width) of `kv_head` packed for the score GEMM; null unless they are a packed tile.
   const Acc* packed_key_tile(Index kv_head, Index first, Index width) const {
@@ -77,7 +80,7 @@ class PrefillPreparation {
   }
 
  private:
-  TensorView<const Scalar> k_, v_, copied_values_;
+  KvView k_, v_, copied_values_;
   Index key_tiles_ = 0;                          // full K tiles per KV head packed
   Eigen::Matrix<Acc, Eigen::Dynamic, 1> packed_keys_;  // [KV head][tile], kv_block x d packed each
   // V as [KV head][token][d]; Eigen storage is aligned to the vector width, so that a row of 64-byte

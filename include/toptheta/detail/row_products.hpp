@@ -277,11 +277,11 @@ void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* va
 }
 
 
-/// `output += Σ_t weights_t values_{columns_t}` over `Packets` packets of the head dimension starting at
+/// `output += Σ_t weights_t row_at(columns_t)` over `Packets` packets of the head dimension starting at
 /// `offset`: the output's packets stay in registers while the picked value rows stream.
-template <int Packets, class Acc, class Stored>
-void add_gathered_rows_pass(const Acc* weights, const std::int32_t* columns, Index count, const Stored* values,
-                            Index value_stride, Index offset, Acc* output) {
+template <int Packets, class Acc, class RowAt>
+void add_gathered_rows_pass(const Acc* weights, const std::int32_t* columns, Index count, const RowAt& row_at,
+                            Index offset, Acc* output) {
   namespace ei = Eigen::internal;
   using P = Packet<Acc>;
   constexpr Index size = packet_size<Acc>;
@@ -290,7 +290,7 @@ void add_gathered_rows_pass(const Acc* weights, const std::int32_t* columns, Ind
   P sum[Packets];
   for (int p = 0; p < Packets; ++p) sum[p] = ei::pset1<P>(Acc(0));
   for (Index t = 0; t < count; ++t) {
-    const Stored* value = values + Index(columns[t]) * value_stride + offset;
+    const auto* value = row_at(columns[t]) + offset;
     const P weight = ei::pset1<P>(weights[t]);
     for (int p = 0; p < Packets; ++p) sum[p] = ei::pmadd(weight, load_widened<Acc>(value + p * size), sum[p]);
   }
@@ -298,29 +298,30 @@ void add_gathered_rows_pass(const Acc* weights, const std::int32_t* columns, Ind
     ei::pstoreu(output + offset + p * size, ei::padd(ei::ploadu<P>(output + offset + p * size), sum[p]));
 }
 
-/// `output += Σ_t weights_t values_{columns_t}` for `count` value rows of `dim` stored values picked by
-/// `columns`: one output row's sparse P V, its kept V rows gathered as they stream.
-template <class Acc, class Stored>
-void add_gathered_rows(const Acc* weights, const std::int32_t* columns, Index count, const Stored* values,
-                       Index value_stride, Index dim, Acc* output) {
+/// `output += Σ_t weights_t row_at(columns_t)` for `count` value rows of `dim` stored values, each found by
+/// `row_at(column)` (a pointer to its stored values): one output row's sparse P V, its kept V rows gathered as
+/// they stream.
+template <class Acc, class RowAt>
+void add_gathered_rows(const Acc* weights, const std::int32_t* columns, Index count, const RowAt& row_at, Index dim,
+                       Acc* output) {
   constexpr Index size = packet_size<Acc>;
   const Index packets = dim / size;
   Index packet = 0;
   for (; packet + 8 <= packets; packet += 8)
-    add_gathered_rows_pass<8>(weights, columns, count, values, value_stride, packet * size, output);
+    add_gathered_rows_pass<8>(weights, columns, count, row_at, packet * size, output);
   if (packet + 4 <= packets) {
-    add_gathered_rows_pass<4>(weights, columns, count, values, value_stride, packet * size, output);
+    add_gathered_rows_pass<4>(weights, columns, count, row_at, packet * size, output);
     packet += 4;
   }
   if (packet + 2 <= packets) {
-    add_gathered_rows_pass<2>(weights, columns, count, values, value_stride, packet * size, output);
+    add_gathered_rows_pass<2>(weights, columns, count, row_at, packet * size, output);
     packet += 2;
   }
-  for (; packet < packets; ++packet)
-    add_gathered_rows_pass<1>(weights, columns, count, values, value_stride, packet * size, output);
-  for (Index t = 0; t < count; ++t)
-    for (Index d = packets * size; d < dim; ++d)
-      output[d] += weights[t] * Acc(values[Index(columns[t]) * value_stride + d]);
+  for (; packet < packets; ++packet) add_gathered_rows_pass<1>(weights, columns, count, row_at, packet * size, output);
+  for (Index t = 0; t < count; ++t) {
+    const auto* value = row_at(columns[t]);
+    for (Index d = packets * size; d < dim; ++d) output[d] += weights[t] * Acc(value[d]);
+  }
 }
 
 }  // namespace toptheta::detail

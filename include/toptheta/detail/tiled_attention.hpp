@@ -5,6 +5,7 @@
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/convert.hpp>
 #include <toptheta/detail/exp_sum.hpp>
+#include <toptheta/detail/kv_view.hpp>
 #include <toptheta/detail/kept_row_sets.hpp>
 #include <toptheta/detail/packed_queries.hpp>
 #include <toptheta/detail/prefill_preparation.hpp>
@@ -62,14 +63,14 @@ namespace detail {
 /// address order and one long row uses every core; the ranges' partial rows merge exactly afterwards.
 ///
 /// Calls with several GEMM blocks per KV head (prefill) first run their `PrefillPreparation`.
-template <class Tiles, class Scalar, class Selection>
+template <class Tiles, class Scalar, class Selection, class KvView = TensorView<const Scalar>>
 class TiledAttention {
  public:
   using Acc = accumulator_t<Scalar>;
   using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-  TiledAttention(const TensorView<const Scalar>& q, const TensorView<const Scalar>& k,
-                 const TensorView<const Scalar>& v, const TensorView<Scalar>& out, const AttentionShape& shape,
+  TiledAttention(const TensorView<const Scalar>& q, const KvView& k, const KvView& v, const TensorView<Scalar>& out,
+                 const AttentionShape& shape,
                  const Selection& selection, const ValueMeans<Acc>* value_means, bool collect_stats)
       : q_(q), k_(k), v_(v), out_(out), shape_(shape), selection_(selection), value_means_(value_means),
         track_pruned_mass_(!selection.post_softmax() &&
@@ -254,28 +255,25 @@ class TiledAttention {
       survivor_runs.reserve(rows.size());
     }
 
-    /// `stored` rows as Acc, converted (other stored types) into `converted_rows`.
-    template <class StoredRows>
-    auto as_accumulator(const StoredRows& stored) {
-      return detail::as_accumulator<Acc>(stored, converted_rows);
-    }
-
     /// s Q_block K_tileᵀ for keys [first, first + width). A block of few rows (decode) streams the keys: each
     /// key row is loaded once and dotted with every query row, and the `next` key rows are asked for
     /// meanwhile; a larger block uses a GEMM.
     template <class Into>
     void score(Index first, Index width, Into&& into, NextRows<Scalar> next = {}) {
       if (scaled_queries.rows() <= streaming_rows) {
-        dot_rows(RowBlock<const Acc>{scaled_queries.data(), scaled_queries.cols()}, scaled_queries.rows(),
-                 kernel.k_.row(first, kv_head), kernel.k_.token_stride(), width, scaled_queries.cols(),
-                 RowBlock<Acc>{into.data(), into.outerStride()}, next);
+        for_each_run(kernel.k_, first, width, [&](Index from, Index count) {
+          dot_rows(RowBlock<const Acc>{scaled_queries.data(), scaled_queries.cols()}, scaled_queries.rows(),
+                   kernel.k_.row(from, kv_head), kernel.k_.token_stride(), count, scaled_queries.cols(),
+                   RowBlock<Acc>{into.data() + (from - first), into.outerStride()},
+                   from + count == first + width ? next : NextRows<Scalar>{});
+        });
       } else {
         if (packed_queries.rows() == 0)
           packed_queries.pack(scaled_queries.data(), scaled_queries.rows(), scaled_queries.cols(), scaled_queries.cols());
         if (const Acc* packed = kernel.packed_key_tile(kv_head, first, width)) {
           packed_queries.packed_scores(packed, width, into.data(), into.outerStride());
         } else {
-          const auto keys = as_accumulator(kernel.k_.head(kv_head).middleRows(first, width));
+          const auto keys = rows_as_accumulator<Acc>(kernel.k_, kv_head, first, width, converted_rows);
           packed_queries.scores(keys.data(), width, keys.outerStride(), into.data(), into.outerStride());
         }
       }
@@ -548,8 +546,8 @@ class TiledAttention {
       if (output.rows() <= streaming_rows) {
         for (Index r = 0; r < Index(rows.size()); ++r) {
           const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-          add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(), kernel.v_.row(0, kv_head),
-                            kernel.v_.token_stride(), dim, output.row(r).data());
+          add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(),
+                            kernel.value_rows(kv_head, 0), dim, output.row(r).data());
         }
         return;
       }
@@ -565,7 +563,7 @@ class TiledAttention {
           while (end < candidates.size() && candidates.positions()[end] >= first) ++end;
           if (end == begin) continue;
           add_gathered_rows(candidates.scores() + begin, candidates.positions() + begin, end - begin,
-                            kernel.v_.row(0, kv_head), kernel.v_.token_stride(), dim, output.row(r).data());
+                            kernel.value_rows(kv_head, 0), dim, output.row(r).data());
           next[std::size_t(r)] = end;
         }
     }
@@ -615,15 +613,18 @@ class TiledAttention {
       if (tile_sparse) {
         for (const SurvivorRun& run : survivor_runs)
           add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.data() + run.begin,
-                            run.end - run.begin, kernel.v_.row(tile_first, kv_head), kernel.v_.token_stride(), dim,
+                            run.end - run.begin, kernel.value_rows(kv_head, tile_first), dim,
                             output.data() + run.row * dim);
       } else if (output.rows() <= streaming_rows) {
-        add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + offset, tile_weights.cols()}, output.rows(),
-                          kernel.v_.row(from, kv_head), kernel.v_.token_stride(), count, dim,
-                          RowBlock<Acc>{output.data(), dim}, next);
+        for_each_run(kernel.v_, from, count, [&](Index run_from, Index run_count) {
+          add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + (run_from - tile_first), tile_weights.cols()},
+                            output.rows(), kernel.v_.row(run_from, kv_head), kernel.v_.token_stride(), run_count, dim,
+                            RowBlock<Acc>{output.data(), dim},
+                            run_from + run_count == from + count ? next : NextRows<Scalar>{});
+        });
       } else if (Index(kept_columns.size()) == tile_width) {
         serial_product<true>(output, tile_weights.middleCols(offset, count),
-                             as_accumulator(kernel.v_.head(kv_head).middleRows(from, count)));
+                             rows_as_accumulator<Acc>(kernel.v_, kv_head, from, count, converted_rows));
       } else {
         Index kept = 0;
         for (Index c : kept_columns) kept += in_range(c);
@@ -686,7 +687,6 @@ class TiledAttention {
 
     /// Applies the never-empty rule, the compensations, and writes o_i.
     void finish_rows(AttentionStats& stats) {
-      const auto values = kernel.v_.head(kv_head);
       const Compensation& compensation = kernel.selection_.compensation();
       const Index row_bytes = kernel.shape_.head_dim * Index(sizeof(Scalar));
       const auto output_row = [&](Index r) {
@@ -708,7 +708,7 @@ class TiledAttention {
           continue;
         }
         if (row.keep_best_if_empty()) {
-          output.row(r) = values.row(row.best_position).template cast<Acc>();
+          convert(kernel.v_.row(row.best_position, kv_head), output.cols(), output.row(r).data());
           ++stats.empty_rows;
           if (kernel.defers_values_) {
             if (kernel.collect_stats_) need_value(row.best_position);
@@ -748,20 +748,19 @@ class TiledAttention {
     // Keys [first, end) of the blocks `streams` says read every row of `rows`, `sweep_keys` at a time per block;
     // each block asks for its next rows while it works on the current ones: the next step's, and after the
     // last step those `after(block)` names. The first step's rows are asked for in one burst beforehand.
-    const auto sweep = [&](Index first, Index end, const TensorView<const Scalar>& rows, auto&& streams,
-                           auto&& after, auto&& step) {
+    // A step ends at the end of a page too (a paged view), so that its rows lie a token stride apart.
+    const auto sweep = [&](Index first, Index end, const KvView& rows, auto&& streams, auto&& after, auto&& step) {
+      const auto step_keys = [&](Index from) { return std::min({sweep_keys, end - from, rows.contiguous_from(from)}); };
       for (auto& block : blocks)
-        if (streams(*block))
-          prefetch_rows(rows.row(first, block->kv_head), rows.token_stride(), std::min(sweep_keys, end - first),
-                        row_bytes);
-      for (Index from = first; from < end; from += sweep_keys) {
-        const Index count = std::min(sweep_keys, end - from), next = from + sweep_keys;
+        if (streams(*block)) prefetch_rows(rows.row(first, block->kv_head), rows.token_stride(), step_keys(first), row_bytes);
+      for (Index from = first; from < end;) {
+        const Index count = step_keys(from), next = from + count;
         for (auto& block : blocks) {
           if (!streams(*block)) continue;
           step(*block, from, count,
-               next < end ? NextRows<Scalar>{rows.row(next, block->kv_head), std::min(sweep_keys, end - next)}
-                          : after(*block));
+               next < end ? NextRows<Scalar>{rows.row(next, block->kv_head), step_keys(next)} : after(*block));
         }
+        from = next;
       }
     };
     std::vector<char> needs_values(blocks.size());
@@ -773,7 +772,8 @@ class TiledAttention {
       // After its last K rows, a block asks for the first K rows of the next tile (the one before).
       const auto next_tile_keys = [&](const Block& block) {
         return tile > first_tile ? NextRows<Scalar>{k_.row(first - Tiles::kv_block, block.kv_head),
-                                                  std::min(sweep_keys, Tiles::kv_block)}
+                                                  std::min({sweep_keys, Tiles::kv_block,
+                                                            k_.contiguous_from(first - Tiles::kv_block)})}
                                  : NextRows<Scalar>{};
       };
       sweep(first, end, k_, [](const Block& block) { return block.row_scores.size() == 0; }, next_tile_keys,
@@ -797,13 +797,36 @@ class TiledAttention {
           std::move(blocks[std::size_t(kv_head)]);
   }
 
+  /// `row_at(j)`: the V row of position `first + j` of `kv_head`, for the gathers.
+  auto value_rows(Index kv_head, Index first) const {
+    if constexpr (is_paged_view_v<KvView>) {
+      return [this, kv_head, first](std::int32_t j) { return v_.row(first + j, kv_head); };
+    } else {
+      return [values = v_.row(first, kv_head), stride = v_.token_stride()](std::int32_t j) {
+        return values + Index(j) * stride;
+      };
+    }
+  }
+
+  /// `f(from, count)` for each run of keys [first, first + count) whose rows lie a token stride apart in `view`
+  /// (one run unless the view is paged), in order.
+  template <class F>
+  static void for_each_run(const KvView& view, Index first, Index count, F&& f) {
+    for (Index from = first, end = first + count; from < end;) {
+      const Index run = std::min(end - from, view.contiguous_from(from));
+      f(from, run);
+      from += run;
+    }
+  }
+
   /// Keys [first, first + width) of `kv_head` packed once for every block; null unless they were.
   const Acc* packed_key_tile(Index kv_head, Index first, Index width) const {
     return preparation_ ? preparation_->packed_key_tile(kv_head, first, width) : nullptr;
   }
 
-  TensorView<const Scalar> q_, k_;
-  TensorView<const Scalar> v_;  // the caller's V, or its head-major copy that the blocks read
+  TensorView<const Scalar> q_;
+  KvView k_;
+  KvView v_;  // the caller's V, or its head-major copy that the blocks read
   TensorView<Scalar> out_;
   AttentionShape shape_;
   const Selection& selection_;
@@ -820,14 +843,15 @@ class TiledAttention {
   Index query_blocks_ = 0;
   Index tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;  // key_splits_ = 0: items are (KV head, query block)
   std::vector<std::unique_ptr<Block>> partials_;              // [query block][key range][KV head]
-  std::optional<PrefillPreparation<Tiles, Scalar>> preparation_;
+  std::optional<PrefillPreparation<Tiles, Scalar, KvView>> preparation_;
   KeptRowSets kept_rows_;
 };
 
 /// One attention call of a batch: a sequence's views, placement and V prefix sum, and where its statistics go.
-template <class Scalar>
+template <class Scalar, class KvView = TensorView<const Scalar>>
 struct SequenceCall {
-  TensorView<const Scalar> q, k, v;
+  TensorView<const Scalar> q;
+  KvView k, v;
   TensorView<Scalar> out;
   AttentionOptions options;
   const double* value_prefix_sum = nullptr;
@@ -836,8 +860,8 @@ struct SequenceCall {
 
 /// Checks one call's views (`attention_shape`) and that `out` shares no memory with q, k, v or itself, and
 /// returns its shape. With a `name` (a batch's "sequences[3]"), errors name the argument below it.
-template <class Scalar>
-AttentionShape checked_call_shape(const SequenceCall<Scalar>& call, const std::string& name) {
+template <class Scalar, class KvView>
+AttentionShape checked_call_shape(const SequenceCall<Scalar, KvView>& call, const std::string& name) {
   try {
     const AttentionShape shape = attention_shape(call.q, call.k, call.v, call.out, call.options);
     // The output is written while q, k and v are read (by other work items, and again when V values are not
@@ -862,11 +886,11 @@ AttentionShape checked_call_shape(const SequenceCall<Scalar>& call, const std::s
 /// (a single call is a batch of one). Every call is checked before any work starts. The calls' work items
 /// (preparation, then blocks or key ranges, then the merges of split keys) run as one list per stage, so short
 /// calls and long ones share the threads; each call's results are those it gives alone, bit for bit.
-template <class Tiles, class Scalar, class Selection, class Executor>
-void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar>>& calls, const Selection& selection,
+template <class Tiles, class Scalar, class KvView, class Selection, class Executor>
+void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar, KvView>>& calls, const Selection& selection,
                                const Executor& executor, bool name_calls) {
   using Acc = accumulator_t<Scalar>;
-  using Kernel = TiledAttention<Tiles, Scalar, Selection>;
+  using Kernel = TiledAttention<Tiles, Scalar, Selection, KvView>;
   const std::size_t count = calls.size();
   std::vector<AttentionShape> shapes;
   for (std::size_t c = 0; c < count; ++c)
@@ -874,7 +898,7 @@ void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar>>& calls, c
   std::vector<ValueMeans<Acc>> value_means(count);
   std::vector<std::unique_ptr<Kernel>> kernels(count);  // none for a call without query rows: it does nothing
   for (std::size_t c = 0; c < count; ++c) {
-    const SequenceCall<Scalar>& call = calls[c];
+    const SequenceCall<Scalar, KvView>& call = calls[c];
     if (call.stats) call.stats->reset(shapes[c].q_heads, shapes[c].kv_heads);
     if (shapes[c].query_rows == 0) continue;
     if (selection.compensation().v_mean) value_means[c] = ValueMeans<Acc>::sized(shapes[c]);
@@ -965,12 +989,11 @@ void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar>>& calls, c
 }
 
 /// Runs `selection` over one attention call on `executor`.
-template <class Tiles, class Scalar, class Selection, class Executor>
-void run_tiled_attention(const TensorView<const Scalar>& q, const TensorView<const Scalar>& k,
-                         const TensorView<const Scalar>& v, const TensorView<Scalar>& out,
-                         const AttentionOptions& options, const Selection& selection,
+template <class Tiles, class Scalar, class KvView, class Selection, class Executor>
+void run_tiled_attention(const TensorView<const Scalar>& q, const KvView& k, const KvView& v,
+                         const TensorView<Scalar>& out, const AttentionOptions& options, const Selection& selection,
                          const double* value_prefix_sum, const Executor& executor, AttentionStats* stats) {
-  const std::vector<SequenceCall<Scalar>> call{{q, k, v, out, options, value_prefix_sum, stats}};
+  const std::vector<SequenceCall<Scalar, KvView>> call{{q, k, v, out, options, value_prefix_sum, stats}};
   run_tiled_attention_batch<Tiles, Scalar>(call, selection, executor, false);
 }
 

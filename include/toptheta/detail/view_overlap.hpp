@@ -3,6 +3,7 @@
 #pragma once
 
 #include <toptheta/scalar_traits.hpp>
+#include <toptheta/paged_view.hpp>
 #include <toptheta/views.hpp>
 
 #include <cstdint>
@@ -28,6 +29,23 @@ struct ViewBytes {
     return bytes;
   }
 };
+
+/// A paged view's bytes: its whole pool, as one extent (any of its pages may hold its rows).
+template <class Scalar>
+ViewBytes pool_bytes(const PagedTensorView<Scalar>& view) {
+  ViewBytes bytes;
+  if (view.tokens() == 0 || view.pool_pages() == 0) return bytes;
+  bytes.first = reinterpret_cast<std::uintptr_t>(view.pages());
+  bytes.end = bytes.first + std::uintptr_t(view.pool_pages() * view.page_size() * view.token_stride()) * sizeof(Scalar);
+  return bytes;
+}
+
+/// Whether `a` may share a byte with the pool of the paged view `b`: whenever their extents meet.
+template <class A, class B>
+bool may_overlap(const TensorView<A>& a, const PagedTensorView<B>& b) {
+  const ViewBytes x = ViewBytes::of(a), y = pool_bytes(b);
+  return !(x.first == x.end || y.first == y.end || x.end <= y.first || y.end <= x.first);
+}
 
 /// False only when `a` and `b` certainly share no byte: their extents are disjoint, or both repeat with the same
 /// token stride and their per-token footprints never meet (views of distinct heads of one fused QKV buffer).

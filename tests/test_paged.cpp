@@ -1,0 +1,289 @@
+// Paged K and V (`PagedTensorView`): every kernel reads a sequence's cache through its block table exactly as it
+// reads a contiguous copy, bit for bit: pages out of order, the last page not filled to the end, page sizes from
+// 1 to larger than a tile, decode (split keys), speculative steps, chunked and whole prefill, batches.
+#include "test_support.hpp"
+
+#include <algorithm>
+#include <limits>
+
+using namespace toptheta;
+using namespace toptheta_test;
+
+namespace {
+
+/// Where row (t, h) of a sequence starts in a pool of `[page_size, heads, dim]` pages (written out here, not
+/// taken from the view under test).
+Index slot_of(const std::vector<std::int32_t>& block_table, Index page_size, Index t, Index h, Index heads, Index dim) {
+  return ((Index(block_table[std::size_t(t / page_size)]) * page_size + t % page_size) * heads + h) * dim;
+}
+
+/// K and V of a `Problem` copied into a pool of pages, in an order that is not the sequence's: the block table
+/// takes every other page of the pool backwards. Slots no token fills (the pool's spare pages, the end of the
+/// last page) hold NaN, so a read outside the sequence shows in the output.
+template <class Scalar>
+struct PagedCopy {
+  Index page_size, pool_pages;
+  std::vector<std::int32_t> block_table;
+  AlignedVector<Scalar> keys, values;
+
+  PagedCopy(const Problem<Scalar>& problem, Index page_size_)
+      : page_size(page_size_), pool_pages(2 * ((problem.key_rows + page_size_ - 1) / page_size_) + 1) {
+    const Index used = (problem.key_rows + page_size - 1) / page_size, row = problem.kv_heads * problem.head_dim;
+    for (Index b = 0; b < used; ++b) block_table.push_back(std::int32_t(pool_pages - 1 - 2 * b));
+    keys.assign(std::size_t(pool_pages * page_size * row), Scalar(std::numeric_limits<float>::quiet_NaN()));
+    values = keys;
+    const auto k = problem.keys(), v = problem.values();
+    for (Index t = 0; t < problem.key_rows; ++t)
+      for (Index h = 0; h < problem.kv_heads; ++h) {
+        const Index slot = slot_of(block_table, page_size, t, h, problem.kv_heads, problem.head_dim);
+        std::copy_n(k.row(t, h), problem.head_dim, keys.data() + slot);
+        std::copy_n(v.row(t, h), problem.head_dim, values.data() + slot);
+      }
+  }
+
+  PagedTensorView<Scalar> key_view(const Problem<Scalar>& p) {
+    return {keys.data(), pool_pages, page_size, block_table.data(), p.key_rows, p.kv_heads, p.head_dim};
+  }
+  PagedTensorView<Scalar> value_view(const Problem<Scalar>& p) {
+    return {values.data(), pool_pages, page_size, block_table.data(), p.key_rows, p.kv_heads, p.head_dim};
+  }
+};
+
+enum class Kind { dense, top_k, probability, probability_two_pass, score_minus_max, raw, query_norm };
+const Kind every_kind[] = {Kind::dense, Kind::top_k, Kind::probability, Kind::probability_two_pass,
+                           Kind::score_minus_max, Kind::raw, Kind::query_norm};
+const char* name(Kind kind) {
+  switch (kind) {
+    case Kind::dense: return "dense";
+    case Kind::top_k: return "top_k, V mean";
+    case Kind::probability: return "top_theta probability, V mean";
+    case Kind::probability_two_pass: return "top_theta probability, two passes";
+    case Kind::score_minus_max: return "top_theta score_minus_max";
+    case Kind::raw: return "top_theta raw_score, exact denominator";
+    case Kind::query_norm: return "top_theta score_over_query_norm";
+  }
+  return "";
+}
+
+/// One call of `kind` with K and V viewed as `k` and `v` (contiguous or paged).
+template <class Scalar, class KvView>
+void attend(Kind kind, const Problem<Scalar>& problem, const KvView& k, const KvView& v, TensorView<Scalar> out,
+            Index past, int threads, AttentionStats* stats) {
+  const OpenMPExecutor executor{threads};
+  AttentionOptions attention;
+  attention.past = past;
+  if (kind == Kind::dense) return dense_attention(problem.queries(), k, v, out, attention, stats, executor);
+  if (kind == Kind::top_k) {
+    TopKOptions options;
+    options.attention = attention;
+    options.k = 8;
+    options.compensation.v_mean = true;
+    return top_k_attention(problem.queries(), k, v, out, options, stats, executor);
+  }
+  const ThresholdSpace space = kind == Kind::raw               ? ThresholdSpace::raw_score
+                               : kind == Kind::query_norm      ? ThresholdSpace::score_over_query_norm
+                               : kind == Kind::score_minus_max ? ThresholdSpace::score_minus_max
+                                                               : ThresholdSpace::probability;
+  const double theta = kind == Kind::raw ? 0.2 : kind == Kind::query_norm ? 0.05 : kind == Kind::score_minus_max ? -2.0 : 0.02;
+  const auto table = LayerThresholds::uniform(8, space, std::vector<double>(std::size_t(problem.q_heads), theta));
+  TopThetaOptions options;
+  options.attention = attention;
+  options.compensation.v_mean = kind == Kind::probability || kind == Kind::probability_two_pass;
+  if (kind == Kind::raw) options.compensation.denominator = DenominatorCompensation::exact;
+  options.passes = kind == Kind::probability_two_pass ? Passes::two : Passes::automatic;
+  top_theta_attention(problem.queries(), k, v, out, table, options, stats, executor);
+}
+
+bool same_stats(const AttentionStats& a, const AttentionStats& b) {
+  return a.elements_kept == b.elements_kept && a.elements_visible == b.elements_visible &&
+         a.v_rows_kept == b.v_rows_kept && a.k_rows_read == b.k_rows_read && a.v_rows_read == b.v_rows_read &&
+         a.kv_tiles == b.kv_tiles && a.kv_tiles_without_survivor == b.kv_tiles_without_survivor &&
+         a.rows == b.rows && a.dense_rows == b.dense_rows && a.empty_rows == b.empty_rows &&
+         a.non_finite_rows == b.non_finite_rows;
+}
+
+/// Runs `kind` on the contiguous and on the paged K and V of `problem` and checks that outputs and statistics
+/// are equal, bit for bit.
+template <class Scalar>
+void check_paged_equals_contiguous(Kind kind, Index query_rows, Index key_rows, Index page_size, Index dim,
+                                   int threads) {
+  INFO(name(kind) << ", " << type_name<Scalar>() << ", " << query_rows << " query rows of " << key_rows
+                  << " keys, page size " << page_size << ", head_dim " << dim << ", " << threads << " threads");
+  Problem<Scalar> contiguous(query_rows, key_rows, 8, 2, dim, unsigned(key_rows + dim), 2.0);
+  Problem<Scalar> paged = contiguous;
+  PagedCopy<Scalar> pages(paged, page_size);
+  AttentionStats contiguous_stats, paged_stats;
+  const Index past = key_rows - query_rows;
+  attend(kind, contiguous, contiguous.keys(), contiguous.values(), contiguous.output(), past, threads,
+         &contiguous_stats);
+  const PagedTensorView<const Scalar> k = pages.key_view(paged), v = pages.value_view(paged);
+  attend(kind, paged, k, v, paged.output(), past, threads, &paged_stats);
+  CHECK(paged.out == contiguous.out);
+  CHECK(same_stats(paged_stats, contiguous_stats));
+  CHECK(paged_stats.non_finite_rows == 0);  // no NaN slot of the pool was read
+}
+
+}  // namespace
+
+TEST_CASE("every kernel reads a paged cache as it reads a contiguous one, bit for bit", "[paged]") {
+  const Kind kind = GENERATE(from_range(std::begin(every_kind), std::end(every_kind)));
+  const Index page_size = GENERATE(1, 4, 16, 512);
+  // Decode of a long cache (split keys), a speculative step, a chunked prefill, a whole prefill of several
+  // query blocks (GEMM blocks, packed K tiles); none a multiple of the page size or the tiles.
+  const auto [query_rows, key_rows] = GENERATE(table<Index, Index>({{1, 1000}, {3, 90}, {37, 300}, {150, 150}}));
+  check_paged_equals_contiguous<float>(kind, query_rows, key_rows, page_size, 72, 2);
+}
+
+TEST_CASE("a paged bfloat16 cache gives the contiguous cache's bits, for any thread count", "[paged]") {
+  const Kind kind = GENERATE(Kind::dense, Kind::probability);
+  const int threads = GENERATE(1, 3);
+  const auto [query_rows, key_rows] = GENERATE(table<Index, Index>({{1, 700}, {150, 150}}));
+  check_paged_equals_contiguous<Eigen::bfloat16>(kind, query_rows, key_rows, 16, 64, threads);
+}
+
+TEST_CASE("a batch of sequences in one page pool gives each its contiguous call's bits", "[paged][batch]") {
+  // Sequences of 40, 700 (split keys), 90 (3 new tokens) and 200 keys (70 new), one pool, interleaved pages.
+  const Index q_heads = 8, kv_heads = 2, dim = 32, page_size = 16;
+  const std::pair<Index, Index> shapes[] = {{1, 40}, {1, 700}, {3, 90}, {70, 200}};
+  std::vector<Problem<float>> contiguous, paged;
+  for (const auto& [query_rows, key_rows] : shapes) {
+    contiguous.emplace_back(query_rows, key_rows, q_heads, kv_heads, dim, unsigned(key_rows), 2.0);
+    paged.push_back(contiguous.back());
+  }
+  // One pool; sequence s takes the pages s, s + 4, s + 8, ... (interleaved with the others').
+  const Index pool_pages = 4 * (700 / page_size + 1);
+  AlignedVector<float> keys(std::size_t(pool_pages * page_size * kv_heads * dim), std::numeric_limits<float>::quiet_NaN());
+  AlignedVector<float> values = keys;
+  std::vector<std::vector<std::int32_t>> tables(4);
+  std::vector<SequenceViews<float, PagedTensorView<const float>>> batch;
+  for (std::size_t s = 0; s < 4; ++s) {
+    const Problem<float>& p = paged[s];
+    for (Index b = 0; b < (p.key_rows + page_size - 1) / page_size; ++b) tables[s].push_back(std::int32_t(s + 4 * b));
+    for (Index t = 0; t < p.key_rows; ++t)
+      for (Index h = 0; h < kv_heads; ++h) {
+        std::copy_n(p.keys().row(t, h), dim, keys.data() + slot_of(tables[s], page_size, t, h, kv_heads, dim));
+        std::copy_n(p.values().row(t, h), dim, values.data() + slot_of(tables[s], page_size, t, h, kv_heads, dim));
+      }
+  }
+  std::vector<AttentionStats> stats(4), alone_stats(4);
+  for (std::size_t s = 0; s < 4; ++s) {
+    const Problem<float>& p = paged[s];
+    batch.push_back({p.queries(),
+                     PagedTensorView<const float>(keys.data(), pool_pages, page_size, tables[s].data(), p.key_rows,
+                                                  kv_heads, dim),
+                     PagedTensorView<const float>(values.data(), pool_pages, page_size, tables[s].data(), p.key_rows,
+                                                  kv_heads, dim),
+                     paged[s].output(), p.key_rows - p.query_rows, nullptr, &stats[s]});
+  }
+  const auto table = LayerThresholds::uniform(8, ThresholdSpace::probability, std::vector<double>(q_heads, 0.02));
+  TopThetaOptions options;
+  options.compensation.v_mean = true;
+  top_theta_attention(batch, table, options, OpenMPExecutor{2});
+  for (std::size_t s = 0; s < 4; ++s) {
+    INFO("sequence " << s);
+    Problem<float>& p = contiguous[s];
+    TopThetaOptions alone = options;
+    alone.attention.past = p.key_rows - p.query_rows;
+    top_theta_attention(p.queries(), p.keys(), p.values(), p.output(), table, alone, &alone_stats[s],
+                        OpenMPExecutor{1});
+    CHECK(paged[s].out == p.out);
+    CHECK(same_stats(stats[s], alone_stats[s]));
+  }
+}
+
+TEST_CASE("a paged view rejects a block table entry outside the pool, a page size that is not a power of two, and "
+          "an output inside the pool",
+          "[paged][bad_input]") {
+  std::vector<float> pool(std::size_t(4 * 16 * 2 * 8), 0.0f);
+  const std::vector<std::int32_t> table{3, 0, 4};
+  REQUIRE_INVALID(PagedTensorView<float>(pool.data(), 4, 16, table.data(), 40, 2, 8), "block_table[2]",
+                  "a page of the pool, in [0, 4)");
+  const std::vector<std::int32_t> negative{-1};
+  REQUIRE_INVALID(PagedTensorView<float>(pool.data(), 4, 16, negative.data(), 3, 2, 8), "block_table[0]",
+                  "a page of the pool");
+  REQUIRE_INVALID(PagedTensorView<float>(pool.data(), 4, 12, table.data(), 20, 2, 8), "page_size",
+                  "a power of two");
+  // Only the entries the tokens need are read: 32 tokens use table[0] and table[1].
+  const PagedTensorView<const float> k(pool.data(), 4, 16, table.data(), 32, 2, 8);
+  std::vector<float> q(std::size_t(4 * 8), 0.0f);
+  const TensorView<const float> queries(q.data(), 1, 4, 8);
+  REQUIRE_INVALID(dense_attention(queries, k, k, TensorView<float>(pool.data() + 8, 1, 4, 8)), "out",
+                  "memory apart from k");
+  std::vector<float> out(q.size());
+  AttentionOptions decode;
+  decode.past = 31;
+  REQUIRE_NOTHROW(dense_attention(queries, k, k, TensorView<float>(out.data(), 1, 4, 8), decode));
+}
+
+TEST_CASE("a paged KV cache holds what a contiguous one holds, and decode on it gives the same bits",
+          "[paged][kv_cache]") {
+  // A prompt of 37 tokens, then 30 decode steps of one token, into pages of 8 from a pool shared with a
+  // sequence that comes and goes (its pages freed and reused).
+  const Index kv_heads = 2, q_heads = 8, dim = 24, page_size = 8;
+  PagePool<float> pool(16, page_size, kv_heads, dim);
+  PagedKvCache<float> paged(pool), other(pool);
+  KvCache<float> contiguous(kv_heads, dim, 100);
+  Problem<float> tokens(0, 67, q_heads, kv_heads, dim, 5, 2.0);
+  const auto table = LayerThresholds::uniform(8, ThresholdSpace::probability, std::vector<double>(q_heads, 0.02));
+  TopThetaOptions options;
+  options.compensation.v_mean = true;
+  const auto append = [&](Index first, Index count) {
+    const TensorView<const float> k(tokens.k.data() + first * kv_heads * dim, count, kv_heads, dim);
+    const TensorView<const float> v(tokens.v.data() + first * kv_heads * dim, count, kv_heads, dim);
+    paged.append(k, v);
+    contiguous.append(k, v);
+  };
+  append(0, 37);
+  REQUIRE(paged.block_table().size() == 5);
+  for (Index step = 0; step < 30; ++step) {
+    if (step == 10) other.append(TensorView<const float>(tokens.k.data(), 20, kv_heads, dim),
+                                 TensorView<const float>(tokens.v.data(), 20, kv_heads, dim));
+    if (step == 20) other.clear();  // its 3 pages go back to the pool, and the next pages come from them
+    append(37 + step, 1);
+    const Index length = contiguous.length();
+    INFO("step " << step << ", length " << length);
+    REQUIRE(paged.length() == length);
+    for (Index t = 0; t < length; ++t)
+      for (Index h = 0; h < kv_heads; ++h)
+        for (Index d = 0; d < dim; ++d) {
+          REQUIRE(paged.keys().row(t, h)[d] == contiguous.keys().row(t, h)[d]);
+          REQUIRE(paged.values().row(t, h)[d] == contiguous.values().row(t, h)[d]);
+        }
+    for (Index d = 0; d < kv_heads * dim; ++d)
+      REQUIRE(paged.value_sum_before(length - 1)[d] == contiguous.value_sum_before(length - 1)[d]);
+    Problem<float> query(1, length, q_heads, kv_heads, dim, unsigned(100 + step), 2.0);
+    std::vector<float> from_pages(query.out.size()), from_buffer(query.out.size());
+    options.attention.past = length - 1;
+    options.value_prefix_sum = paged.value_sum_before(length - 1);
+    top_theta_attention(query.queries(), paged.keys(), paged.values(), TensorView<float>(from_pages.data(), 1, q_heads, dim),
+                        table, options);
+    options.value_prefix_sum = contiguous.value_sum_before(length - 1);
+    top_theta_attention(query.queries(), contiguous.keys(), contiguous.values(),
+                        TensorView<float>(from_buffer.data(), 1, q_heads, dim), table, options);
+    REQUIRE(from_pages == from_buffer);
+  }
+  CHECK(pool.free_pages() == 16 - 9);  // 67 tokens in pages of 8
+  paged.clear();
+  CHECK(pool.free_pages() == 16);
+}
+
+TEST_CASE("a paged KV cache rejects tokens its pool cannot hold, and a pool rejects pages it did not lend",
+          "[paged][kv_cache][bad_input]") {
+  const Index kv_heads = 2, dim = 4;
+  PagePool<float> pool(3, 4, kv_heads, dim);
+  PagedKvCache<float> cache(pool);
+  std::vector<float> rows(std::size_t(13 * kv_heads * dim), 1.0f);
+  const auto tokens = [&](Index count) { return TensorView<const float>(rows.data(), count, kv_heads, dim); };
+  cache.append(tokens(5), tokens(5));  // two pages, 3 tokens of room left in the second
+  REQUIRE_INVALID(cache.append(tokens(8), tokens(8)), "keys.tokens", "at most 7");
+  CHECK(cache.length() == 5);  // unchanged, and so is the pool
+  CHECK(pool.free_pages() == 1);
+  rows[std::size_t(2 * kv_heads * dim + dim + 1)] = std::numeric_limits<float>::quiet_NaN();  // token 2, head 1
+  REQUIRE_INVALID(cache.append(tokens(3), tokens(3)), "keys (token 7, KV head 1, element 1)", "finite values");
+  CHECK(cache.length() == 5);
+  REQUIRE_INVALID(pool.release(2), "page", "a page of the pool in use");
+  REQUIRE_INVALID(pool.release(7), "page", "in [0, 3)");
+  REQUIRE_INVALID(PagePool<float>(4, 6, kv_heads, dim), "page_size", "a power of two");
+  pool.allocate();
+  REQUIRE_INVALID(pool.allocate(), "pool", "a free page");
+}
