@@ -80,8 +80,9 @@ const KvRotation<Scalar>& kv_rotation(Index tokens) {
 /// Tokens per page of the paged cases (`decode_paged/...`), as engines commonly use.
 constexpr Index paged_page_size = 16;
 
-/// The rotation's copies in pages (`paged_page_size` tokens each) of one pool per copy, placed in a shuffled
-/// order that a block table undoes, as a paged KV cache shared by many sequences holds one of them.
+/// The rotation's copies in token-major pages (`paged_page_size` tokens each, `PagePool`'s default layout) of
+/// one pool per copy, placed in a shuffled order that a block table undoes, as a paged KV cache shared by many
+/// sequences holds one of them.
 template <class Scalar>
 class PagedKvRotation {
  public:
@@ -93,15 +94,16 @@ class PagedKvRotation {
         data_(2 * std::size_t(copies_) * pool_size_) {
     for (Index b = 0; b < pages_; ++b) block_table_.push_back(std::int32_t(b));
     std::shuffle(block_table_.begin(), block_table_.end(), std::mt19937(7));
+    constexpr Index dim = LayerShape::head_dim;
     for (Index c = 0; c < copies_; ++c)
-      for (Index t = 0; t < tokens_; ++t) {
-        const std::size_t from = std::size_t(t * row_values);
-        const std::size_t to = std::size_t(block_table_[std::size_t(t / paged_page_size)] * page_values +
-                                           t % paged_page_size * row_values);
-        std::copy_n(layer.k.begin() + std::ptrdiff_t(from), row_values, data_.begin() + std::ptrdiff_t(pool(2 * c) + to));
-        std::copy_n(layer.v.begin() + std::ptrdiff_t(from), row_values,
-                    data_.begin() + std::ptrdiff_t(pool(2 * c + 1) + to));
-      }
+      for (Index t = 0; t < tokens_; ++t)
+        for (Index h = 0; h < LayerShape::kv_heads; ++h) {
+          const std::ptrdiff_t from = std::ptrdiff_t((t * LayerShape::kv_heads + h) * dim);
+          const std::ptrdiff_t to = std::ptrdiff_t(block_table_[std::size_t(t / paged_page_size)] * page_values +
+                                                   (t % paged_page_size * LayerShape::kv_heads + h) * dim);
+          std::copy_n(layer.k.begin() + from, dim, data_.begin() + std::ptrdiff_t(pool(2 * c)) + to);
+          std::copy_n(layer.v.begin() + from, dim, data_.begin() + std::ptrdiff_t(pool(2 * c + 1)) + to);
+        }
   }
 
   Index copies() const { return copies_; }
@@ -115,7 +117,7 @@ class PagedKvRotation {
   std::size_t pool(Index slot) const { return std::size_t(slot) * pool_size_; }
   PagedTensorView<const Scalar> view(Index slot) const {
     return {data_.data() + pool(slot), pages_, paged_page_size, block_table_.data(), tokens_, LayerShape::kv_heads,
-            LayerShape::head_dim};
+            LayerShape::head_dim, PageLayout::token_major};
   }
 
   Index tokens_, pages_;

@@ -11,10 +11,13 @@ using namespace toptheta_test;
 
 namespace {
 
-/// Where row (t, h) of a sequence starts in a pool of `[page_size, heads, dim]` pages (written out here, not
-/// taken from the view under test).
-Index slot_of(const std::vector<std::int32_t>& block_table, Index page_size, Index t, Index h, Index heads, Index dim) {
-  return ((Index(block_table[std::size_t(t / page_size)]) * page_size + t % page_size) * heads + h) * dim;
+/// Where row (t, h) of a sequence starts in a pool of `[page_size, heads, dim]` (token-major) or
+/// `[heads, page_size, dim]` (head-major) pages; written out here, not taken from the view under test.
+Index slot_of(const std::vector<std::int32_t>& block_table, Index page_size, Index t, Index h, Index heads, Index dim,
+              PageLayout layout = PageLayout::token_major) {
+  const Index page = block_table[std::size_t(t / page_size)], slot = t % page_size;
+  return layout == PageLayout::token_major ? ((page * page_size + slot) * heads + h) * dim
+                                           : ((page * heads + h) * page_size + slot) * dim;
 }
 
 /// K and V of a `Problem` copied into a pool of pages, in an order that is not the sequence's: the block table
@@ -23,11 +26,12 @@ Index slot_of(const std::vector<std::int32_t>& block_table, Index page_size, Ind
 template <class Scalar>
 struct PagedCopy {
   Index page_size, pool_pages;
+  PageLayout layout;
   std::vector<std::int32_t> block_table;
   AlignedVector<Scalar> keys, values;
 
-  PagedCopy(const Problem<Scalar>& problem, Index page_size_)
-      : page_size(page_size_), pool_pages(2 * ((problem.key_rows + page_size_ - 1) / page_size_) + 1) {
+  PagedCopy(const Problem<Scalar>& problem, Index page_size_, PageLayout layout_)
+      : page_size(page_size_), pool_pages(2 * ((problem.key_rows + page_size_ - 1) / page_size_) + 1), layout(layout_) {
     const Index used = (problem.key_rows + page_size - 1) / page_size, row = problem.kv_heads * problem.head_dim;
     for (Index b = 0; b < used; ++b) block_table.push_back(std::int32_t(pool_pages - 1 - 2 * b));
     keys.assign(std::size_t(pool_pages * page_size * row), Scalar(std::numeric_limits<float>::quiet_NaN()));
@@ -35,17 +39,17 @@ struct PagedCopy {
     const auto k = problem.keys(), v = problem.values();
     for (Index t = 0; t < problem.key_rows; ++t)
       for (Index h = 0; h < problem.kv_heads; ++h) {
-        const Index slot = slot_of(block_table, page_size, t, h, problem.kv_heads, problem.head_dim);
+        const Index slot = slot_of(block_table, page_size, t, h, problem.kv_heads, problem.head_dim, layout);
         std::copy_n(k.row(t, h), problem.head_dim, keys.data() + slot);
         std::copy_n(v.row(t, h), problem.head_dim, values.data() + slot);
       }
   }
 
   PagedTensorView<Scalar> key_view(const Problem<Scalar>& p) {
-    return {keys.data(), pool_pages, page_size, block_table.data(), p.key_rows, p.kv_heads, p.head_dim};
+    return {keys.data(), pool_pages, page_size, block_table.data(), p.key_rows, p.kv_heads, p.head_dim, layout};
   }
   PagedTensorView<Scalar> value_view(const Problem<Scalar>& p) {
-    return {values.data(), pool_pages, page_size, block_table.data(), p.key_rows, p.kv_heads, p.head_dim};
+    return {values.data(), pool_pages, page_size, block_table.data(), p.key_rows, p.kv_heads, p.head_dim, layout};
   }
 };
 
@@ -106,12 +110,13 @@ bool same_stats(const AttentionStats& a, const AttentionStats& b) {
 /// are equal, bit for bit.
 template <class Scalar>
 void check_paged_equals_contiguous(Kind kind, Index query_rows, Index key_rows, Index page_size, Index dim,
-                                   int threads) {
+                                   int threads, PageLayout layout) {
   INFO(name(kind) << ", " << type_name<Scalar>() << ", " << query_rows << " query rows of " << key_rows
-                  << " keys, page size " << page_size << ", head_dim " << dim << ", " << threads << " threads");
+                  << " keys, page size " << page_size << (layout == PageLayout::head_major ? ", head-major" : "")
+                  << ", head_dim " << dim << ", " << threads << " threads");
   Problem<Scalar> contiguous(query_rows, key_rows, 8, 2, dim, unsigned(key_rows + dim), 2.0);
   Problem<Scalar> paged = contiguous;
-  PagedCopy<Scalar> pages(paged, page_size);
+  PagedCopy<Scalar> pages(paged, page_size, layout);
   AttentionStats contiguous_stats, paged_stats;
   const Index past = key_rows - query_rows;
   attend(kind, contiguous, contiguous.keys(), contiguous.values(), contiguous.output(), past, threads,
@@ -128,17 +133,18 @@ void check_paged_equals_contiguous(Kind kind, Index query_rows, Index key_rows, 
 TEST_CASE("every kernel reads a paged cache as it reads a contiguous one, bit for bit", "[paged]") {
   const Kind kind = GENERATE(from_range(std::begin(every_kind), std::end(every_kind)));
   const Index page_size = GENERATE(1, 4, 16, 512);
+  const PageLayout layout = GENERATE(PageLayout::token_major, PageLayout::head_major);
   // Decode of a long cache (split keys), a speculative step, a chunked prefill, a whole prefill of several
   // query blocks (GEMM blocks, packed K tiles); none a multiple of the page size or the tiles.
   const auto [query_rows, key_rows] = GENERATE(table<Index, Index>({{1, 1000}, {3, 90}, {37, 300}, {150, 150}}));
-  check_paged_equals_contiguous<float>(kind, query_rows, key_rows, page_size, 72, 2);
+  check_paged_equals_contiguous<float>(kind, query_rows, key_rows, page_size, 72, 2, layout);
 }
 
 TEST_CASE("a paged bfloat16 cache gives the contiguous cache's bits, for any thread count", "[paged]") {
   const Kind kind = GENERATE(Kind::dense, Kind::probability);
   const int threads = GENERATE(1, 3);
   const auto [query_rows, key_rows] = GENERATE(table<Index, Index>({{1, 700}, {150, 150}}));
-  check_paged_equals_contiguous<Eigen::bfloat16>(kind, query_rows, key_rows, 16, 64, threads);
+  check_paged_equals_contiguous<Eigen::bfloat16>(kind, query_rows, key_rows, 16, 64, threads, PageLayout::head_major);
 }
 
 TEST_CASE("a batch of sequences in one page pool gives each its contiguous call's bits", "[paged][batch]") {

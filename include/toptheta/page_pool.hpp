@@ -3,6 +3,7 @@
 
 #include <toptheta/aligned_vector.hpp>
 #include <toptheta/detail/require.hpp>
+#include <toptheta/paged_view.hpp>
 #include <toptheta/scalar_traits.hpp>
 
 #include <algorithm>
@@ -13,8 +14,8 @@
 
 namespace toptheta {
 
-/// `pages` pages of K and `pages` pages of V, each `[page_size, kv_heads, head_dim]`, allocated once (on cache
-/// lines) and lent to the sequences of one layer (`PagedKvCache`) one page at a time; the pool hands out the
+/// `pages` pages of K and `pages` pages of V of `page_size x kv_heads x head_dim` values (`PageLayout`,
+/// token-major by default), allocated once (on cache lines) and lent to the sequences of one layer (`PagedKvCache`) one page at a time; the pool hands out the
 /// most recently returned page first. Views of its pages stay valid until the pool is destroyed.
 /// \tparam Scalar stored type.
 template <class Scalar>
@@ -22,8 +23,8 @@ class PagePool {
  public:
   /// \throws invalid_argument naming the argument: counts below 1, a `page_size` that is not a power of two,
   /// or a pool whose values could not be addressed.
-  PagePool(Index pages, Index page_size, Index kv_heads, Index head_dim)
-      : pages_(pages), page_size_(page_size), kv_heads_(kv_heads), head_dim_(head_dim) {
+  PagePool(Index pages, Index page_size, Index kv_heads, Index head_dim, PageLayout layout = PageLayout::token_major)
+      : pages_(pages), page_size_(page_size), kv_heads_(kv_heads), head_dim_(head_dim), layout_(layout) {
     using detail::require;
     require(pages >= 1 && pages <= std::numeric_limits<std::int32_t>::max(), "pages",
             "a count in [1, 2^31) (block tables hold 32-bit page indices)", pages);
@@ -47,6 +48,7 @@ class PagePool {
   Index page_size() const { return page_size_; }
   Index kv_heads() const { return kv_heads_; }
   Index head_dim() const { return head_dim_; }
+  PageLayout layout() const { return layout_; }
   Index free_pages() const { return Index(free_.size()); }
   /// Values of one page of K (or V): `page_size x kv_heads x head_dim`.
   Index page_values() const { return page_size_ * kv_heads_ * head_dim_; }
@@ -75,6 +77,7 @@ class PagePool {
 
  private:
   Index pages_, page_size_, kv_heads_, head_dim_;
+  PageLayout layout_;
   AlignedVector<Scalar> keys_, values_;
   std::vector<std::int32_t> free_;  // a stack: the last page returned is lent first (still in cache)
   std::vector<char> in_use_;

@@ -57,18 +57,14 @@ class PagedKvCache {
     tokens_.check(keys, values, room + pool_->free_pages() * page_size,
                   "free room in the last page and the pool's " + std::to_string(pool_->free_pages()) + " free pages");
     while (Index(block_table_.size()) * page_size < length() + keys.tokens()) block_table_.push_back(pool_->allocate());
-    const auto row_at = [&](Scalar* pages) {
-      return [this, pages, page_size](Index t, Index h) {
-        return pages + (Index(block_table_[std::size_t(t / page_size)]) * page_size + t % page_size) *
-                           kv_heads() * head_dim() +
-               h * head_dim();
-      };
-    };
-    tokens_.template append<Stored, Scalar>(keys, values, row_at(pool_->key_pages()), row_at(pool_->value_pages()));
+    const PagedTensorView<Scalar> key_pages = view(pool_->key_pages(), length() + keys.tokens());
+    const PagedTensorView<Scalar> value_pages = view(pool_->value_pages(), length() + keys.tokens());
+    tokens_.template append<Stored, Scalar>(keys, values, [&](Index t, Index h) { return key_pages.row(t, h); },
+                                            [&](Index t, Index h) { return value_pages.row(t, h); });
   }
 
-  PagedTensorView<const Scalar> keys() const { return view(pool_->key_pages()); }
-  PagedTensorView<const Scalar> values() const { return view(pool_->value_pages()); }
+  PagedTensorView<const Scalar> keys() const { return view(pool_->key_pages(), length()); }
+  PagedTensorView<const Scalar> values() const { return view(pool_->value_pages(), length()); }
 
   /// `Σ_{j<position} v_j` as `KvCache::value_sum_before`.
   const double* value_sum_before(Index position) const { return tokens_.value_sum_before(position); }
@@ -81,8 +77,11 @@ class PagedKvCache {
   }
 
  private:
-  PagedTensorView<const Scalar> view(const Scalar* pages) const {
-    return {pages, pool_->pages(), pool_->page_size(), block_table_.data(), length(), kv_heads(), head_dim()};
+  /// The first `tokens` tokens of the pages at `pages` (K or V) through the block table.
+  template <class Pages>
+  PagedTensorView<Pages> view(Pages* pages, Index tokens) const {
+    return {pages, pool_->pages(), pool_->page_size(), block_table_.data(), tokens, kv_heads(), head_dim(),
+            pool_->layout()};
   }
 
   PagePool<Scalar>* pool_;

@@ -10,13 +10,22 @@
 
 namespace toptheta {
 
-/// K or V of one sequence in a paged KV cache, used without copying: a pool of pages, each
-/// `[page_size, heads, head_dim]` (token-major, like a contiguous cache), and the sequence's block table, whose
-/// entry `b` names the pool page that holds its tokens `b * page_size ... (b + 1) * page_size - 1`.
+/// How a page holds its `page_size x heads` rows of `head_dim` values.
+enum class PageLayout {
+  token_major,  ///< `[page_size, heads, head_dim]`: a token's heads together, as a contiguous cache
+  head_major,   ///< `[heads, page_size, head_dim]`: a head's tokens together, one run of memory per page
+};
+
+/// K or V of one sequence in a paged KV cache, used without copying: a pool of pages of `page_size x heads x
+/// head_dim` values (`PageLayout`), and the sequence's block table, whose entry `b` names the pool page that
+/// holds its tokens `b * page_size ... (b + 1) * page_size - 1`.
 ///
-/// Element `(t, h, d)` lives at `pages[(block_table[t / page_size] * page_size + t % page_size) * heads *
-/// head_dim + h * head_dim + d]`. The attention kernels take this view wherever they take a `TensorView` for K
-/// and V; they read the rows of one page at a time and the rows they gather through the table.
+/// Element `(t, h, d)` lives at `pages[block_table[t / page_size] * page_size * heads * head_dim + (t %
+/// page_size) * token_stride + h * head_stride + d]`, with the strides of the layout (token-major: `heads *
+/// head_dim` and `head_dim`; head-major: `head_dim` and `page_size * head_dim`). The attention kernels take this
+/// view wherever they take a `TensorView` for K and V; they read the rows of one page at a time and the rows
+/// they gather through the table. Token-major pages are the faster ones in this project's decode benchmark
+/// (`decode_paged`, benchmarks/decode.cpp); head-major is there for engines that keep their cache that way.
 /// \tparam Scalar stored type, `const`-qualified for inputs.
 template <class Scalar>
 class PagedTensorView {
@@ -29,9 +38,11 @@ class PagedTensorView {
   /// \param block_table `ceil(tokens / page_size)` page indices in `[0, pool_pages)`, in the sequence's order
   /// \throws invalid_argument naming the argument (the table entry) that is out of range.
   PagedTensorView(Scalar* pages, Index pool_pages, Index page_size, const std::int32_t* block_table, Index tokens,
-                  Index heads, Index head_dim)
+                  Index heads, Index head_dim, PageLayout layout = PageLayout::token_major)
       : pages_(pages), block_table_(block_table), pool_pages_(pool_pages), page_size_(page_size), tokens_(tokens),
-        heads_(heads), head_dim_(head_dim) {
+        heads_(heads), head_dim_(head_dim), layout_(layout),
+        token_stride_(layout == PageLayout::token_major ? heads * head_dim : head_dim),
+        head_stride_(layout == PageLayout::token_major ? head_dim : page_size * head_dim) {
     using detail::require;
     require(page_size >= 1 && (page_size & (page_size - 1)) == 0, "page_size", "a power of two >= 1", page_size);
     require(tokens >= 0, "tokens", "a count >= 0", tokens);
@@ -48,7 +59,7 @@ class PagedTensorView {
 
   /// A read-only view of the same pages.
   operator PagedTensorView<const value_type>() const {  // NOLINT(google-explicit-constructor)
-    return {pages_, pool_pages_, page_size_, block_table_, tokens_, heads_, head_dim_};
+    return {pages_, pool_pages_, page_size_, block_table_, tokens_, heads_, head_dim_, layout_};
   }
 
   Index tokens() const { return tokens_; }
@@ -60,14 +71,17 @@ class PagedTensorView {
   const std::int32_t* block_table() const { return block_table_; }
   /// Entries of the block table the view reads: `ceil(tokens / page_size)`.
   Index table_entries() const { return (tokens_ + page_size_ - 1) >> page_shift_; }
+  PageLayout layout() const { return layout_; }
+  /// Values of one page: `page_size x heads x head_dim`.
+  Index page_values() const { return page_size_ * heads_ * head_dim_; }
   /// Distance between the rows of consecutive tokens within a page, and between the heads of one token.
-  Index token_stride() const { return heads_ * head_dim_; }
-  Index head_stride() const { return head_dim_; }
+  Index token_stride() const { return token_stride_; }
+  Index head_stride() const { return head_stride_; }
 
   /// Pointer to the `head_dim` values of token `t`, head `h`.
   Scalar* row(Index t, Index h) const {
-    return pages_ + ((Index(block_table_[t >> page_shift_]) << page_shift_) + (t & (page_size_ - 1))) * token_stride() +
-           h * head_dim_;
+    return pages_ + Index(block_table_[t >> page_shift_]) * page_values() + (t & (page_size_ - 1)) * token_stride_ +
+           h * head_stride_;
   }
   /// Tokens from `t` on whose rows lie `token_stride` apart: to the end of `t`'s page (or of the sequence).
   Index contiguous_from(Index t) const {
@@ -79,6 +93,8 @@ class PagedTensorView {
   Scalar* pages_ = nullptr;
   const std::int32_t* block_table_ = nullptr;
   Index pool_pages_ = 0, page_size_ = 1, page_shift_ = 0, tokens_ = 0, heads_ = 1, head_dim_ = 1;
+  PageLayout layout_ = PageLayout::token_major;
+  Index token_stride_ = 1, head_stride_ = 1;
 };
 
 }  // namespace toptheta

@@ -48,9 +48,9 @@ class CachedTokens {
 
   /// Copies checked `keys` and `values` to `key_row(position, head)` and `value_row(position, head)` (pointers
   /// to a row of the cache's storage) and adds the values, as stored, to the running sum.
-  template <class Stored, class Scalar, class RowAt>
-  void append(const TensorView<Stored>& keys, const TensorView<Stored>& values, const RowAt& key_row,
-              const RowAt& value_row) {
+  template <class Stored, class Scalar, class KeyRowAt, class ValueRowAt>
+  void append(const TensorView<Stored>& keys, const TensorView<Stored>& values, const KeyRowAt& key_row,
+              const ValueRowAt& value_row) {
     value_sum_before_append_ = value_sum_;
     append_start_ = length_;
     for (Index t = 0; t < keys.tokens(); ++t, ++length_)

@@ -36,7 +36,7 @@ ViewBytes pool_bytes(const PagedTensorView<Scalar>& view) {
   ViewBytes bytes;
   if (view.tokens() == 0 || view.pool_pages() == 0) return bytes;
   bytes.first = reinterpret_cast<std::uintptr_t>(view.pages());
-  bytes.end = bytes.first + std::uintptr_t(view.pool_pages() * view.page_size() * view.token_stride()) * sizeof(Scalar);
+  bytes.end = bytes.first + std::uintptr_t(view.pool_pages() * view.page_values()) * sizeof(Scalar);
   return bytes;
 }
 
