@@ -188,46 +188,26 @@ const AlignedVector<Scalar>& dense_decode_output(Index tokens) {
   return found->second;
 }
 
-template <class Scalar>
-void register_decode_case(const Kernel<Scalar>& entry, Index tokens) {
-  const std::string name =
-      "decode/" + entry.name + "/kv:" + std::to_string(tokens) + "/" + type_name<Scalar>();
+/// decode/<kernel>/kv:<n>/<type>, or with K and V in pages (`KvView` paged) decode_paged/...: the pages of a
+/// shuffled pool of 16-token pages read through a block table, whose time over the contiguous case's is the cost
+/// of paging.
+template <class Scalar, class KvView>
+void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens) {
+  constexpr bool paged = detail::is_paged_view_v<KvView>;
+  const std::string name = std::string(paged ? "decode_paged/" : "decode/") + entry.name + "/kv:" +
+                           std::to_string(tokens) + "/" + type_name<Scalar>();
   auto summary = std::make_shared<std::optional<CallSummary>>();  // set by the case's first run
   register_case(name, tokens == quick_context_length, [&entry, tokens, summary](benchmark::State& state) {
     const OpenMPExecutor executor{settings().threads};
     const LayerThresholds* thresholds = thresholds_for(entry, Phase::decode, tokens);
     AlignedVector<Scalar> out;
-    AttentionCall<Scalar> call = decode_call<Scalar>(tokens, out);
-    if (!*summary)
-      *summary = summarize_call(entry, call, thresholds, executor, dense_decode_output<Scalar>(tokens));
-    const KvRotation<Scalar>& rotation = kv_rotation<Scalar>(tokens);
-    Index copy = 0;
-    const double seconds = timed_loop(state, [&] {
-      call.k = rotation.keys(copy);
-      call.v = rotation.values(copy);
-      entry.attend(call, thresholds, executor, nullptr);
-      copy = (copy + 1) % rotation.copies();
-    });
-    report_call_counters(state, **summary, seconds, executor.threads);
-  });
-}
-
-/// decode_paged/<kernel>/kv:<n>/<type>: the decode step of `register_decode_case` with K and V in pages of 16
-/// tokens, read through a shuffled block table; its time over the contiguous case's is the cost of paging.
-template <class Scalar>
-void register_decode_paged_case(const Kernel<Scalar, PagedTensorView<const Scalar>>& entry, Index tokens) {
-  const std::string name =
-      "decode_paged/" + entry.name + "/kv:" + std::to_string(tokens) + "/" + type_name<Scalar>();
-  auto summary = std::make_shared<std::optional<CallSummary>>();
-  register_case(name, tokens == quick_context_length, [&entry, tokens, summary](benchmark::State& state) {
-    const OpenMPExecutor executor{settings().threads};
-    const LayerThresholds* thresholds = thresholds_for(entry, Phase::decode, tokens);
-    AlignedVector<Scalar> out;
-    const AttentionCall<Scalar> contiguous = decode_call<Scalar>(tokens, out);
-    const PagedKvRotation<Scalar>& rotation = paged_kv_rotation<Scalar>(tokens);
-    AttentionCall<Scalar, PagedTensorView<const Scalar>> call{contiguous.q, rotation.keys(0), rotation.values(0),
-                                                              contiguous.out, contiguous.attention,
-                                                              contiguous.value_prefix_sum};
+    const AttentionCall<Scalar> step = decode_call<Scalar>(tokens, out);
+    const auto& rotation = [&]() -> const auto& {
+      if constexpr (paged) return paged_kv_rotation<Scalar>(tokens);
+      else return kv_rotation<Scalar>(tokens);
+    }();
+    AttentionCall<Scalar, KvView> call{step.q, rotation.keys(0), rotation.values(0), step.out, step.attention,
+                                       step.value_prefix_sum};
     if (!*summary)
       *summary = summarize_call(entry, call, thresholds, executor, dense_decode_output<Scalar>(tokens));
     Index copy = 0;
@@ -250,8 +230,8 @@ void register_decode_benchmarks() {
       register_decode_case(entry, tokens);
   }
   for (Index tokens : paged_context_lengths) {
-    for (const auto& entry : paged_kernels<float>()) register_decode_paged_case(entry, tokens);
-    for (const auto& entry : paged_kernels<Eigen::bfloat16>()) register_decode_paged_case(entry, tokens);
+    for (const auto& entry : paged_kernels<float>()) register_decode_case(entry, tokens);
+    for (const auto& entry : paged_kernels<Eigen::bfloat16>()) register_decode_case(entry, tokens);
   }
 }
 

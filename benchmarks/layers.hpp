@@ -134,7 +134,7 @@ class CalibratedThresholds {
     options.shape = {1, LayerShape::q_heads, LayerShape::kv_heads, LayerShape::head_dim};
     options.space = space;
     options.k = {kept_per_row};
-    std::vector<Calibrator> calibrators(std::size_t(LayerShape::kv_heads), Calibrator(options));
+    std::vector<Calibrator> calibrators(static_cast<std::size_t>(LayerShape::kv_heads), Calibrator(options));
     OpenMPExecutor{settings().threads}.parallel_for(LayerShape::kv_heads, [&](Index kv_head) {
       for (Index h = kv_head * group; h < (kv_head + 1) * group; ++h)
         for (Index first = 0; first < Index(lengths_.size()); first += rows_per_block) {

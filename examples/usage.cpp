@@ -42,5 +42,28 @@ int main() {
   options.attention = AttentionOptions{};  // causal; each sequence's past is in its SequenceViews
   top_theta_attention(batch, thresholds, options);
   std::printf("decoded a batch of %zu sequences in one call\n", batch.size());
-  return 0;
+
+  // The same batch from a paged KV cache: one pool of 16-token pages shared by the sequences, one
+  // PagedKvCache (block table and running V sum) per sequence. Same bits as the contiguous batch.
+  PagePool<float> pool(/*pages=*/64, /*page_size=*/16, kv_heads, head_dim);
+  std::vector<PagedKvCache<float>> caches;
+  caches.reserve(3);
+  std::vector<float> paged_out(decode_out.size());
+  std::vector<SequenceViews<float, PagedTensorView<const float>>> paged_batch;
+  for (const Index length : {100, 300, 512}) {
+    PagedKvCache<float>& cache = caches.emplace_back(pool);
+    cache.append(TensorView<const float>(k.data(), length - 1, kv_heads, head_dim),
+                 TensorView<const float>(v.data(), length - 1, kv_heads, head_dim));  // the prompt
+    const Index past = cache.length();
+    cache.append(TensorView<const float>(k.data() + past * kv_heads * head_dim, 1, kv_heads, head_dim),
+                 TensorView<const float>(v.data() + past * kv_heads * head_dim, 1, kv_heads, head_dim));  // new token
+    paged_batch.push_back({TensorView<const float>(q.data() + past * q_heads * head_dim, 1, q_heads, head_dim),
+                           cache.keys(), cache.values(),
+                           TensorView<float>(paged_out.data() + paged_batch.size() * q_heads * head_dim, 1, q_heads,
+                                             head_dim),
+                           past, cache.value_sum_before(past)});
+  }
+  top_theta_attention(paged_batch, thresholds, options);
+  std::printf("paged batch %s the contiguous one\n", paged_out == decode_out ? "equals" : "DIFFERS FROM");
+  return paged_out == decode_out ? 0 : 1;
 }
