@@ -4,6 +4,8 @@
 #include "test_support.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
 
 using namespace toptheta;
@@ -292,4 +294,63 @@ TEST_CASE("a paged KV cache rejects tokens its pool cannot hold, and a pool reje
   REQUIRE_INVALID(PagePool<float>(4, 6, kv_heads, dim), "page_size", "a power of two");
   pool.allocate();
   REQUIRE_INVALID(pool.allocate(), "pool", "a free page");
+}
+
+TEST_CASE("an infinite V value takes the careful path on pages as on a contiguous copy, bit for bit",
+          "[paged][non_finite]") {
+  const Kind kind = GENERATE(Kind::dense, Kind::probability, Kind::raw);
+  const PageLayout layout = GENERATE(PageLayout::token_major, PageLayout::head_major);
+  const auto [query_rows, key_rows] = GENERATE(table<Index, Index>({{1, 700}, {150, 150}}));
+  INFO(name(kind) << ", " << query_rows << " query rows of " << key_rows << " keys");
+  Problem<float> contiguous(query_rows, key_rows, 8, 2, 32, 11, 2.0);
+  std::fill_n(contiguous.v.data() + 40 * 2 * 32, 32, std::numeric_limits<float>::infinity());  // V row 40, head 0
+  Problem<float> paged = contiguous;
+  PagedCopy<float> pages(paged, 16, layout);
+  attend(kind, contiguous, contiguous.keys(), contiguous.values(), contiguous.output(), key_rows - query_rows, 2,
+         nullptr);
+  const PagedTensorView<const float> k = pages.key_view(paged), v = pages.value_view(paged);
+  attend(kind, paged, k, v, paged.output(), key_rows - query_rows, 2, nullptr);
+  // Bit patterns: rows that weigh the infinite row are not finite in both.
+  CHECK(std::memcmp(paged.out.data(), contiguous.out.data(), paged.out.size() * sizeof(float)) == 0);
+  CHECK(std::any_of(paged.out.begin(), paged.out.end(), [](float x) { return std::isfinite(x); }));
+}
+
+TEST_CASE("a bfloat16 cache in token-major pages, and a view of no tokens", "[paged]") {
+  check_paged_equals_contiguous<Eigen::bfloat16>(Kind::probability, 1, 700, 16, 64, 2, PageLayout::token_major);
+  check_paged_equals_contiguous<Eigen::bfloat16>(Kind::top_k, 37, 300, 4, 64, 2, PageLayout::token_major);
+  const PagedTensorView<const float> empty(nullptr, 0, 16, nullptr, 0, 2, 8);
+  CHECK(empty.table_entries() == 0);
+  std::vector<float> q(std::size_t(4 * 8)), out(q.size());
+  AttentionOptions non_causal;
+  non_causal.causal = false;
+  REQUIRE_INVALID(dense_attention(TensorView<const float>(q.data(), 1, 4, 8), empty, empty,
+                                  TensorView<float>(out.data(), 1, 4, 8), non_causal),
+                  "k.tokens", "at least 1 key");
+}
+
+TEST_CASE("a paged KV cache moved away leaves an empty cache that works, and returns its pages when assigned to",
+          "[paged][kv_cache]") {
+  const Index kv_heads = 2, dim = 4;
+  PagePool<float> pool(8, 4, kv_heads, dim);
+  std::vector<float> rows(std::size_t(10 * kv_heads * dim));
+  for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = float(i % 7);
+  const auto tokens = [&](Index count) { return TensorView<const float>(rows.data(), count, kv_heads, dim); };
+  PagedKvCache<float> first(pool);
+  first.append(tokens(6), tokens(6));  // 2 pages
+  PagedKvCache<float> second(std::move(first));
+  CHECK(second.length() == 6);
+  CHECK(first.length() == 0);
+  CHECK(first.block_table().empty());
+  first.append(tokens(3), tokens(3));  // the moved-from cache works: a page of its own, its own V sum
+  CHECK(first.value_sum_before(3)[0] == double(rows[0] + rows[8] + rows[16]));
+  CHECK(pool.free_pages() == 8 - 3);
+  second = std::move(first);  // second's 2 pages go back; it takes first's page
+  CHECK(second.length() == 3);
+  CHECK(pool.free_pages() == 8 - 1);
+  // Views of K and V given as braced lists are contiguous views.
+  std::vector<float> q(std::size_t(4 * dim)), out(q.size());
+  AttentionOptions decode;
+  decode.past = 9;
+  REQUIRE_NOTHROW(dense_attention(TensorView<const float>(q.data(), 1, 4, dim), {rows.data(), 10, kv_heads, dim},
+                                  {rows.data(), 10, kv_heads, dim}, TensorView<float>(out.data(), 1, 4, dim), decode));
 }

@@ -15,6 +15,7 @@
 #include <toptheta/views.hpp>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace toptheta {
@@ -51,6 +52,8 @@ std::vector<SequenceCall<Scalar, KvView>> sequence_calls(const std::vector<Seque
   require(options.past == 0, "options.past", "0 (set SequenceViews::past per sequence)", options.past);
   require(shared_prefix_sum == nullptr, "options.value_prefix_sum",
           "null (set SequenceViews::value_prefix_sum per sequence)", "a pointer");
+  static_assert(std::is_same_v<kv_view_t<Scalar, KvView, KvView>, KvView>,
+                "SequenceViews::k and v must be read-only TensorViews or PagedTensorViews of the type of q and out");
   std::vector<SequenceCall<Scalar, KvView>> calls;
   calls.reserve(sequences.size());
   for (const SequenceViews<Scalar, KvView>& sequence : sequences) {

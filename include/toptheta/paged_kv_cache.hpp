@@ -22,7 +22,9 @@ namespace toptheta {
 /// they stay valid until the next `append` or `clear`.
 ///
 /// `append` checks everything before it changes anything: shapes, free pages for every new token, and (by
-/// default, `check_finite`) finite values, as `KvCache::append` does.
+/// default, `check_finite`) finite values, as `KvCache::append` does. The pool must outlive its caches, and a
+/// cache's pages are returned by the cache alone (`PagePool::release` of a page a cache holds would lend it
+/// twice).
 /// \tparam Scalar stored type, that of the pool.
 template <class Scalar>
 class PagedKvCache {
@@ -30,10 +32,20 @@ class PagedKvCache {
   explicit PagedKvCache(PagePool<Scalar>& pool) : pool_(&pool), tokens_(pool.kv_heads(), pool.head_dim()) {}
   PagedKvCache(const PagedKvCache&) = delete;
   PagedKvCache& operator=(const PagedKvCache&) = delete;
+  /// The other cache is left empty, holding no page.
   PagedKvCache(PagedKvCache&& other) noexcept
       : pool_(other.pool_), tokens_(std::move(other.tokens_)), block_table_(std::move(other.block_table_)) {
-    other.block_table_.clear();
-    other.tokens_.clear();
+    other.forget_all();
+  }
+  /// Returns this cache's pages, then takes the other's; the other is left empty.
+  PagedKvCache& operator=(PagedKvCache&& other) noexcept {
+    if (this == &other) return *this;
+    clear();
+    pool_ = other.pool_;
+    tokens_ = std::move(other.tokens_);
+    block_table_ = std::move(other.block_table_);
+    other.forget_all();
+    return *this;
   }
   ~PagedKvCache() { clear(); }
 
@@ -77,6 +89,12 @@ class PagedKvCache {
   }
 
  private:
+  /// Empty and without pages, as a new cache of the same pool (after its pages and tokens moved elsewhere).
+  void forget_all() {
+    block_table_.clear();
+    tokens_ = detail::CachedTokens(pool_->kv_heads(), pool_->head_dim());
+  }
+
   /// The first `tokens` tokens of the pages at `pages` (K or V) through the block table.
   template <class Pages>
   PagedTensorView<Pages> view(Pages* pages, Index tokens) const {

@@ -4,7 +4,9 @@
 #include <toptheta/detail/require.hpp>
 #include <toptheta/scalar_traits.hpp>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -51,6 +53,9 @@ class PagedTensorView {
     require(pool_pages >= 0, "pool_pages", "a count >= 0", pool_pages);
     require(pages != nullptr || tokens == 0, "pages", "a non-null pointer", "nullptr");
     require(block_table != nullptr || tokens == 0, "block_table", "a non-null pointer", "nullptr");
+    const Index largest = std::numeric_limits<Index>::max() / Index(sizeof(Scalar));
+    require(head_dim <= largest / heads / page_size / std::max<Index>(pool_pages, 1), "pool_pages",
+            "a pool whose pool_pages x page_size x heads x head_dim values are addressable", pool_pages);
     while ((Index(1) << page_shift_) < page_size) ++page_shift_;
     for (Index b = 0; b < table_entries(); ++b)
       require(block_table[b] >= 0 && block_table[b] < pool_pages, "block_table[" + std::to_string(b) + "]",

@@ -22,7 +22,8 @@ struct TopKOptions : SparseAttentionOptions {
 /// Top-k attention: `S_i` = the `k` largest scores of row `i` (ties: the larger position wins), rows with
 /// `L_i <= k` dense, the same compensations as Top-θ. It needs each whole row before selecting: extra memory
 /// O(query block x group x L) per work item. Errors and non-finite data as `dense_attention`.
-template <class Tiles = DefaultTiles, class Scalar, class KView, class VView, class Executor = DefaultExecutor>
+template <class Tiles = DefaultTiles, class Scalar, class KView = TensorView<const Scalar>,
+          class VView = TensorView<const Scalar>, class Executor = DefaultExecutor>
 void top_k_attention(const TensorView<const detail::identity_t<Scalar>>& q,
                      const KView& k, const VView& v, const TensorView<Scalar>& out,
                      const TopKOptions& options = {}, AttentionStats* stats = nullptr,

@@ -37,7 +37,8 @@ struct TopThetaOptions : SparseAttentionOptions {
 /// but was slower in every case the benchmark suite measures, and stays as a reference (top-k still uses it).
 /// \param thresholds one layer's table, with one row of thresholds per query head.
 /// Errors and non-finite data as `dense_attention`.
-template <class Tiles = DefaultTiles, class Scalar, class KView, class VView, class Executor = DefaultExecutor>
+template <class Tiles = DefaultTiles, class Scalar, class KView = TensorView<const Scalar>,
+          class VView = TensorView<const Scalar>, class Executor = DefaultExecutor>
 void top_theta_attention(const TensorView<const detail::identity_t<Scalar>>& q,
                          const KView& k, const VView& v, const TensorView<Scalar>& out,
                          const LayerThresholds& thresholds, const TopThetaOptions& options = {},

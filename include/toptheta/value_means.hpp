@@ -52,14 +52,6 @@ class ValueMeans {
     }
   }
 
-  /// Every KV head's means (`sized`, then `compute` for each head).
-  template <class View>
-  static ValueMeans of(const View& v, const AttentionShape& shape, const double* prefix_sum) {
-    ValueMeans means = sized(shape);
-    for (Index h = 0; h < shape.kv_heads; ++h) means.compute(h, v, prefix_sum);
-    return means;
-  }
-
   /// vbar(L) for KV head `kv_head`; `length` must be one of the call's row lengths.
   auto mean(Index kv_head, Index length) const { return means_.row(kv_head * lengths_ + length - first_length_); }
 
