@@ -1,15 +1,18 @@
 // libFuzzer target: the attention kernels on shapes, options and values decoded from the input bytes. The first
 // bytes choose the kernel (dense, top-k, Top-θ in each space with one or two passes, cap_k, compensations), the
-// stored type, the shape (query and key rows, heads, GQA group, head_dim, causal placement), the layout and
-// whether `out` overlaps an input; every further 4 bytes are the bits of one float of q, k and v in turn (NaN and
-// infinities included), repeated to fill them. The only exception allowed out is toptheta::invalid_argument;
-// anything else, a read outside a buffer, a leak or undefined behaviour is a finding.
+// stored type, the shape (query and key rows, heads, GQA group, head_dim, causal placement), the layout, whether
+// `out` overlaps an input, and whether K and V are also copied into pages (sizes 1 to 32, either page layout,
+// shuffled, spare or shared pages), whose call must give the contiguous call's bits; every further 4 bytes are
+// the bits of one float of q, k and v in turn (NaN and infinities included), repeated to fill them. The only
+// exception allowed out is toptheta::invalid_argument; anything else, a read outside a buffer, a leak,
+// undefined behaviour or a paged result that differs is a finding.
 #include <toptheta/toptheta.hpp>
 
 #include <Eigen/Core>
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -50,6 +53,11 @@ void run(Bytes& bytes) {
   const Index key_rows = query_rows + extra_keys;
   const float theta = bytes.pick(4) == 0 ? bytes.next_float() : float(bytes.pick(64)) / 64.0f - 0.25f;
   const Index k = 1 + Index(bytes.pick(24));
+  // K and V also in pages (sizes 1 to 32, either layout, shuffled, spare pages): the call must give the
+  // contiguous call's bits.
+  const bool paged = bytes.pick(3) == 0;
+  const Index page_size = Index(1) << bytes.pick(6), spare_pages = Index(bytes.pick(3)), page_shift = bytes.pick(7);
+  const auto layout = bytes.pick(2) ? toptheta::PageLayout::head_major : toptheta::PageLayout::token_major;
 
   std::vector<float> raw;
   while (bytes.left() >= 4 && raw.size() < 4096) raw.push_back(bytes.next_float());
@@ -83,30 +91,61 @@ void run(Bytes& bytes) {
   const auto v_view = view(static_cast<const Scalar*>(values.data()), key_rows, kv_heads);
   toptheta::AttentionStats stats;
   const toptheta::OpenMPExecutor executor{1 + int(bytes.pick(2))};
-  if (kernel == 0) {
-    toptheta::dense_attention(q_view, k_view, v_view, out_view, attention, &stats, executor);
-    return;
-  }
   toptheta::SparseAttentionOptions sparse;
   sparse.attention = attention;
   sparse.compensation.v_mean = (kernel & 1) != 0;
-  if (kernel == 1) {
-    toptheta::TopKOptions options;
-    static_cast<toptheta::SparseAttentionOptions&>(options) = sparse;
-    options.k = k;
-    toptheta::top_k_attention(q_view, k_view, v_view, out_view, options, &stats, executor);
-    return;
-  }
   const toptheta::ThresholdSpace spaces[] = {
       toptheta::ThresholdSpace::raw_score, toptheta::ThresholdSpace::probability,
       toptheta::ThresholdSpace::score_minus_max, toptheta::ThresholdSpace::score_over_query_norm};
-  toptheta::TopThetaOptions options;
-  static_cast<toptheta::SparseAttentionOptions&>(options) = sparse;
-  options.cap_k = kernel >= 8;
-  options.passes = kernel % 3 == 0 ? toptheta::Passes::two : toptheta::Passes::automatic;
   const auto table = toptheta::LayerThresholds::uniform(k, spaces[kernel % 4],
                                                         std::vector<double>(std::size_t(q_heads), double(theta)));
-  toptheta::top_theta_attention(q_view, k_view, v_view, out_view, table, options, &stats, executor);
+  const auto attend = [&](const auto& k_rows, const auto& v_rows, const toptheta::TensorView<Scalar>& into) {
+    if (kernel == 0) return toptheta::dense_attention(q_view, k_rows, v_rows, into, attention, &stats, executor);
+    if (kernel == 1) {
+      toptheta::TopKOptions options;
+      static_cast<toptheta::SparseAttentionOptions&>(options) = sparse;
+      options.k = k;
+      return toptheta::top_k_attention(q_view, k_rows, v_rows, into, options, &stats, executor);
+    }
+    toptheta::TopThetaOptions options;
+    static_cast<toptheta::SparseAttentionOptions&>(options) = sparse;
+    options.cap_k = kernel >= 8;
+    options.passes = kernel % 3 == 0 ? toptheta::Passes::two : toptheta::Passes::automatic;
+    toptheta::top_theta_attention(q_view, k_rows, v_rows, into, table, options, &stats, executor);
+  };
+  attend(k_view, v_view, out_view);
+  if (!paged || out_view.data() != out.data()) return;
+
+  const Index used = (key_rows + page_size - 1) / page_size, pool_pages = used + spare_pages;
+  std::vector<std::int32_t> block_table;
+  for (Index b = 0; b < used; ++b) block_table.push_back(std::int32_t((b * 5 + page_shift) % pool_pages));
+  const Index page_values = page_size * kv_heads * head_dim;
+  std::vector<Scalar> key_pages(std::size_t(pool_pages * page_values)), value_pages(key_pages.size());
+  const auto pages_view = [&](std::vector<Scalar>& pages) {
+    return toptheta::PagedTensorView<Scalar>(pages.data(), pool_pages, page_size, block_table.data(), key_rows,
+                                             kv_heads, head_dim, layout);
+  };
+  if (used > 0) {  // with repeated table entries (5 b + shift mod pages), later tokens overwrite earlier ones
+    for (Index t = 0; t < key_rows; ++t)
+      for (Index h = 0; h < kv_heads; ++h) {
+        std::copy_n(k_view.row(t, h), head_dim, pages_view(key_pages).row(t, h));
+        std::copy_n(v_view.row(t, h), head_dim, pages_view(value_pages).row(t, h));
+      }
+  }
+  // The contiguous reference reads the pages' contents back, so that shared pages count the same in both.
+  std::vector<Scalar> gathered_keys(keys.size()), gathered_values(values.size());
+  const auto gathered = [&](std::vector<Scalar>& data) { return view(data.data(), key_rows, kv_heads); };
+  for (Index t = 0; t < key_rows; ++t)
+    for (Index h = 0; h < kv_heads; ++h) {
+      std::copy_n(pages_view(key_pages).row(t, h), head_dim, gathered(gathered_keys).row(t, h));
+      std::copy_n(pages_view(value_pages).row(t, h), head_dim, gathered(gathered_values).row(t, h));
+    }
+  std::vector<Scalar> contiguous_out(out.size()), paged_out(out.size());
+  attend(toptheta::TensorView<const Scalar>(gathered(gathered_keys)),
+         toptheta::TensorView<const Scalar>(gathered(gathered_values)), view(contiguous_out.data(), query_rows, q_heads));
+  attend(toptheta::PagedTensorView<const Scalar>(pages_view(key_pages)),
+         toptheta::PagedTensorView<const Scalar>(pages_view(value_pages)), view(paged_out.data(), query_rows, q_heads));
+  if (std::memcmp(contiguous_out.data(), paged_out.data(), out.size() * sizeof(Scalar)) != 0) __builtin_trap();
 }
 
 }  // namespace
