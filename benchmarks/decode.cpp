@@ -12,6 +12,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -62,19 +63,29 @@ class KvRotation {
   AlignedVector<Scalar> data_;
 };
 
-/// The rotation of the measured layer at `tokens` in `Scalar`. One rotation (1 GiB) is kept at a time, for
-/// all types: cases run context length by context length, so the cases of one (n, type) share it.
-template <class Scalar>
-const KvRotation<Scalar>& kv_rotation(Index tokens) {
-  static std::shared_ptr<const void> current;
-  static std::pair<Index, std::string> current_key;
-  const std::pair<Index, std::string> key{tokens, type_name<Scalar>()};
-  if (!current || current_key != key) {
-    current.reset();  // free the old copies before making the new ones
-    current = std::make_shared<const KvRotation<Scalar>>(measured_layer<Scalar>(tokens));
-    current_key = key;
+/// The one rotation kept, whatever its type and kind, and what it is.
+struct RotationSlot {
+  std::shared_ptr<const void> rotation;
+  std::string key;
+};
+RotationSlot& rotation_slot() {
+  static RotationSlot slot;
+  return slot;
+}
+
+/// The `Rotation` (`KvRotation` or `PagedKvRotation`) of the measured layer at `tokens` in `Scalar`. One
+/// rotation (1 GiB) is kept at a time, for all types and kinds: cases run context length by context length, so
+/// the cases of one (n, type, kind) share it.
+template <template <class> class Rotation, class Scalar>
+const Rotation<Scalar>& rotation_of(Index tokens) {
+  RotationSlot& slot = rotation_slot();
+  const std::string key = std::string(typeid(Rotation<Scalar>).name()) + "/" + std::to_string(tokens);
+  if (!slot.rotation || slot.key != key) {
+    slot.rotation.reset();  // free the old copies before making the new ones
+    slot.rotation = std::make_shared<const Rotation<Scalar>>(measured_layer<Scalar>(tokens));
+    slot.key = key;
   }
-  return *static_cast<const KvRotation<Scalar>*>(current.get());
+  return *static_cast<const Rotation<Scalar>*>(slot.rotation.get());
 }
 
 /// Tokens per page of the paged cases (`decode_paged/...`), as engines commonly use.
@@ -126,20 +137,6 @@ class PagedKvRotation {
   AlignedVector<Scalar> data_;
   std::vector<std::int32_t> block_table_;
 };
-
-/// The paged rotation of the measured layer at `tokens` in `Scalar`; one at a time, as `kv_rotation`.
-template <class Scalar>
-const PagedKvRotation<Scalar>& paged_kv_rotation(Index tokens) {
-  static std::shared_ptr<const void> current;
-  static std::pair<Index, std::string> current_key;
-  const std::pair<Index, std::string> key{tokens, type_name<Scalar>()};
-  if (!current || current_key != key) {
-    current.reset();
-    current = std::make_shared<const PagedKvRotation<Scalar>>(measured_layer<Scalar>(tokens));
-    current_key = key;
-  }
-  return *static_cast<const PagedKvRotation<Scalar>*>(current.get());
-}
 
 /// `Σ_{j<n-1} v_j` per KV head (`[kv_heads, head_dim]`) of the measured layer at `tokens` = n: what an engine's
 /// KvCache holds for the decode step, so that V-mean compensation reads one V row per head.
@@ -203,8 +200,8 @@ void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens) {
     AlignedVector<Scalar> out;
     const AttentionCall<Scalar> step = decode_call<Scalar>(tokens, out);
     const auto& rotation = [&]() -> const auto& {
-      if constexpr (paged) return paged_kv_rotation<Scalar>(tokens);
-      else return kv_rotation<Scalar>(tokens);
+      if constexpr (paged) return rotation_of<PagedKvRotation, Scalar>(tokens);
+      else return rotation_of<KvRotation, Scalar>(tokens);
     }();
     AttentionCall<Scalar, KvView> call{step.q, rotation.keys(0), rotation.values(0), step.out, step.attention,
                                        step.value_prefix_sum};
