@@ -189,8 +189,7 @@ TEMPLATE_TEST_CASE("row candidates hold every key above the last floor, through 
   TestType floor = TestType(-3);
   for (Index from = 0; from < count; from += chunk, floor += TestType(rise)) {
     const Index width = std::min(chunk, count - from);
-    scanned.scan(scores.data() + from, width, from, floor);
-    (from < count / 2 ? first_half : second_half).add_above(scanned, floor);
+    (from < count / 2 ? first_half : second_half).add_above(scores.data() + from, width, from, floor, scanned);
   }
   first_half.append_above(second_half, floor);
   first_half.keep_above(floor);

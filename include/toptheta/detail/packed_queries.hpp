@@ -34,6 +34,9 @@ class PackedQueries {
 
   Index rows() const { return rows_; }
 
+  /// Forgets the packed queries (`rows()` is 0 again); the storage stays for the next `pack`.
+  void clear() { rows_ = 0; }
+
   /// Packs the `width` key rows at `keys` (row-major, `dim` values each at outer stride `key_stride`) into
   /// `packed` (`width * dim` values) as the left-hand operand of the score product.
   static void pack_keys(const Acc* keys, Index width, Index dim, Index key_stride, Acc* packed) {

@@ -81,12 +81,33 @@ class RowCandidates {
     room_ = room;
   }
 
+  /// Forgets every candidate and the lent room; storage of its own stays for the next row (`use_room` next).
+  void clear() {
+    size_ = 0;
+    positions_ = own_positions_.data();
+    scores_ = own_scores_.data();
+    room_ = Index(own_positions_.size());
+  }
+
   Index size() const { return size_; }
   const std::int32_t* positions() const { return positions_; }
   const Acc* scores() const { return scores_; }
 
-  /// Adds the keys scanned above `floor` (`ScannedKeys::scan` with the same floor), first forgetting the held
-  /// candidates at or below `floor` when the room is short.
+  /// Adds the keys `first + c` of `scores[0 .. count)` whose score exceeds `floor`: scanned straight into the
+  /// room while it has `count + scan_slack` entries free, else into `scanned` first, the held candidates at or
+  /// below `floor` forgotten when the room is short.
+  void add_above(const Acc* scores, Index count, Index first, Acc floor, ScannedKeys<Acc>& scanned) {
+    if (size_ + count + scan_slack <= room_) {
+      Acc max;
+      size_ += scan_above(scores, count, floor, positions_ + size_, scores_ + size_, max, first);
+      return;
+    }
+    scanned.scan(scores, count, first, floor);
+    add_above(scanned, floor);
+  }
+
+  /// Adds the keys `ScannedKeys::scan` found above `floor`, first forgetting the held candidates at or below
+  /// `floor` when the room is short.
   void add_above(const ScannedKeys<Acc>& keys, Acc floor) {
     const Index count = keys.count();
     if (count == 0) return;
@@ -150,6 +171,14 @@ class RowCandidates {
 
   void make_room(Index needed) {
     if (needed <= room_) return;
+    if (positions_ != own_positions_.data() && needed <= Index(own_positions_.size())) {  // lent room outgrown
+      std::copy_n(positions_, size_, own_positions_.data());
+      std::copy_n(scores_, size_, own_scores_.data());
+      positions_ = own_positions_.data();
+      scores_ = own_scores_.data();
+      room_ = Index(own_positions_.size());
+      return;
+    }
     const Index grown = std::max(needed, 2 * room_);
     std::vector<std::int32_t> positions(positions_, positions_ + size_);
     positions.resize(std::size_t(grown));

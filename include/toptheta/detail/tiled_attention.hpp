@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -121,12 +122,13 @@ class TiledAttention {
   /// `item % key_splits` for every KV head.
   void run(Index item, AttentionStats& stats) {
     if (key_splits_ > 0) return run_key_range(item / key_splits_, item % key_splits_, stats);
-    Block block(*this, item / query_blocks_, item % query_blocks_);
-    block.select_rows(stats);
-    const Index tiles = (block.visible_end + Tiles::kv_block - 1) / Tiles::kv_block;
+    std::unique_ptr<Block> block = lend_block(item / query_blocks_, item % query_blocks_);
+    block->select_rows(stats);
+    const Index tiles = (block->visible_end + Tiles::kv_block - 1) / Tiles::kv_block;
     // Tiles run from the last to the first so that a cap of k keeps the largest positions in one pass.
-    for (Index tile = tiles - 1; tile >= 0; --tile) block.accumulate_tile(tile * Tiles::kv_block, stats);
-    block.finish_rows(stats);
+    for (Index tile = tiles - 1; tile >= 0; --tile) block->accumulate_tile(tile * Tiles::kv_block, stats);
+    block->finish_rows(stats);
+    take_back(std::move(block));
   }
 
   /// Work items to run after `run`'s: with split keys, one per (query block, KV head).
@@ -143,8 +145,8 @@ class TiledAttention {
     Block& merged = *partial(key_splits_ - 1);
     for (Index split = key_splits_ - 2; split >= 0; --split) merged.merge(*partial(split));
     merged.finish_rows(stats);
-    // Only this item used these partial rows: freed now, not when the call (or a whole batch) ends.
-    for (Index split = 0; split < key_splits_; ++split) partial(split).reset();
+    // Only this item used these partial rows: lent again now, not kept until the call (or a whole batch) ends.
+    for (Index split = 0; split < key_splits_; ++split) take_back(std::move(partial(split)));
   }
 
   /// Distinct V rows kept per KV head over the whole call (only when stats are collected).
@@ -160,6 +162,12 @@ class TiledAttention {
     Index query_head = 0, query_row = 0, length = 0;
     Acc query_norm = 0;
     RowCandidates<Acc> candidates;  // of a running threshold
+
+    /// The state of a row that saw no key; the candidates keep their storage.
+    void reset() {
+      static_cast<RowState<Acc>&>(*this) = RowState<Acc>{};
+      candidates.clear();
+    }
   };
 
   /// Most key ranges one call is split into (when it splits keys); a fixed count, not the thread count, so
@@ -170,7 +178,7 @@ class TiledAttention {
   static constexpr Index streaming_rows = 8;
   /// Candidates each row of a running threshold holds in its block's buffer before storage of its own
   /// (a multiple of 16, so that each row's share starts on a 64-byte line).
-  static constexpr Index candidate_room = 128;
+  static constexpr Index candidate_room = 512;
   /// Query and output rows, a token stride apart, are asked for this many rows before they are used.
   static constexpr Index rows_ahead = 8;
   /// With split keys, the KV heads' blocks take turns every this many keys, so that K and V are read in
@@ -216,13 +224,21 @@ class TiledAttention {
     bool tile_sparse = false;              // its V rows are added row by row from the survivors
     std::vector<Acc> scratch;
     std::vector<Index> candidate_cursor;  // per row: its candidates added so far (`accumulate_candidates`)
+    std::vector<std::int32_t> candidate_tile_ends;  // [tile][row]: where the row's candidates of the tile end
 
-    Block(TiledAttention& owner, Index kv, Index query_block) : kernel(owner), kv_head(kv) {
+    explicit Block(TiledAttention& owner) : kernel(owner) {}
+
+    /// Takes the query rows of block `query_block` for every head of KV head `kv` (a block the kernel lends
+    /// again starts afresh here, keeping only the room of its buffers).
+    void start(Index kv, Index query_block) {
       const AttentionShape& shape = kernel.shape_;
+      kv_head = kv;
       const Index first = query_block * Tiles::query_block;
       const Index count = std::min(Tiles::query_block, shape.query_rows - first);
       const Index stacked = shape.group_size * count;
-      rows.reserve(std::size_t(stacked));
+      rows.resize(std::size_t(stacked));
+      visible_end = 0;
+      packed_queries.clear();
       scaled_queries.resize(stacked, shape.head_dim);
       // Stacked row n is query row first + n % count of head n / count of the group.
       const auto stacked_row = [&](Index n) {
@@ -233,14 +249,14 @@ class TiledAttention {
         ask_ahead(n, stacked, stacked_row, row_bytes);
         auto query = scaled_queries.row(n);  // q_i, then s q_i
         convert(stacked_row(n), shape.head_dim, query.data());
-        Row row;
+        Row& row = rows[std::size_t(n)];
+        row.reset();
         row.query_head = kv_head * shape.group_size + n / count;
         row.query_row = first + n % count;
         row.length = shape.row_length(row.query_row);
         row.query_norm = query.norm();
         query *= Acc(shape.scale);
         visible_end = std::max(visible_end, row.length);
-        rows.push_back(row);
       }
       output.setZero(Index(rows.size()), shape.head_dim);
       if (kernel.defers_values_) {
@@ -494,8 +510,7 @@ class TiledAttention {
       row.mass.total_mass += exp_sum(visible.data(), visible.size(), row.mass.max);
       const Acc floor = forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass));
       if (!(tile_max > floor)) return;
-      scanned_keys.scan(visible.data(), visible.size(), first, floor);
-      row.candidates.add_above(scanned_keys, floor);
+      row.candidates.add_above(visible.data(), visible.size(), first, floor, scanned_keys);
     }
 
     /// Decides S_i of a row with a running threshold once it has seen every key: the candidates above the
@@ -551,17 +566,24 @@ class TiledAttention {
         }
         return;
       }
-      // Tile by tile, from the last (each row's candidates are in that order): the tile's V rows stay in cache
-      // while every row adds its own.
+      // Tile by tile, from the last: the tile's V rows stay in cache while every row adds its own. A row's
+      // candidates are grouped by tile in that order, so each group ends where the last of its tile stands:
+      // found in one branch-free pass (ends[tile][row], 0 for none).
+      const Index tiles = (visible_end + Tiles::kv_block - 1) / Tiles::kv_block, row_count = Index(rows.size());
+      std::vector<std::int32_t>& ends = candidate_tile_ends;
+      ends.assign(std::size_t(tiles * row_count), 0);
+      for (Index r = 0; r < row_count; ++r) {
+        const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
+        for (Index t = 0; t < candidates.size(); ++t)
+          ends[std::size_t(candidates.positions()[t] / Tiles::kv_block * row_count + r)] = std::int32_t(t + 1);
+      }
       std::vector<Index>& next = candidate_cursor;
       next.assign(rows.size(), 0);
-      for (Index first = (visible_end - 1) / Tiles::kv_block * Tiles::kv_block; first >= 0; first -= Tiles::kv_block)
-        for (Index r = 0; r < Index(rows.size()); ++r) {
+      for (Index tile = tiles - 1; tile >= 0; --tile)
+        for (Index r = 0; r < row_count; ++r) {
+          const Index begin = next[std::size_t(r)], end = ends[std::size_t(tile * row_count + r)];
+          if (end == 0) continue;
           const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-          const Index begin = next[std::size_t(r)];
-          Index end = begin;
-          while (end < candidates.size() && candidates.positions()[end] >= first) ++end;
-          if (end == begin) continue;
           add_gathered_rows(candidates.scores() + begin, candidates.positions() + begin, end - begin,
                             kernel.value_rows(kv_head, 0), dim, output.row(r).data());
           next[std::size_t(r)] = end;
@@ -724,7 +746,9 @@ class TiledAttention {
         if (compensation.v_mean)
           if (const Acc weight = v_mean_weight(row.mass, denominator); weight != Acc(0))
             output.row(r) += weight * kernel.value_means_->mean(kv_head, row.length);
-        if (!kernel.careful_values_ && !output.row(r).allFinite()) kernel.non_finite_output_ = true;
+        // x · 0 is 0 for a finite x and NaN otherwise: one vectorised sum (Eigen's allFinite tests each element).
+        if (!kernel.careful_values_ && !((output.row(r).array() * Acc(0)).sum() == Acc(0)))
+          kernel.non_finite_output_ = true;
         output_row_of(r) = output.row(r).template cast<Scalar>();
         stats.elements_kept[std::size_t(row.query_head)] += std::uint64_t(row.mass.kept);
         stats.dense_rows += row.selection.dense;
@@ -739,7 +763,7 @@ class TiledAttention {
   void run_key_range(Index query_block, Index split, AttentionStats& stats) {
     std::vector<std::unique_ptr<Block>> blocks;
     for (Index kv_head = 0; kv_head < shape_.kv_heads; ++kv_head) {
-      blocks.push_back(std::make_unique<Block>(*this, kv_head, query_block));
+      blocks.push_back(lend_block(kv_head, query_block));
       blocks.back()->select_rows(stats);
     }
     // Every block holds the same query rows, so they share their visible keys and their tiles.
@@ -797,6 +821,28 @@ class TiledAttention {
           std::move(blocks[std::size_t(kv_head)]);
   }
 
+  /// A block started on (KV head `kv_head`, query block `query_block`): one that an earlier item gave back when
+  /// there is one, so that its buffers are neither allocated nor cold again.
+  std::unique_ptr<Block> lend_block(Index kv_head, Index query_block) {
+    std::unique_ptr<Block> block;
+    {
+      const std::lock_guard<std::mutex> lock(spare_blocks_mutex_);
+      if (!spare_blocks_.empty()) {
+        block = std::move(spare_blocks_.back());
+        spare_blocks_.pop_back();
+      }
+    }
+    if (!block) block = std::make_unique<Block>(*this);
+    block->start(kv_head, query_block);
+    return block;
+  }
+
+  /// Keeps a finished block for `lend_block` (the last one given back is lent first, while it is in cache).
+  void take_back(std::unique_ptr<Block> block) {
+    const std::lock_guard<std::mutex> lock(spare_blocks_mutex_);
+    spare_blocks_.push_back(std::move(block));
+  }
+
   /// `row_at(j)`: the V row of position `first + j` of `kv_head`, for the gathers.
   auto value_rows(Index kv_head, Index first) const {
     if constexpr (is_paged_view_v<KvView>) {
@@ -843,6 +889,8 @@ class TiledAttention {
   Index query_blocks_ = 0;
   Index tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;  // key_splits_ = 0: items are (KV head, query block)
   std::vector<std::unique_ptr<Block>> partials_;              // [query block][key range][KV head]
+  std::mutex spare_blocks_mutex_;
+  std::vector<std::unique_ptr<Block>> spare_blocks_;  // finished blocks, for `lend_block`
   std::optional<PrefillPreparation<Tiles, Scalar, KvView>> preparation_;
   KeptRowSets kept_rows_;
 };
