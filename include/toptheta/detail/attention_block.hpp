@@ -110,6 +110,10 @@ struct AttentionBlock {
 
   explicit AttentionBlock(Call& state) : call(state) {}
 
+  /// Whether the rows' scores over every visible key come first (`select_rows`), with their max and sum: the
+  /// two-pass rules (top-k, Top-θ with `Passes::two`). The tiles then read them instead of scoring keys.
+  bool scores_rows_first() const { return call.selection.needs_row_scores(); }
+
   /// Takes the query rows of block `query_block` for every head of KV head `kv` (a block lent again starts
   /// afresh here, keeping only the room of its buffers).
   void start(Index kv, Index query_block) {
@@ -179,7 +183,7 @@ struct AttentionBlock {
 
   /// Decides each row's rule. Selections that need whole rows get their scores, max and sum first.
   void select_rows(AttentionStats& stats) {
-    if (call.selection.needs_row_scores()) {
+    if (scores_rows_first()) {
       stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(visible_end);
       row_scores.resize(Index(rows.size()), visible_end);
       for (Index first = 0; first < visible_end; first += Tiles::kv_block) {
@@ -190,7 +194,7 @@ struct AttentionBlock {
     for (Index r = 0; r < Index(rows.size()); ++r) {
       Row& row = rows[std::size_t(r)];
       RowFacts<Acc> facts{row.query_head, row.length, row.query_norm, 0, 0, nullptr};
-      if (row_scores.size() > 0) {
+      if (scores_rows_first()) {
         facts.scores = row_scores.row(r).data();
         const auto statistics = RowStatistics<Acc>::of(facts.scores, row.length);
         if (!has_softmax(statistics.max)) {  // the tiles find out the same; nothing to select from
@@ -215,12 +219,12 @@ struct AttentionBlock {
   void begin_tile(Index first) {
     tile_first = first;
     tile_width = std::min(Tiles::kv_block, visible_end - first);
-    if (row_scores.size() == 0) tile_scores.resize(Index(rows.size()), tile_width);
+    if (!scores_rows_first()) tile_scores.resize(Index(rows.size()), tile_width);
   }
 
   /// Scores of the tile's keys [from, from + count), unless the rows' scores are known already.
   void score_keys(Index from, Index count, AttentionStats& stats, NextRows<Scalar> next = {}) {
-    if (row_scores.size() > 0) return;
+    if (scores_rows_first()) return;
     score(from, count, tile_scores.middleCols(from - tile_first, count), next);
     stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(count);
   }
@@ -229,7 +233,7 @@ struct AttentionBlock {
   bool weigh_tile(AttentionStats& stats) {
     const Index first = tile_first, width = tile_width;
     const Index row_count = Index(rows.size());
-    const auto scores = row_scores.size() > 0 ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
+    const auto scores = scores_rows_first() ? row_scores.middleCols(first, width) : tile_scores.leftCols(width);
     clear_tile_selection();
     Index dense_elements = 0;
     ++stats.kv_tiles;

@@ -85,7 +85,7 @@ class SplitKeyPlan {
                                                             call_.k.contiguous_from(first - Tiles::kv_block)})}
                                  : NextRows<Scalar>{};
       };
-      sweep(first, end, call_.k, [](const Block& block) { return block.row_scores.size() == 0; }, next_tile_keys,
+      sweep(first, end, call_.k, [](const Block& block) { return !block.scores_rows_first(); }, next_tile_keys,
             [&](Block& block, Index from, Index count, NextRows<Scalar> next) {
               block.score_keys(from, count, stats, next);
             });
