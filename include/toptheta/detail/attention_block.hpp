@@ -71,7 +71,7 @@ struct AttentionBlock {
     }
   };
 
-  Call& call;
+  Call* call = nullptr;  // the call whose rows the block holds since `start`
   Index kv_head = 0;
   std::vector<Row> rows;
   Matrix scaled_queries;  // s q_i, one row per (head of the group, query row)
@@ -108,16 +108,16 @@ struct AttentionBlock {
   std::vector<Index> candidate_cursor;  // per row: its candidates added so far (`accumulate_candidates`)
   std::vector<std::int32_t> candidate_tile_ends;  // [tile][row]: where the row's candidates of the tile end
 
-  explicit AttentionBlock(Call& state) : call(state) {}
 
   /// Whether the rows' scores over every visible key come first (`select_rows`), with their max and sum: the
   /// two-pass rules (top-k, Top-θ with `Passes::two`). The tiles then read them instead of scoring keys.
-  bool scores_rows_first() const { return call.selection.needs_row_scores(); }
+  bool scores_rows_first() const { return call->selection.needs_row_scores(); }
 
-  /// Takes the query rows of block `query_block` for every head of KV head `kv` (a block lent again starts
-  /// afresh here, keeping only the room of its buffers).
-  void start(Index kv, Index query_block) {
-    const AttentionShape& shape = call.shape;
+  /// Takes the query rows of block `query_block` of `state`'s call for every head of KV head `kv` (a block
+  /// lent again, by any call of a batch, starts afresh here, keeping only the room of its buffers).
+  void start(Call& state, Index kv, Index query_block) {
+    call = &state;
+    const AttentionShape& shape = call->shape;
     kv_head = kv;
     const Index first = query_block * Tiles::query_block;
     const Index count = std::min(Tiles::query_block, shape.query_rows - first);
@@ -128,7 +128,7 @@ struct AttentionBlock {
     scaled_queries.resize(stacked, shape.head_dim);
     // Stacked row n is query row first + n % count of head n / count of the group.
     const auto stacked_row = [&](Index n) {
-      return call.q.row(first + n % count, kv_head * shape.group_size + n / count);
+      return call->q.row(first + n % count, kv_head * shape.group_size + n / count);
     };
     const Index row_bytes = shape.head_dim * Index(sizeof(Scalar));
     for (Index n = 0; n < stacked; ++n) {
@@ -145,8 +145,8 @@ struct AttentionBlock {
       visible_end = std::max(visible_end, row.length);
     }
     output.setZero(Index(rows.size()), shape.head_dim);
-    if (call.defers_values) {
-      if (call.collect_stats) needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
+    if (call->defers_values) {
+      if (call->collect_stats) needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
       candidate_positions.resize(stacked * candidate_room);
       candidate_scores.resize(stacked * candidate_room);
       for (Index n = 0; n < stacked; ++n)
@@ -163,19 +163,19 @@ struct AttentionBlock {
   template <class Into>
   void score(Index first, Index width, Into&& into, NextRows<Scalar> next = {}) {
     if (scaled_queries.rows() <= streaming_rows) {
-      Call::for_each_run(call.k, first, width, [&](Index from, Index count) {
+      Call::for_each_run(call->k, first, width, [&](Index from, Index count) {
         dot_rows(RowBlock<const Acc>{scaled_queries.data(), scaled_queries.cols()}, scaled_queries.rows(),
-                 call.k.row(from, kv_head), call.k.token_stride(), count, scaled_queries.cols(),
+                 call->k.row(from, kv_head), call->k.token_stride(), count, scaled_queries.cols(),
                  RowBlock<Acc>{into.data() + (from - first), into.outerStride()},
                  from + count == first + width ? next : NextRows<Scalar>{});
       });
     } else {
       if (packed_queries.rows() == 0)
         packed_queries.pack(scaled_queries.data(), scaled_queries.rows(), scaled_queries.cols(), scaled_queries.cols());
-      if (const Acc* packed = call.packed_key_tile(kv_head, first, width)) {
+      if (const Acc* packed = call->packed_key_tile(kv_head, first, width)) {
         packed_queries.packed_scores(packed, width, into.data(), into.outerStride());
       } else {
-        const auto keys = rows_as_accumulator<Acc>(call.k, kv_head, first, width, converted_rows);
+        const auto keys = rows_as_accumulator<Acc>(call->k, kv_head, first, width, converted_rows);
         packed_queries.scores(keys.data(), width, keys.outerStride(), into.data(), into.outerStride());
       }
     }
@@ -204,7 +204,7 @@ struct AttentionBlock {
         facts.max = row.mass.max = statistics.max;
         facts.sum = row.mass.total_mass = statistics.sum;
       }
-      row.selection = call.selection.select(facts, scratch);
+      row.selection = call->selection.select(facts, scratch);
     }
   }
 
@@ -275,8 +275,8 @@ struct AttentionBlock {
       kept += column_kept[std::size_t(c)];
     }
     kept_columns.resize(std::size_t(kept));
-    if (call.defers_values) {  // V rows and skipped tiles are counted once every row is decided
-      if (call.collect_stats)
+    if (call->defers_values) {  // V rows and skipped tiles are counted once every row is decided
+      if (call->collect_stats)
         for (Index c : kept_columns) need_value(tile_first + c);
       if (kept == 0) return false;
     } else {
@@ -285,8 +285,8 @@ struct AttentionBlock {
         return false;
       }
       stats.v_rows_read[std::size_t(kv_head)] += std::uint64_t(kept_columns.size());
-      if (call.collect_stats)
-        for (Index c : kept_columns) call.kept_rows.mark(kv_head, tile_first + c);
+      if (call->collect_stats)
+        for (Index c : kept_columns) call->kept_rows.mark(kv_head, tile_first + c);
     }
     const Index selected = dense_elements + survivor_count;
     tile_sparse = dense_elements == 0 && (output.rows() <= streaming_rows
@@ -329,7 +329,7 @@ struct AttentionBlock {
     weights_written[std::size_t(r)] = 1;
     const Acc tile_mass = weights.sum();
     row.mass.kept_mass += tile_mass;
-    if (call.defers_values) row.mass.total_mass += tile_mass;  // m_S = m_i: Z_i is the kept mass
+    if (call->defers_values) row.mass.total_mass += tile_mass;  // m_S = m_i: Z_i is the kept mass
     std::fill(column_kept.begin(), column_kept.begin() + visible.size(), char(1));
   }
 
@@ -358,7 +358,7 @@ struct AttentionBlock {
       Acc tile_max = 0;
       survivors = scan_above(visible.data(), visible.size(), threshold, columns, kept, tile_max);
       track_max_score_key(row, visible, first, tile_max);
-      if (call.track_pruned_mass)
+      if (call->track_pruned_mass)
         row.mass.pruned_mass += (visible.array() <= threshold).select((visible.array() - row.mass.max).exp(), 0).sum();
       row.mass.kept += survivors;
       kept_max = tile_max;  // the tile's max survives whenever anything does
@@ -370,7 +370,7 @@ struct AttentionBlock {
           columns[survivors] = std::int32_t(c);
           kept[survivors++] = a;
           kept_max = std::max(kept_max, a);
-        } else if (call.track_pruned_mass)
+        } else if (call->track_pruned_mass)
           row.mass.pruned_mass += std::exp(a - row.mass.max);
       }
     }
@@ -410,12 +410,12 @@ struct AttentionBlock {
       candidates.keep_largest_positions(row.selection.keep_limit);
       row.capped = true;
     }
-    if (call.track_pruned_mass) row.mass.pruned_mass = row.mass.total_mass;
+    if (call->track_pruned_mass) row.mass.pruned_mass = row.mass.total_mass;
     if (candidates.size() == 0) return;  // the never-empty rule follows
     row.mass.kept = candidates.size();
     row.mass.kept_max = candidates.max_score();
     row.mass.kept_mass = candidates.weigh(row.mass.kept_max);
-    if (call.track_pruned_mass)  // Σ_{j∉S_i} exp(a_ij - m_i) = Z_i - D_i exp(m_S - m_i)
+    if (call->track_pruned_mass)  // Σ_{j∉S_i} exp(a_ij - m_i) = Z_i - D_i exp(m_S - m_i)
       row.mass.pruned_mass = std::max(
           Acc(0), row.mass.total_mass - row.mass.kept_mass * std::exp(row.mass.kept_max - row.mass.max));
   }
@@ -432,23 +432,23 @@ struct AttentionBlock {
       const Index row_bytes = output.cols() * Index(sizeof(Scalar));
       for (const Row& row : rows)
         for (Index t = 0; t < row.candidates.size(); ++t)
-          ask_for_bytes(call.v.row(row.candidates.positions()[t], kv_head), row_bytes);
+          ask_for_bytes(call->v.row(row.candidates.positions()[t], kv_head), row_bytes);
     }
     for (Index r = 0; r < Index(rows.size()); ++r) {
       const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-      if (call.careful_values)
+      if (call->careful_values)
         for (Index t = 0; t < candidates.size(); ++t)
           add_if_weighed(candidates.scores()[t], candidates.positions()[t], r);
-      if (call.collect_stats)
+      if (call->collect_stats)
         for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
     }
-    if (call.careful_values) return;
+    if (call->careful_values) return;
     const Index dim = output.cols();
     if (output.rows() <= streaming_rows) {
       for (Index r = 0; r < Index(rows.size()); ++r) {
         const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
         add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(),
-                          call.value_rows(kv_head, 0), dim, output.row(r).data());
+                          call->value_rows(kv_head, 0), dim, output.row(r).data());
       }
       return;
     }
@@ -471,7 +471,7 @@ struct AttentionBlock {
         if (end == 0) continue;
         const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
         add_gathered_rows(candidates.scores() + begin, candidates.positions() + begin, end - begin,
-                          call.value_rows(kv_head, 0), dim, output.row(r).data());
+                          call->value_rows(kv_head, 0), dim, output.row(r).data());
         next[std::size_t(r)] = end;
       }
   }
@@ -487,7 +487,7 @@ struct AttentionBlock {
     std::uint64_t read = 0;
     for (std::size_t w = 0; w < needed_values.size(); ++w) {
       read += std::uint64_t(__builtin_popcountll(needed_values[w]));
-      if (call.collect_stats && needed_values[w]) call.kept_rows.mark_word(kv_head, Index(w), needed_values[w]);
+      if (call->collect_stats && needed_values[w]) call->kept_rows.mark_word(kv_head, Index(w), needed_values[w]);
     }
     stats.v_rows_read[std::size_t(kv_head)] += read;
     for (Index first = 0; first < visible_end; first += Tiles::kv_block) {
@@ -505,14 +505,14 @@ struct AttentionBlock {
   void accumulate_values(Index from, Index count, NextRows<Scalar> next = {}) {
     const Index offset = from - tile_first, dim = output.cols();
     const auto in_range = [&](Index c) { return c >= offset && c < offset + count; };
-    if (call.careful_values && tile_sparse) {
+    if (call->careful_values && tile_sparse) {
       for (const SurvivorRun& run : survivor_runs)
         for (Index t = run.begin; t < run.end; ++t)
           if (in_range(survivor_columns[std::size_t(t)]))
             add_if_weighed(survivor_weights[t], tile_first + survivor_columns[std::size_t(t)], run.row);
       return;
     }
-    if (call.careful_values) {
+    if (call->careful_values) {
       for (Index r = 0; r < output.rows(); ++r)
         for (Index c : kept_columns)
           if (in_range(c)) add_if_weighed(tile_weights(r, c), tile_first + c, r);
@@ -521,18 +521,18 @@ struct AttentionBlock {
     if (tile_sparse) {
       for (const SurvivorRun& run : survivor_runs)
         add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.data() + run.begin,
-                          run.end - run.begin, call.value_rows(kv_head, tile_first), dim,
+                          run.end - run.begin, call->value_rows(kv_head, tile_first), dim,
                           output.data() + run.row * dim);
     } else if (output.rows() <= streaming_rows) {
-      Call::for_each_run(call.v, from, count, [&](Index run_from, Index run_count) {
+      Call::for_each_run(call->v, from, count, [&](Index run_from, Index run_count) {
         add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + (run_from - tile_first), tile_weights.cols()},
-                          output.rows(), call.v.row(run_from, kv_head), call.v.token_stride(), run_count, dim,
+                          output.rows(), call->v.row(run_from, kv_head), call->v.token_stride(), run_count, dim,
                           RowBlock<Acc>{output.data(), dim},
                           run_from + run_count == from + count ? next : NextRows<Scalar>{});
       });
     } else if (Index(kept_columns.size()) == tile_width) {
       serial_product<true>(output, tile_weights.middleCols(offset, count),
-                           rows_as_accumulator<Acc>(call.v, kv_head, from, count, converted_rows));
+                           rows_as_accumulator<Acc>(call->v, kv_head, from, count, converted_rows));
     } else {
       Index kept = 0;
       for (Index c : kept_columns) kept += in_range(c);
@@ -542,7 +542,7 @@ struct AttentionBlock {
       for (Index c : kept_columns)
         if (in_range(c)) {
           gathered_weights.col(t) = tile_weights.col(c);
-          convert(call.v.row(tile_first + c, kv_head), dim, gathered_values.data() + t * dim);
+          convert(call->v.row(tile_first + c, kv_head), dim, gathered_values.data() + t * dim);
           ++t;
         }
       serial_product<true>(output, gathered_weights, gathered_values);
@@ -553,7 +553,7 @@ struct AttentionBlock {
   void add_if_weighed(Acc weight, Index position, Index r) {
     if (weight == Acc(0)) return;
     Acc* const into = output.row(r).data();
-    const Scalar* const value = call.v.row(position, kv_head);
+    const Scalar* const value = call->v.row(position, kv_head);
     for (Index d = 0; d < output.cols(); ++d) into[d] += weight * Acc(value[d]);
   }
 
@@ -595,15 +595,15 @@ struct AttentionBlock {
 
   /// Applies the never-empty rule, the compensations, and writes o_i.
   void finish_rows(AttentionStats& stats) {
-    const Compensation& compensation = call.selection.compensation();
-    const Index row_bytes = call.shape.head_dim * Index(sizeof(Scalar));
+    const Compensation& compensation = call->selection.compensation();
+    const Index row_bytes = call->shape.head_dim * Index(sizeof(Scalar));
     const auto output_row = [&](Index r) {
-      return call.out.row(rows[std::size_t(r)].query_row, rows[std::size_t(r)].query_head);
+      return call->out.row(rows[std::size_t(r)].query_row, rows[std::size_t(r)].query_head);
     };
     const auto output_row_of = [&](Index r) {
-      return Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(output_row(r), call.shape.head_dim);
+      return Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(output_row(r), call->shape.head_dim);
     };
-    if (call.defers_values) accumulate_candidates();
+    if (call->defers_values) accumulate_candidates();
     for (Index r = 0; r < Index(rows.size()); ++r) {
       ask_ahead<true>(r, Index(rows.size()), output_row, row_bytes);
       Row& row = rows[std::size_t(r)];
@@ -616,32 +616,32 @@ struct AttentionBlock {
         continue;
       }
       if (row.keep_best_if_empty()) {
-        convert(call.v.row(row.best_position, kv_head), output.cols(), output.row(r).data());
+        convert(call->v.row(row.best_position, kv_head), output.cols(), output.row(r).data());
         ++stats.empty_rows;
-        if (call.defers_values) {
-          if (call.collect_stats) need_value(row.best_position);
+        if (call->defers_values) {
+          if (call->collect_stats) need_value(row.best_position);
         } else {
           ++stats.v_rows_read[std::size_t(kv_head)];
-          if (call.collect_stats) call.kept_rows.mark(kv_head, row.best_position);
+          if (call->collect_stats) call->kept_rows.mark(kv_head, row.best_position);
         }
       }
       const Acc denominator =
-          softmax_denominator(row.mass, compensation, call.selection.post_softmax(), row.selection.pruned_bound,
+          softmax_denominator(row.mass, compensation, call->selection.post_softmax(), row.selection.pruned_bound,
                               row.selection.calibrated_term);
       output.row(r) /= denominator;
       if (compensation.v_mean)
         if (const Acc weight = v_mean_weight(row.mass, denominator); weight != Acc(0))
-          output.row(r) += weight * call.value_means->mean(kv_head, row.length);
+          output.row(r) += weight * call->value_means->mean(kv_head, row.length);
       // x · 0 is 0 for a finite x and NaN otherwise: one vectorised sum (Eigen's allFinite tests each element).
-      if (!call.careful_values && !((output.row(r).array() * Acc(0)).sum() == Acc(0)))
-        call.non_finite_output = true;
+      if (!call->careful_values && !((output.row(r).array() * Acc(0)).sum() == Acc(0)))
+        call->non_finite_output = true;
       output_row_of(r) = output.row(r).template cast<Scalar>();
       stats.elements_kept[std::size_t(row.query_head)] += std::uint64_t(row.mass.kept);
       stats.dense_rows += row.selection.dense;
       stats.capped_rows += row.capped;
       stats.extrapolated_rows += row.selection.extrapolated;
     }
-    if (call.defers_values && call.collect_stats) count_needed_values(stats);
+    if (call->defers_values && call->collect_stats) count_needed_values(stats);
   }
 };
 

@@ -8,15 +8,16 @@
 
 namespace toptheta::detail {
 
-/// Blocks (`Block(Owner&)`, `start(args...)`) lent to work items and given back when they finish; shared by the
-/// threads of one call. A lent block starts afresh, so results do not depend on which block an item gets.
+/// Blocks (default-constructible, `start(args...)`) lent to work items and given back when they finish; shared
+/// by the threads and the calls of one batch, so that it holds no more blocks than were ever in use at once. A
+/// lent block starts afresh, so results do not depend on which block an item gets.
 template <class Block>
 class BlockPool {
  public:
   /// A block started on `args`: the last one given back when there is one (its buffers are likely in cache),
-  /// else a new one of `owner`.
-  template <class Owner, class... Args>
-  std::unique_ptr<Block> lend(Owner& owner, const Args&... args) {
+  /// else a new one.
+  template <class... Args>
+  std::unique_ptr<Block> lend(Args&&... args) {
     std::unique_ptr<Block> block;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
@@ -25,8 +26,8 @@ class BlockPool {
         spare_.pop_back();
       }
     }
-    if (!block) block = std::make_unique<Block>(owner);
-    block->start(args...);
+    if (!block) block = std::make_unique<Block>();
+    block->start(std::forward<Args>(args)...);
     return block;
   }
 

@@ -24,7 +24,7 @@ class QueryBlockPlan {
   using Block = AttentionBlock<Tiles, Scalar, Selection, KvView>;
 
   /// Plans `call`, whose blocks stack `block_rows` rows.
-  QueryBlockPlan(Call& call, Index block_rows) : call_(call) {
+  QueryBlockPlan(Call& call, Index block_rows, BlockPool<Block>& blocks) : call_(call), blocks_(blocks) {
     query_blocks_ = (call.shape.query_rows + Tiles::query_block - 1) / Tiles::query_block;
     if (block_rows > Block::streaming_rows && query_blocks_ > 1) call.prepare_keys_and_values();
   }
@@ -44,7 +44,7 @@ class QueryBlockPlan {
  private:
   Call& call_;
   Index query_blocks_ = 0;
-  BlockPool<Block> blocks_;
+  BlockPool<Block>& blocks_;  // shared by the calls of a batch
 };
 
 }  // namespace toptheta::detail

@@ -32,7 +32,7 @@ class SplitKeyPlan {
            (!call.selection.caps_rows() || call.defers_values);
   }
 
-  explicit SplitKeyPlan(Call& call) : call_(call) {
+  SplitKeyPlan(Call& call, BlockPool<Block>& blocks) : call_(call), blocks_(blocks) {
     query_blocks_ = (call.shape.query_rows + Tiles::query_block - 1) / Tiles::query_block;
     tiles_ = (call.shape.max_row_length() + Tiles::kv_block - 1) / Tiles::kv_block;
     tiles_per_split_ = (tiles_ + max_key_splits - 1) / max_key_splits;
@@ -135,7 +135,7 @@ class SplitKeyPlan {
   Call& call_;
   Index query_blocks_ = 0, tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;
   std::vector<std::unique_ptr<Block>> partials_;  // [query block][key range][KV head]
-  BlockPool<Block> blocks_;
+  BlockPool<Block>& blocks_;  // shared by the calls of a batch
 };
 
 }  // namespace toptheta::detail

@@ -3,6 +3,8 @@
 // header chooses the execution plan of each call and runs a batch of calls on an executor.
 #pragma once
 
+#include <toptheta/detail/attention_block.hpp>
+#include <toptheta/detail/block_pool.hpp>
 #include <toptheta/detail/call_state.hpp>
 #include <toptheta/detail/query_block_plan.hpp>
 #include <toptheta/detail/require.hpp>
@@ -51,15 +53,18 @@ class TiledAttention {
  public:
   using Acc = accumulator_t<Scalar>;
 
+  using Block = AttentionBlock<Tiles, Scalar, Selection, KvView>;
+
+  /// \param blocks where work items borrow their blocks; shared by the calls of a batch, outlives them.
   TiledAttention(const TensorView<const Scalar>& q, const KvView& k, const KvView& v, const TensorView<Scalar>& out,
                  const AttentionShape& shape, const Selection& selection, const ValueMeans<Acc>* value_means,
-                 bool collect_stats)
+                 bool collect_stats, BlockPool<Block>& blocks)
       : call_(q, k, v, out, shape, selection, value_means, collect_stats) {
     const Index block_rows = shape.group_size * std::min(Tiles::query_block, shape.query_rows);
     if (SplitKeys::suits(call_, block_rows))
-      split_keys_.emplace(call_);
+      split_keys_.emplace(call_, blocks);
     else
-      query_blocks_.emplace(call_, block_rows);
+      query_blocks_.emplace(call_, block_rows, blocks);
   }
 
   /// Whether some output row with a softmax came out non-finite with the fast V products; then
@@ -153,6 +158,7 @@ void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar, KvView>>& 
   for (std::size_t c = 0; c < count; ++c)
     shapes.push_back(checked_call_shape(calls[c], name_calls ? "sequences[" + std::to_string(c) + "]" : ""));
   std::vector<ValueMeans<Acc>> value_means(count);
+  BlockPool<typename Kernel::Block> blocks;  // every call's work items borrow from it
   std::vector<std::unique_ptr<Kernel>> kernels(count);  // none for a call without query rows: it does nothing
   for (std::size_t c = 0; c < count; ++c) {
     const SequenceCall<Scalar, KvView>& call = calls[c];
@@ -160,7 +166,7 @@ void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar, KvView>>& 
     if (shapes[c].query_rows == 0) continue;
     if (selection.compensation().v_mean) value_means[c] = ValueMeans<Acc>::sized(shapes[c]);
     kernels[c] = std::make_unique<Kernel>(call.q, call.k, call.v, call.out, shapes[c], selection, &value_means[c],
-                                          call.stats != nullptr);
+                                          call.stats != nullptr, blocks);
   }
   // One parallel_for over `items_of(c)` items of each call c (0 for calls without a kernel), in call order.
   std::vector<Index> first(count + 1);
