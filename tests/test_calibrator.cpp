@@ -3,6 +3,7 @@
 #include "test_support.hpp"
 
 #include <toptheta/calibrator.hpp>
+#include <toptheta/threshold_io.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -502,6 +503,84 @@ TEST_CASE("count-matched thresholds keep k on average over the calibration rows,
   CHECK(term == Approx(mean_pruned).epsilon(0.01));
   CHECK(table.method() == CalibrationMethod::count_matched);
   CHECK_FALSE(table.sigma_add().has_value());
+}
+
+TEST_CASE("mass-matched thresholds leave out the target mass on average, keeping more of flat rows than peaked",
+          "[calibration][mass_matched]") {
+  // Head 0 sees flat rows (scores of spread 0.5), head 1 peaked ones (spread 3): the same ε must keep more keys
+  // of the flat head. The mean pruned mass at θ is counted exactly from the rows.
+  const double epsilon = GENERATE(0.005, 0.02, 0.1);
+  const Index k = 8;
+  const LengthBuckets one_bucket{16, 1};  // lengths 64..127 share one bucket
+  CalibratorOptions calibrator_options = one_head(ThresholdSpace::probability, k, one_bucket);
+  calibrator_options.shape.q_heads = 2;
+  Calibrator calibrator(calibrator_options);
+  std::mt19937 rng(5);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_int_distribution<Index> length(64, 127);
+  std::vector<Eigen::VectorXd> rows[2];
+  for (Index head = 0; head < 2; ++head)
+    for (int r = 0; r < 300; ++r) {
+      Eigen::VectorXd row(length(rng));
+      for (Index j = 0; j < row.size(); ++j) row(j) = (head == 0 ? 0.5 : 3.0) * normal(rng);
+      calibrator.observe_row(0, head, row);
+      rows[head].push_back(row);
+    }
+  TableOptions options;
+  options.method = CalibrationMethod::mass_matched;
+  options.pruned_mass = epsilon;
+  const ThresholdTable table = calibrator.table(options);
+  REQUIRE(table.layer(0).lengths().size() == 1);
+  double mean_kept[2];
+  for (Index head = 0; head < 2; ++head) {
+    const double theta = table.layer(0).theta()(head, 0);
+    double pruned = 0, kept = 0;
+    for (const Eigen::VectorXd& row : rows[head])
+      for (Index j = 0; j < row.size(); ++j) {
+        const double p = value_in(ThresholdSpace::probability, row(j), row, 0);
+        if (p <= theta) pruned += p;
+        else kept += 1;
+      }
+    const double mean_pruned = pruned / double(rows[head].size());
+    mean_kept[head] = kept / double(rows[head].size());
+    INFO("head " << head << " ε " << epsilon << ": mean pruned mass " << mean_pruned << ", mean kept "
+                 << mean_kept[head]);
+    // Bins are 1/16 of their values wide (4 mantissa bits), so the masses summed per bin are within 3.2 %.
+    CHECK(std::abs(mean_pruned - epsilon) <= 0.04 * epsilon);
+  }
+  CHECK(mean_kept[0] > 2 * mean_kept[1]);
+  CHECK(table.method() == CalibrationMethod::mass_matched);
+  CHECK_FALSE(table.sigma_add().has_value());
+  // The method survives a save and load.
+  CHECK(thresholds_from_json(thresholds_to_json(table)).method() == CalibrationMethod::mass_matched);
+}
+
+TEST_CASE("mass-matched calibration needs probability thresholds and a mass in (0, 1)",
+          "[calibration][mass_matched][bad_input]") {
+  TableOptions options;
+  options.method = CalibrationMethod::mass_matched;
+  Calibrator raw(one_head(ThresholdSpace::raw_score, 4));
+  raw.observe_row(0, 0, Eigen::VectorXd::LinSpaced(10, 0.0, 1.0));
+  CHECK_THROWS_WITH(raw.table(options), mentions("options.method") && mentions("probability"));
+  Calibrator probability(one_head(ThresholdSpace::probability, 4));
+  probability.observe_row(0, 0, Eigen::VectorXd::LinSpaced(10, 0.0, 1.0));
+  for (const double bad : {0.0, 1.0, -0.1, std::numeric_limits<double>::quiet_NaN()}) {
+    options.pruned_mass = bad;
+    CHECK_THROWS_WITH(probability.table(options), mentions("options.pruned_mass"));
+  }
+  options.pruned_mass = 0.01;
+  options.sigma_add = 1;
+  CHECK_THROWS_WITH(probability.table(options), mentions("options.sigma_add"));
+  // A table file cannot claim mass-matched thresholds in another space.
+  std::string text = thresholds_to_json(raw.table());
+  const std::string method = "\"method\": \"mean_of_thresholds\"";
+  REQUIRE(text.find(method) != std::string::npos);
+  text.replace(text.find(method), method.size(), "\"method\": \"mass_matched\"");
+  const std::string sigma = "\"sigma_add\": ";
+  const std::size_t at = text.find(sigma);
+  REQUIRE(at != std::string::npos);
+  text.replace(at, text.find(',', at) - at, "\"sigma_add\": null");
+  CHECK_THROWS_WITH(thresholds_from_json(text), mentions("mass_matched only with probability thresholds"));
 }
 
 TEST_CASE("calibration arguments are checked by name", "[calibration][bad_input]") {

@@ -73,8 +73,11 @@ enum class MissingCalibration {
 /// How `Calibrator::table` turns the collected statistics into thresholds.
 struct TableOptions {
   CalibrationMethod method = CalibrationMethod::mean_of_thresholds;
-  /// σ_add of `mean_of_thresholds`: θ = mean + σ_add · std. Must be 0 for `count_matched`.
+  /// σ_add of `mean_of_thresholds`: θ = mean + σ_add · std. Must be 0 for the other methods.
   double sigma_add = 0;
+  /// ε of `mass_matched`, in (0, 1): the mean probability mass each calibration row leaves out. Unused by the
+  /// other methods.
+  double pruned_mass = 0.01;
   DenominatorTermSource denominator_terms = DenominatorTermSource::row_threshold;
   MissingCalibration missing = MissingCalibration::error;
   /// Histogram-derived values (count-matched θ, table-threshold c) of a bucket with fewer rows than this also
@@ -282,12 +285,22 @@ class Calibrator {
   ThresholdTable table(const TableOptions& options = {}, TableReport* report = nullptr) const {
     using detail::require;
     const bool count_matched = options.method == CalibrationMethod::count_matched;
+    const bool mass_matched = options.method == CalibrationMethod::mass_matched;
+    const bool from_histogram = count_matched || mass_matched;  // θ from the value histogram
     require(std::isfinite(options.sigma_add), "options.sigma_add", "a finite value", options.sigma_add);
-    require(!count_matched || options.sigma_add == 0, "options.sigma_add",
-            "0 for count_matched (σ_add applies to mean_of_thresholds)", options.sigma_add);
-    require(options_.count_summary || !count_matched, "options.method",
-            "mean_of_thresholds (count_matched needs CalibratorOptions::count_summary, which is off)",
+    require(!from_histogram || options.sigma_add == 0, "options.sigma_add",
+            std::string("0 for ") + to_string(options.method) + " (σ_add applies to mean_of_thresholds)",
+            options.sigma_add);
+    require(options_.count_summary || !from_histogram, "options.method",
+            std::string("mean_of_thresholds (") + to_string(options.method) +
+                " needs CalibratorOptions::count_summary, which is off)",
             to_string(options.method));
+    require(!mass_matched || options_.space == ThresholdSpace::probability, "options.method",
+            "a method other than mass_matched for " + std::string(to_string(options_.space)) +
+                " thresholds (mass_matched needs the probability space, whose values are the masses)",
+            to_string(options.method));
+    require(!mass_matched || (options.pruned_mass > 0 && options.pruned_mass < 1), "options.pruned_mass",
+            "a probability mass in (0, 1)", options.pruned_mass);
     require((options_.count_summary && options_.summary_masses) ||
                 options.denominator_terms != DenominatorTermSource::table_threshold,
             "options.denominator_terms",
@@ -296,7 +309,7 @@ class Calibrator {
             "table_threshold");
     const bool with_terms = options.denominator_terms != DenominatorTermSource::none;
     const bool needs_histogram =
-        count_matched || options.denominator_terms == DenominatorTermSource::table_threshold;
+        from_histogram || options.denominator_terms == DenominatorTermSource::table_threshold;
     if (report) *report = {};
     const Index heads = options_.shape.q_heads;
     std::vector<LayerThresholds> layers;
@@ -358,7 +371,7 @@ class Calibrator {
       samples.push_back(std::move(counts));
     }
     return ThresholdTable(options_.shape, options_.space, options_.buckets, options.method,
-                          count_matched ? std::nullopt : std::optional<double>(options.sigma_add), std::move(layers),
+                          from_histogram ? std::nullopt : std::optional<double>(options.sigma_add), std::move(layers),
                           std::move(samples));
   }
 
@@ -585,7 +598,10 @@ class Calibrator {
   double entry_threshold(const Entry& entry, Index k, const TableOptions& options, TableReport* report) const {
     if (options.method == CalibrationMethod::mean_of_thresholds)
       return entry.own.threshold.mean + options.sigma_add * entry.own.threshold.standard_deviation();
-    const auto crossing = entry.pooled.value_with_count_above(double(k) * double(entry.pooled_rows));
+    const auto crossing =
+        options.method == CalibrationMethod::mass_matched
+            ? entry.pooled.value_with_sum_at_or_below(options.pruned_mass * double(entry.pooled_rows))
+            : entry.pooled.value_with_count_above(double(k) * double(entry.pooled_rows));
     if (!crossing.inside_window) note_window_edge(entry, report);
     return crossing.value;
   }

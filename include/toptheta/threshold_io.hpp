@@ -188,7 +188,7 @@ inline std::string json_row(const SampleCounts& values, Index row) {
 ///     {"format": "toptheta-thresholds", "version": 1,
 ///      "model": {"layers", "q_heads", "kv_heads", "head_dim"},
 ///      "space": "raw_score" | "probability" | "score_minus_max" | "score_over_query_norm",
-///      "method": "mean_of_thresholds" | "count_matched", "sigma_add": number | null,
+///      "method": "mean_of_thresholds" | "count_matched" | "mass_matched", "sigma_add": number | null,
 ///      "length_buckets": {"exact_limit", "buckets_per_doubling"},
 ///      "layers": [{"k", "length_independent", "lengths": [L...],
 ///                  "theta": [[θ_h(L)...] per head], "denominator_terms": [[c_h(L)...] per head] | null,

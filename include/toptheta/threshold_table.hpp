@@ -167,12 +167,17 @@ enum class CalibrationMethod {
   /// `k`. Rows differ (query norms, sinks, flat vs peaked rows), so the mean of thresholds does not keep `k` on
   /// average; this does, on data like the calibration data.
   count_matched,
+  /// Probability thresholds only: the θ at which the mean pruned probability mass `(1/R) Σ_i Σ_{j : P_ij <= θ}
+  /// P_ij` over the `R` calibration rows equals a target ε (`TableOptions::pruned_mass`). Flat heads then keep
+  /// more keys and peaked heads fewer than `k`, for the same mass left out of each row on average.
+  mass_matched,
 };
 
 inline const char* to_string(CalibrationMethod method) {
   switch (method) {
     case CalibrationMethod::mean_of_thresholds: return "mean_of_thresholds";
     case CalibrationMethod::count_matched: return "count_matched";
+    case CalibrationMethod::mass_matched: return "mass_matched";
   }
   return "unknown";
 }
@@ -180,9 +185,10 @@ inline const char* to_string(CalibrationMethod method) {
 /// Parses the names printed by `to_string`; throws naming `argument` for any other text.
 inline CalibrationMethod calibration_method_from_string(const std::string& name,
                                                         const std::string& argument = "method") {
-  for (auto method : {CalibrationMethod::mean_of_thresholds, CalibrationMethod::count_matched})
+  for (auto method :
+       {CalibrationMethod::mean_of_thresholds, CalibrationMethod::count_matched, CalibrationMethod::mass_matched})
     if (name == to_string(method)) return method;
-  detail::fail(argument, "one of mean_of_thresholds, count_matched", name);
+  detail::fail(argument, "one of mean_of_thresholds, count_matched, mass_matched", name);
 }
 
 /// Calibration rows behind each table entry: `heads x lengths`, like `LayerThresholds::theta()`.
@@ -197,7 +203,8 @@ using SampleCounts = Eigen::Matrix<std::uint64_t, Eigen::Dynamic, Eigen::Dynamic
 /// lies outside the first and last calibrated buckets.
 class ThresholdTable {
  public:
-  /// \param sigma_add σ_add of `mean_of_thresholds`; empty when unknown (imported files) and for `count_matched`.
+  /// \param sigma_add σ_add of `mean_of_thresholds`; empty when unknown (imported files) and for the other
+  /// methods.
   /// \param samples one `heads x lengths` matrix per layer.
   /// Every layer's lengths must be representatives of `buckets` (`buckets.representative(buckets.bucket(L)) ==
   /// L`), every layer must have `shape.q_heads` heads and all layers one threshold space.
@@ -242,8 +249,10 @@ class ThresholdTable {
     buckets_.validate("buckets");
     if (sigma_add_)
       require(method_ == CalibrationMethod::mean_of_thresholds, "sigma_add",
-              "none for count_matched (σ_add applies to mean_of_thresholds)", *sigma_add_);
+              std::string("none for ") + to_string(method_) + " (σ_add applies to mean_of_thresholds)", *sigma_add_);
     if (sigma_add_) require(std::isfinite(*sigma_add_), "sigma_add", "a finite value", *sigma_add_);
+    require(method_ != CalibrationMethod::mass_matched || space_ == ThresholdSpace::probability, "method",
+            "mass_matched only with probability thresholds", to_string(space_) + std::string(" thresholds"));
     require(Index(layers_.size()) == shape_.layers, "layers",
             std::to_string(shape_.layers) + " layers (shape.layers)", layers_.size());
     require(samples_.size() == layers_.size(), "samples", "one matrix per layer (" +

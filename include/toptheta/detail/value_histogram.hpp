@@ -251,6 +251,39 @@ class ValueHistogram {
     return edge;
   }
 
+  /// The value θ at which the values at or below θ sum to `target` (values >= 0, such as probabilities), with
+  /// the values of each bin spread evenly over it (their sum then grows as `(x² - lower²) / 2` per unit of
+  /// count density up to x, solved exactly); the top bin ends at the largest value seen. The values under the
+  /// window count as half its lower edge each. A target at or above the sum of every value gives the largest
+  /// value; one reached under the window gives the window's lower edge (`inside_window` false).
+  Crossing value_with_sum_at_or_below(double target) const {
+    Crossing crossing;
+    const HistogramKeys keys(grid_);
+    const double window_low = counts_.empty() ? max_value_ : keys.lower(low_);
+    double below = double(underflow_count_) * window_low / 2;
+    if (below >= target) {
+      crossing.value = window_low;
+      return crossing;
+    }
+    crossing.inside_window = true;
+    for (std::size_t b = 0; b < counts_.size(); ++b) {
+      const double count = double(counts_[b]);
+      if (count == 0) continue;
+      const std::int64_t key = low_ + std::int64_t(b);
+      const double lower = keys.lower(key), upper = std::min(keys.upper(key), max_value_);
+      const double bin_sum = count * (lower + upper) / 2;
+      if (below + bin_sum >= target) {
+        // count (x² - lower²) / (2 (upper - lower)) = target - below
+        const double x = std::sqrt(lower * lower + 2 * (upper - lower) * (target - below) / count);
+        crossing.value = std::clamp(x, lower, upper);
+        return crossing;
+      }
+      below += bin_sum;
+    }
+    crossing.value = max_value_;
+    return crossing;
+  }
+
   /// Mass of the values at or below `theta`, interpolating inside its bin; `inside_window` false when `theta`
   /// lies below the window (the underflow cell's mass cannot be split; its whole mass is returned). Requires
   /// `with_masses()`.
