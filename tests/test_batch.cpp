@@ -49,9 +49,22 @@ struct Batch {
   }
 };
 
-enum class Kind { dense, top_k, top_theta_probability, top_theta_raw, top_theta_two_pass };
-const Kind every_kind[] = {Kind::dense, Kind::top_k, Kind::top_theta_probability, Kind::top_theta_raw,
-                           Kind::top_theta_two_pass};
+enum class Kind {
+  dense,
+  top_k,
+  top_theta_probability,
+  top_theta_raw,
+  top_theta_two_pass,
+  top_theta_probability_pruned_mean,
+  top_theta_raw_pruned_mean
+};
+const Kind every_kind[] = {Kind::dense,
+                           Kind::top_k,
+                           Kind::top_theta_probability,
+                           Kind::top_theta_raw,
+                           Kind::top_theta_two_pass,
+                           Kind::top_theta_probability_pruned_mean,
+                           Kind::top_theta_raw_pruned_mean};
 const char* name(Kind kind) {
   switch (kind) {
     case Kind::dense: return "dense";
@@ -59,14 +72,26 @@ const char* name(Kind kind) {
     case Kind::top_theta_probability: return "top_theta probability, V mean";
     case Kind::top_theta_raw: return "top_theta raw_score";
     case Kind::top_theta_two_pass: return "top_theta probability, two passes";
+    case Kind::top_theta_probability_pruned_mean: return "top_theta probability, V mean of the pruned rows";
+    case Kind::top_theta_raw_pruned_mean: return "top_theta raw_score, V mean of the pruned rows";
   }
   return "";
 }
 
 LayerThresholds thresholds_for(Kind kind, Index q_heads) {
-  const bool raw = kind == Kind::top_theta_raw;
+  const bool raw = kind == Kind::top_theta_raw || kind == Kind::top_theta_raw_pruned_mean;
   return LayerThresholds::uniform(8, raw ? ThresholdSpace::raw_score : ThresholdSpace::probability,
                                   std::vector<double>(std::size_t(q_heads), raw ? 0.2 : 0.02));
+}
+
+/// The Top-θ kinds' options.
+TopThetaOptions top_theta_options(Kind kind) {
+  TopThetaOptions options;
+  options.compensation.v_mean = kind != Kind::top_theta_raw;
+  options.compensation.v_mean_of_pruned =
+      kind == Kind::top_theta_probability_pruned_mean || kind == Kind::top_theta_raw_pruned_mean;
+  options.passes = kind == Kind::top_theta_two_pass ? Passes::two : Passes::automatic;
+  return options;
 }
 
 template <class Scalar>
@@ -79,10 +104,7 @@ void attend_batch(Kind kind, const std::vector<SequenceViews<Scalar>>& batch, In
     options.compensation.v_mean = true;
     return top_k_attention(batch, options, executor);
   }
-  TopThetaOptions options;
-  options.compensation.v_mean = kind != Kind::top_theta_raw;
-  options.passes = kind == Kind::top_theta_two_pass ? Passes::two : Passes::automatic;
-  top_theta_attention(batch, thresholds_for(kind, q_heads), options, executor);
+  top_theta_attention(batch, thresholds_for(kind, q_heads), top_theta_options(kind), executor);
 }
 
 template <class Scalar>
@@ -99,10 +121,8 @@ void attend_alone(Kind kind, const SequenceViews<Scalar>& s, Index q_heads, int 
     options.value_prefix_sum = s.value_prefix_sum;
     return top_k_attention(s.q, s.k, s.v, s.out, options, s.stats, executor);
   }
-  TopThetaOptions options;
+  TopThetaOptions options = top_theta_options(kind);
   options.attention = attention;
-  options.compensation.v_mean = kind != Kind::top_theta_raw;
-  options.passes = kind == Kind::top_theta_two_pass ? Passes::two : Passes::automatic;
   options.value_prefix_sum = s.value_prefix_sum;
   top_theta_attention(s.q, s.k, s.v, s.out, thresholds_for(kind, q_heads), options, s.stats, executor);
 }
@@ -140,6 +160,38 @@ TEMPLATE_TEST_CASE("a batched call gives every sequence its own call's output an
   }
   CHECK(batched_stats[3].rows == 0);  // nothing to attend
   CHECK(batched_stats[4].rows == std::uint64_t(70 * q_heads));
+}
+
+TEST_CASE("a batch of many decode steps, some collecting statistics and some not, gives each its own bits",
+          "[batch]") {
+  // 24 sequences of 700 keys: 3 key ranges each, so the first calls fill a group of work items whose merges run
+  // while the later calls' ranges start, on blocks the merges gave back.
+  const Kind kind = GENERATE(Kind::top_theta_probability, Kind::top_theta_raw_pruned_mean);
+  const int threads = GENERATE(1, 2);
+  const Index q_heads = 4, kv_heads = 2, dim = 16, count = 24;
+  std::vector<std::unique_ptr<Problem<float>>> batched, alone;
+  std::vector<AttentionStats> batched_stats(count), alone_stats(count);
+  std::vector<SequenceViews<float>> views;
+  for (Index s = 0; s < count; ++s) {
+    batched.push_back(std::make_unique<Problem<float>>(1, 700, q_heads, kv_heads, dim, unsigned(40 + s)));
+    alone.push_back(std::make_unique<Problem<float>>(1, 700, q_heads, kv_heads, dim, unsigned(40 + s)));
+    const bool stats = s < 22 || s % 2 == 1;
+    views.push_back({batched.back()->queries(), batched.back()->keys(), batched.back()->values(),
+                     batched.back()->output(), 699, nullptr, stats ? &batched_stats[std::size_t(s)] : nullptr});
+  }
+  INFO(name(kind) << ", " << threads << " threads");
+  attend_batch(kind, views, q_heads, threads);
+  for (Index s = 0; s < count; ++s) {
+    const bool stats = s < 22 || s % 2 == 1;
+    Problem<float>& p = *alone[std::size_t(s)];
+    attend_alone(kind,
+                 SequenceViews<float>{p.queries(), p.keys(), p.values(), p.output(), 699, nullptr,
+                                      stats ? &alone_stats[std::size_t(s)] : nullptr},
+                 q_heads, 1);
+    INFO("sequence " << s);
+    CHECK(batched[std::size_t(s)]->out == p.out);
+    if (stats) CHECK(same_stats(batched_stats[std::size_t(s)], alone_stats[std::size_t(s)]));
+  }
 }
 
 TEST_CASE("a non-finite V value in one sequence of a batch leaves the others' bits alone", "[batch][non_finite]") {

@@ -278,6 +278,91 @@ TEMPLATE_TEST_CASE(
         Approx(kept_23_output(C, lambda, v_mean)).margin(abs_tolerance<TestType>()).epsilon(0));
 }
 
+TEMPLATE_TEST_CASE("V-mean compensation over the pruned rows gives the dropped mass to their mean",
+                   "[compensation][v_mean_of_pruned]", float, double) {
+  // S = {2, 3} prunes {0, 1}: their mean (w_0 + w_1) / 2 replaces vbar(4) = (w_0 + ... + w_3) / 4.
+  const double pruned_mean = (w[0] + w[1]) / 2;
+  SECTION("raw-score thresholds, every denominator compensation, one and two passes") {
+    const DenominatorCompensation mode = GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
+                                                  DenominatorCompensation::exp_threshold);
+    const Passes passes = GENERATE(Passes::one, Passes::two);
+    const double C = mode == DenominatorCompensation::none    ? 0
+                     : mode == DenominatorCompensation::exact ? std::exp(-3.0) + std::exp(-2.0)
+                                                              : 2 * std::exp(1.5 - 3.0);
+    const double D = std::exp(-1.0) + 1.0;
+    const double expected = (std::exp(-1.0) * w[2] + w[3]) / (D + C) + (1 - D / (D + C)) * pruned_mean;
+    auto problem = decode_row<TestType>();
+    TopThetaOptions options;
+    options.attention = decode_placement();
+    options.compensation = {mode, 1.0, true, true};
+    options.passes = passes;
+    top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
+                        LayerThresholds::uniform(1, ThresholdSpace::raw_score, {1.5}), options);
+    INFO(type_name<TestType>() << " " << to_string(mode) << " passes " << (passes == Passes::one ? "one" : "two"));
+    CHECK(first_output(problem) == Approx(expected).margin(abs_tolerance<TestType>()).epsilon(0));
+  }
+  SECTION("probability thresholds (candidates in one pass, or two passes)") {
+    const Passes passes = GENERATE(Passes::automatic, Passes::two);
+    const double Z = std::exp(-3.0) + std::exp(-2.0) + std::exp(-1.0) + 1.0;
+    const double P2 = std::exp(-1.0) / Z, P3 = 1 / Z;
+    auto problem = decode_row<TestType>();
+    TopThetaOptions options;
+    options.attention = decode_placement();
+    options.compensation.v_mean = options.compensation.v_mean_of_pruned = true;
+    options.passes = passes;
+    top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
+                        LayerThresholds::uniform(1, ThresholdSpace::probability, {0.15}), options);
+    CHECK(first_output(problem) ==
+          Approx(P2 * w[2] + P3 * w[3] + (1 - P2 - P3) * pruned_mean).margin(abs_tolerance<TestType>()).epsilon(0));
+  }
+  SECTION("an empty row keeps its max-score key; the other three are pruned") {
+    const double Z = std::exp(-3.0) + std::exp(-2.0) + std::exp(-1.0) + 1.0;
+    auto problem = decode_row<TestType>();
+    TopThetaOptions options;
+    options.attention = decode_placement();
+    options.compensation.v_mean = options.compensation.v_mean_of_pruned = true;
+    top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
+                        LayerThresholds::uniform(1, ThresholdSpace::probability, {0.9}), options);
+    CHECK(first_output(problem) == Approx(w[3] / Z + (1 - 1 / Z) * (w[0] + w[1] + w[2]) / 3)
+                                       .margin(abs_tolerance<TestType>())
+                                       .epsilon(0));
+  }
+  SECTION("top-k") {
+    auto problem = decode_row<TestType>();
+    TopKOptions options;
+    options.k = 2;
+    options.attention = decode_placement();
+    options.compensation = {DenominatorCompensation::exact, 1.0, true, true};
+    top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options);
+    const double D = std::exp(-1.0) + 1.0, C = std::exp(-3.0) + std::exp(-2.0);
+    CHECK(first_output(problem) == Approx((std::exp(-1.0) * w[2] + w[3]) / (D + C) + (1 - D / (D + C)) * pruned_mean)
+                                       .margin(abs_tolerance<TestType>())
+                                       .epsilon(0));
+  }
+  SECTION("nothing pruned adds nothing") {
+    auto problem = decode_row<TestType>();
+    TopThetaOptions options;
+    options.attention = decode_placement();
+    options.compensation = {DenominatorCompensation::exact, 1.0, true, true};
+    top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
+                        LayerThresholds::uniform(1, ThresholdSpace::raw_score, {-10.0}), options);
+    const double Z = std::exp(-3.0) + std::exp(-2.0) + std::exp(-1.0) + 1.0;
+    CHECK(first_output(problem) ==
+          Approx((std::exp(-3.0) * w[0] + std::exp(-2.0) * w[1] + std::exp(-1.0) * w[2] + w[3]) / Z)
+              .margin(abs_tolerance<TestType>())
+              .epsilon(0));
+  }
+  SECTION("it needs v_mean") {
+    auto problem = decode_row<TestType>();
+    TopThetaOptions options;
+    options.attention = decode_placement();
+    options.compensation.v_mean_of_pruned = true;
+    CHECK_THROWS_WITH(top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
+                                          LayerThresholds::uniform(1, ThresholdSpace::raw_score, {1.5}), options),
+                      mentions("v_mean_of_pruned"));
+  }
+}
+
 TEMPLATE_TEST_CASE("V-mean compensation uses the KV cache's V prefix sum like the V rows themselves",
                    "[compensation][kv_cache]", float, double) {
   // The same decode row attended from a cache: vbar(4) built from value_sum_before(3) plus v_3.

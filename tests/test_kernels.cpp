@@ -78,7 +78,7 @@ TEMPLATE_TEST_CASE("Top-θ equals the oracle on the explicitly built mask with t
   const DenominatorCompensation denominator =
       GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
                DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
-  const bool v_mean = GENERATE(false, true);
+  const int v_mean = GENERATE(0, 1, 2);  // off, over every visible row, over the pruned rows
   const bool cap_k = GENERATE(false, true);
   const bool causal = GENERATE(true, false);
   if (space == ThresholdSpace::probability && denominator != DenominatorCompensation::none) return;
@@ -92,7 +92,7 @@ TEMPLATE_TEST_CASE("Top-θ equals the oracle on the explicitly built mask with t
   const auto table = LayerThresholds::uniform(k, space, thresholds, {0.5, 0.25, 1.0, 2.0});
   TopThetaOptions options;
   options.attention = attention;
-  options.compensation = {denominator, 0.8, v_mean};
+  options.compensation = {denominator, 0.8, v_mean > 0, v_mean == 2};
   options.cap_k = cap_k;
   AttentionStats stats;
   top_theta_attention<Tiles<8, 16>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
@@ -204,7 +204,7 @@ TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larg
   const DenominatorCompensation denominator =
       GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
                DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
-  const bool v_mean = GENERATE(false, true);
+  const int v_mean = GENERATE(0, 1, 2);  // off, over every visible row, over the pruned rows
   // Half and bfloat16 always use small integers: their scores are then exact in float and double alike, so
   // rounding cannot reorder the k-th and (k+1)-th largest.
   const bool ties = GENERATE(false, true) || !std::is_floating_point_v<TestType>;
@@ -216,7 +216,7 @@ TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larg
   const auto terms = LayerThresholds::uniform(k, ThresholdSpace::raw_score, {0, 0, 0, 0}, {0.3, 0.6, 0.9, 1.2});
   TopKOptions options;
   options.k = k;
-  options.compensation = {denominator, 1.0, v_mean};
+  options.compensation = {denominator, 1.0, v_mean > 0, v_mean == 2};
   options.thresholds = &terms;
   options.attention.scale = 0.25;
   AttentionStats stats;
@@ -231,7 +231,8 @@ TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larg
     const double largest_pruned = row.length > k ? sorted[std::size_t(k)] : 0.0;
     return denominator_term(denominator, row, kept, largest_pruned, 0.3 * double(row.query_head + 1));
   };
-  sparsity.v_mean = v_mean;
+  sparsity.v_mean = v_mean > 0;
+  sparsity.v_mean_of_pruned = v_mean == 2;
   const Eigen::MatrixXd expected =
       reference_attention(problem.queries(), problem.keys(), problem.values(), options.attention, sparsity);
   INFO(type_name<TestType>() << " " << to_string(denominator) << " v_mean " << v_mean << " ties " << ties);

@@ -208,6 +208,7 @@ inline toptheta::ReferenceSparsity top_theta_sparsity(const toptheta::LayerThres
   sparsity.lambda = compensation.lambda;
   sparsity.post_softmax = table.space() == toptheta::ThresholdSpace::probability;
   sparsity.v_mean = compensation.v_mean;
+  sparsity.v_mean_of_pruned = compensation.v_mean_of_pruned;
   return sparsity;
 }
 

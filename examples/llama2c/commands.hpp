@@ -48,6 +48,7 @@ inline std::vector<OptionSpec> attention_options() {
       {"v-mean", "", "V-mean compensation of the dropped mass (the default with --thresholds or --top-k)",
        std::nullopt},
       {"no-v-mean", "", "no V-mean compensation", std::nullopt},
+      {"v-mean-of-pruned", "", "V-mean compensation with the mean of the pruned V rows only", std::nullopt},
       {"cap-k", "", "Top-θ: keep at most k survivors per row (the latest)", std::nullopt},
   };
 }
@@ -72,8 +73,11 @@ inline AttentionPlan attention_plan(const CommandLine& line, const Model& model)
   if (line.flag("v-mean") && line.flag("no-v-mean"))
     throw usage_error("--no-v-mean: expected either --v-mean or --no-v-mean, got both");
   compensation.v_mean = !line.flag("no-v-mean");  // the recommended configuration compensates
+  compensation.v_mean_of_pruned = line.flag("v-mean-of-pruned");
+  if (compensation.v_mean_of_pruned && !compensation.v_mean)
+    throw usage_error("--v-mean-of-pruned: expected without --no-v-mean (it chooses which V rows are averaged)");
   if (!line.given("thresholds") && !line.given("top-k"))
-    for (const char* name : {"denominator", "lambda", "v-mean", "no-v-mean", "cap-k"})
+    for (const char* name : {"denominator", "lambda", "v-mean", "no-v-mean", "v-mean-of-pruned", "cap-k"})
       if (line.given(name))
         throw usage_error(std::string("--") + name + ": expected with --thresholds or --top-k (dense attention "
                           "prunes nothing)");

@@ -35,9 +35,15 @@ struct Compensation {
   double lambda = 1.0;
   /// V-mean compensation: add `(1 - Σ_j p_ij) vbar(L_i)`, `vbar(L) = (1/L) Σ_{j<L} v_j`.
   bool v_mean = false;
+  /// With `v_mean`: the mean of the pruned V rows instead, `(Σ_{j<L_i} v_j - Σ_{j∈S_i} v_j) / (L_i - |S_i|)`
+  /// (nothing is added when nothing is pruned). The kept rows are read anyway, so this costs O(d |S_i|) per
+  /// row and no extra V traffic.
+  bool v_mean_of_pruned = false;
 
   void validate(const std::string& argument = "compensation") const {
     detail::require(std::isfinite(lambda) && lambda >= 0, argument + ".lambda", "a finite value >= 0", lambda);
+    detail::require(v_mean || !v_mean_of_pruned, argument + ".v_mean_of_pruned",
+                    "false unless v_mean is on (it chooses which V rows v_mean averages)", "true with v_mean off");
   }
 };
 

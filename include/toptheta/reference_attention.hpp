@@ -32,9 +32,11 @@ struct ReferenceSparsity {
   double lambda = 1.0;
   bool post_softmax = false;  ///< denominator `Z_i`: probabilities are not renormalised
   bool v_mean = false;        ///< add `(1 - Σ_j p_ij) vbar(L_i)`
+  bool v_mean_of_pruned = false;  ///< with `v_mean`, vbar over the pruned keys `j ∉ S_i` (none pruned: nothing)
 };
 
-/// Attention computed row by row in double: `o_i = Σ_{j∈S_i} p_ij v_j (+ (1 - Σ p_ij) vbar(L_i))`.
+/// Attention computed row by row in double: `o_i = Σ_{j∈S_i} p_ij v_j (+ (1 - Σ p_ij) vbar(L_i))`, vbar over
+/// every visible key or only the pruned ones.
 /// Returns `n_q x (q_heads * head_dim)`: row `i` holds every head's output like an `[n_q, q_heads, d]` buffer.
 /// Cost O(n_q n_kv d) time, O(n_kv) memory per row; meant for tests and small checks.
 template <class Scalar>
@@ -74,8 +76,18 @@ Eigen::MatrixXd reference_attention(const TensorView<const Scalar>& q, const Ten
       const double term = sparsity.denominator_term ? sparsity.denominator_term(row, kept) : 0.0;
       const double denominator = sparsity.post_softmax ? row.sum : kept_mass + sparsity.lambda * term;
       Eigen::RowVectorXd output = weighted / denominator;
-      if (sparsity.v_mean)
+      if (sparsity.v_mean && !sparsity.v_mean_of_pruned)
         output += (1 - kept_mass / denominator) * values.topRows(row.length).colwise().mean();
+      if (sparsity.v_mean && sparsity.v_mean_of_pruned) {
+        Eigen::RowVectorXd pruned_sum = Eigen::RowVectorXd::Zero(shape.head_dim);
+        Index pruned = 0;
+        for (Index j = 0; j < row.length; ++j)
+          if (!kept[std::size_t(j)]) {
+            pruned_sum += values.row(j);
+            ++pruned;
+          }
+        if (pruned > 0) output += (1 - kept_mass / denominator) * pruned_sum / double(pruned);
+      }
       out.block(i, h * shape.head_dim, 1, shape.head_dim) = output;
     }
   }

@@ -107,11 +107,26 @@ struct AttentionBlock {
   std::vector<Acc> scratch;
   std::vector<Index> candidate_cursor;  // per row: its candidates added so far (`accumulate_candidates`)
   std::vector<std::int32_t> candidate_tile_ends;  // [tile][row]: where the row's candidates of the tile end
+  // Σ_{j∈S_i} v_j per row, for V-mean compensation over the pruned rows (`Compensation::v_mean_of_pruned`), and
+  // unit weights to gather them with.
+  Matrix kept_value_sums;
+  std::vector<Acc> unit_weights;
 
 
   /// Whether the rows' scores over every visible key come first (`select_rows`), with their max and sum: the
   /// two-pass rules (top-k, Top-θ with `Passes::two`). The tiles then read them instead of scoring keys.
   bool scores_rows_first() const { return call->selection.needs_row_scores(); }
+
+  /// Whether the rows sum their kept V rows unweighted (`kept_value_sums`).
+  bool sums_kept_values() const { return call->selection.compensation().v_mean_of_pruned; }
+
+  /// kept_value_sums_r += Σ_t v_{row_at(columns_t)} over `count` kept V rows.
+  template <class RowAt>
+  void add_kept_values(Index r, const std::int32_t* columns, Index count, const RowAt& row_at) {
+    if (Index(unit_weights.size()) < count) unit_weights.assign(std::size_t(count), Acc(1));
+    add_gathered_rows(unit_weights.data(), columns, count, row_at, kept_value_sums.cols(),
+                      kept_value_sums.row(r).data());
+  }
 
   /// Takes the query rows of block `query_block` of `state`'s call for every head of KV head `kv` (a block
   /// lent again, by any call of a batch, starts afresh here, keeping only the room of its buffers).
@@ -145,8 +160,10 @@ struct AttentionBlock {
       visible_end = std::max(visible_end, row.length);
     }
     output.setZero(Index(rows.size()), shape.head_dim);
+    if (sums_kept_values()) kept_value_sums.setZero(Index(rows.size()), shape.head_dim);
     if (call->defers_values) {
-      if (call->collect_stats) needed_values.assign(std::size_t((visible_end + 63) / 64), 0);
+      // Emptied without statistics too: a block lent again keeps a vector sized for an earlier call.
+      needed_values.assign(call->collect_stats ? std::size_t((visible_end + 63) / 64) : 0, 0);
       candidate_positions.resize(stacked * candidate_room);
       candidate_scores.resize(stacked * candidate_room);
       for (Index n = 0; n < stacked; ++n)
@@ -253,6 +270,10 @@ struct AttentionBlock {
       }
     }
     weigh_survivors();
+    if (sums_kept_values())
+      for (const SurvivorRun& run : survivor_runs)
+        add_kept_values(run.row, survivor_columns.data() + run.begin, run.end - run.begin,
+                        call->value_rows(kv_head, tile_first));
     return settle_tile_columns(dense_elements, stats);
   }
 
@@ -442,6 +463,11 @@ struct AttentionBlock {
       if (call->collect_stats)
         for (Index t = 0; t < candidates.size(); ++t) need_value(candidates.positions()[t]);
     }
+    if (sums_kept_values())
+      for (Index r = 0; r < Index(rows.size()); ++r) {
+        const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
+        add_kept_values(r, candidates.positions(), candidates.size(), call->value_rows(kv_head, 0));
+      }
     if (call->careful_values) return;
     const Index dim = output.cols();
     if (output.rows() <= streaming_rows) {
@@ -586,11 +612,13 @@ struct AttentionBlock {
       Row& row = rows[std::size_t(r)];
       const auto [own, theirs] = row.merge(other.rows[std::size_t(r)]);
       output.row(r) = own * output.row(r) + theirs * other.output.row(r);
+      if (sums_kept_values()) kept_value_sums.row(r) += other.kept_value_sums.row(r);
       if (row.selection.running)
         row.candidates.append_above(other.rows[std::size_t(r)].candidates,
                                     forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass)));
     }
-    for (std::size_t w = 0; w < needed_values.size(); ++w) needed_values[w] |= other.needed_values[w];
+    if (call->collect_stats)  // both blocks hold the same rows: vectors of the same size
+      for (std::size_t w = 0; w < needed_values.size(); ++w) needed_values[w] |= other.needed_values[w];
   }
 
   /// Applies the never-empty rule, the compensations, and writes o_i.
@@ -617,6 +645,7 @@ struct AttentionBlock {
       }
       if (row.keep_best_if_empty()) {
         convert(call->v.row(row.best_position, kv_head), output.cols(), output.row(r).data());
+        if (sums_kept_values()) kept_value_sums.row(r) = output.row(r);
         ++stats.empty_rows;
         if (call->defers_values) {
           if (call->collect_stats) need_value(row.best_position);
@@ -630,8 +659,13 @@ struct AttentionBlock {
                               row.selection.calibrated_term);
       output.row(r) /= denominator;
       if (compensation.v_mean)
-        if (const Acc weight = v_mean_weight(row.mass, denominator); weight != Acc(0))
-          output.row(r) += weight * call->value_means->mean(kv_head, row.length);
+        if (const Acc weight = v_mean_weight(row.mass, denominator); weight != Acc(0)) {
+          const auto mean = call->value_means->mean(kv_head, row.length);
+          if (!compensation.v_mean_of_pruned)
+            output.row(r) += weight * mean;
+          else if (const Index pruned = row.length - row.mass.kept; pruned > 0)  // (Σ_{j<L} v_j - Σ_{S_i} v_j) / pruned
+            output.row(r) += (weight / Acc(pruned)) * (Acc(row.length) * mean - kept_value_sums.row(r));
+        }
       // x · 0 is 0 for a finite x and NaN otherwise: one vectorised sum (Eigen's allFinite tests each element).
       if (!call->careful_values && !((output.row(r).array() * Acc(0)).sum() == Acc(0)))
         call->non_finite_output = true;
