@@ -94,6 +94,7 @@ void run(Bytes& bytes) {
   toptheta::SparseAttentionOptions sparse;
   sparse.attention = attention;
   sparse.compensation.v_mean = (kernel & 1) != 0;
+  sparse.compensation.v_mean_of_pruned = sparse.compensation.v_mean && k % 2 == 0;  // the mean of the pruned rows
   const toptheta::ThresholdSpace spaces[] = {
       toptheta::ThresholdSpace::raw_score, toptheta::ThresholdSpace::probability,
       toptheta::ThresholdSpace::score_minus_max, toptheta::ThresholdSpace::score_over_query_norm};
