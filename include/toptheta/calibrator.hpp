@@ -37,7 +37,8 @@ struct CalibratorOptions {
   /// deterministic for a given seed and observation order. Give shards that will be merged different seeds.
   double sample_fraction = 1.0;
   std::uint64_t seed = 0;
-  /// Collect the value histograms that `count_matched` thresholds and table-threshold denominator terms need
+  /// Collect the value histograms that `count_matched` and `mass_matched` thresholds and table-threshold
+  /// denominator terms need
   /// (memory: see `Calibrator`). Without them only `mean_of_thresholds` with per-row denominator terms works.
   bool count_summary = true;
   /// Also sum each value's `exp(a_ij - m_i)` per histogram bin: what `DenominatorTermSource::table_threshold`
@@ -80,8 +81,9 @@ struct TableOptions {
   double pruned_mass = 0.01;
   DenominatorTermSource denominator_terms = DenominatorTermSource::row_threshold;
   MissingCalibration missing = MissingCalibration::error;
-  /// Histogram-derived values (count-matched θ, table-threshold c) of a bucket with fewer rows than this also
-  /// use the histograms of the head's nearest calibrated buckets, as many on each side, until the rows reach it.
+  /// Histogram-derived values (count- or mass-matched θ, table-threshold c) of a bucket with fewer rows than
+  /// this also use the histograms of the head's nearest calibrated buckets, as many on each side, until the
+  /// rows reach it.
   /// A count-matched θ fitted to few rows keeps more than k on held-out rows on average (the survivor count is
   /// convex in θ); pooling trades that for a little smoothing over lengths. 0 or 1: every bucket alone.
   std::uint64_t min_pooled_rows = 256;
@@ -98,8 +100,9 @@ struct TableReport {
   };
   /// Entries whose count-matched θ (or table-threshold c) lies below the count summary's window: fewer than k·R
   /// values lie within `summary_window_binades` binades of the largest value, as in buckets whose rows barely
-  /// exceed k and hold values near 0. θ is then the window's lower edge (every value in the window kept), c the
-  /// mass below the window (for a mean-of-thresholds θ below the window, an upper bound). Raise
+  /// exceed k and hold values near 0 (a mass-matched θ: the values under the window already sum to ε·R). θ is
+  /// then the window's lower edge (every value in the window kept), c the mass below the window (for a
+  /// mean-of-thresholds θ below the window, an upper bound). Raise
   /// `CalibratorOptions::summary_window_binades` to resolve them.
   std::vector<Entry> window_edge;
 };

@@ -46,8 +46,9 @@ struct AttentionBlock {
   static constexpr Index candidate_room = 512;
   /// Query and output rows, a token stride apart, are asked for this many rows before they are used.
   static constexpr Index rows_ahead = 8;
-  /// A tile whose selected elements fill less than 1 / sparse_tile_ratio of (rows x kept columns) is
-  /// accumulated row by row from each row's survivors (`add_gathered_rows`) instead of by a GEMM.
+  /// A tile of a GEMM block whose selected elements fill less than 1 / sparse_tile_ratio of (rows x kept
+  /// columns), and no dense row's, is accumulated row by row from each row's survivors (`add_gathered_rows`)
+  /// instead of by a GEMM (a streaming block does so whenever some column of the tile is not kept).
   static constexpr Index sparse_tile_ratio = 3;
 
   /// Asks for row `n + rows_ahead` of `count` rows (`row_at(j)`, `bytes` each) while row `n` is worked on,

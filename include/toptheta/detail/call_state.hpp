@@ -34,7 +34,8 @@ struct CallState {
   }
 
   /// Packs K tiles and copies V head-major once for every block (`PrefillPreparation`); the blocks then read V
-  /// from the copy.
+  /// from the copy when there is one (none for a paged V, one already head-major, or one above the size
+  /// limit).
   void prepare_keys_and_values() {
     preparation.emplace(k, v, shape.max_row_length());
     v = preparation->values();

@@ -1,5 +1,5 @@
-// The plan of calls with many stacked rows per block (prefill, and rules that need whole rows first): work
-// items are (KV head, query block), each running the block's tiles with GEMMs.
+// The plan of calls that do not split keys (prefill; decode with rules that need whole rows first, or a cap
+// without a running threshold): work items are (KV head, query block), with GEMMs when a block has many rows.
 #pragma once
 
 #include <toptheta/detail/attention_block.hpp>
