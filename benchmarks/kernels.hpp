@@ -8,6 +8,7 @@
 #include <toptheta/dense_attention.hpp>
 #include <toptheta/executor.hpp>
 #include <toptheta/paged_view.hpp>
+#include <toptheta/q8_block.hpp>
 #include <toptheta/top_k_attention.hpp>
 #include <toptheta/top_theta_attention.hpp>
 
@@ -80,17 +81,17 @@ const std::vector<Kernel<Scalar>>& kernels() {
   return table;
 }
 
-/// dense and top_theta (the recommended configuration) on K and V in pages (`decode_paged/...`).
-template <class Scalar>
-const std::vector<Kernel<Scalar, PagedTensorView<const Scalar>>>& paged_kernels() {
-  using View = PagedTensorView<const Scalar>;
-  using Call = AttentionCall<Scalar, View>;
-  static const std::vector<Kernel<Scalar, View>> table = {
+/// dense and top_theta (the recommended configuration) on K and V viewed as `KvView`: in pages
+/// (`decode_paged/...`), or of q8_0 blocks (`.../q8`).
+template <class Scalar, class KvView>
+const std::vector<Kernel<Scalar, KvView>>& cache_kernels() {
+  using Call = AttentionCall<Scalar, KvView>;
+  static const std::vector<Kernel<Scalar, KvView>> table = {
       {"dense", std::nullopt,
        [](const Call& call, const LayerThresholds*, const OpenMPExecutor& executor, AttentionStats* stats) {
          dense_attention(call.q, call.k, call.v, call.out, call.attention, stats, executor);
        }},
-      {"top_theta", ThresholdSpace::probability, attend_top_theta<Scalar, Passes::one, true, View>},
+      {"top_theta", ThresholdSpace::probability, attend_top_theta<Scalar, Passes::one, true, KvView>},
   };
   return table;
 }
@@ -117,7 +118,7 @@ CallSummary summarize_call(const Kernel<Scalar, KvView>& entry, const AttentionC
                            const AlignedVector<Scalar>& dense_output) {
   CallSummary summary;
   entry.attend(call, thresholds, executor, &summary.stats);
-  summary.bytes_per_k_or_v_row = double(LayerShape::head_dim) * sizeof(Scalar);
+  summary.bytes_per_k_or_v_row = double(stored_bytes<typename KvView::value_type>(LayerShape::head_dim));
   summary.error_vs_dense = relative_error(call.out.data(), dense_output.data(), dense_output.size());
   return summary;
 }
@@ -132,6 +133,10 @@ inline const char* type_name<float>() {
 template <>
 inline const char* type_name<Eigen::bfloat16>() {
   return "bf16";
+}
+template <>
+inline const char* type_name<BlockQ8_0>() {
+  return "q8";
 }
 
 }  // namespace toptheta::bench

@@ -237,7 +237,27 @@ inline CommandLine eval_options() {
                           with(attention_options(),
                                {{"prefill-fraction", "F", "fraction of each sequence fed by prefill", "0.5"},
                                 {"max-sequences", "N", "use only the first N sequences (0: all)", "0"},
+                                {"kv-cache", "TYPE",
+                                 "the evaluated engine's KV cache: f32, bf16, q8_0 (int8, one half scale per 32 values; "
+                                 "head_dim a multiple of 32) or q8_8 (per 8 values: on stories260K, one per token and "
+                                 "head); dense attention on an f32 cache is the reference either way",
+                                 "f32"},
                                 {"json", "FILE", "also write the results as JSON", std::nullopt}})));
+}
+
+/// `evaluate` on an engine whose KV cache stores `kv_cache` ("f32", "bf16", "q8_0", "q8_8"), against the
+/// reference logits of an f32 cache.
+inline Evaluation evaluate_with_cache(const std::string& kv_cache, const Model& model, const EngineOptions& options,
+                                      const AttentionPlan& plan, const std::vector<std::vector<int>>& sequences,
+                                      const std::vector<RowMatrix<float>>& reference, const FeedOptions& feed) {
+  const auto run = [&](auto stored) {
+    Engine<float, decltype(stored)> engine(model, options);
+    return evaluate(engine, plan, sequences, reference, feed);
+  };
+  if (kv_cache == "bf16") return run(Eigen::bfloat16());
+  if (kv_cache == "q8_0") return run(toptheta::BlockQ8_0());
+  if (kv_cache == "q8_8") return run(toptheta::BlockQ8<8>());
+  return run(float());
 }
 
 /// Kept elements and distinct V rows of one set of counters, as JSON.
@@ -334,11 +354,13 @@ inline int eval_command(const std::vector<std::string>& arguments, std::ostream&
 
   EngineOptions engine_options;
   engine_options.threads = 1;
+  const std::string kv_cache = line.choice("kv-cache", {"f32", "bf16", "q8_0", "q8_8"});
   Engine<float> engine(model, engine_options);
   const auto reference = feed_sequences(engine, sequences, feed);
-  const Evaluation evaluation = evaluate(engine, plan, sequences, reference, feed);
+  const Evaluation evaluation =
+      evaluate_with_cache(kv_cache, model, engine_options, plan, sequences, reference, feed);
 
-  out << "attention: " << describe(plan) << "\n"
+  out << "attention: " << describe(plan) << ", KV cache " << kv_cache << "\n"
       << sequences.size() << " sequences, prefill fraction " << feed.prefill_fraction << "\n\n";
   print_evaluation(out, evaluation);
   out << "\n(" << fixed(seconds_since(start), 1) << " s)\n";

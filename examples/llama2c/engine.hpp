@@ -59,8 +59,9 @@ enum class LogitRows {
 /// \tparam Real activations and matrix products: `float` (the engine), or `double` (a reference: it keeps a
 /// double copy of the weights; on stories260K it matches a float64 implementation to ~1e-7, where float
 /// rounding alone moves logits by ~1e-4).
-/// \tparam KvScalar stored type of K, V and the kernels' Q and output: float, double, Eigen::half or
-/// Eigen::bfloat16; the kernels accumulate in float (double for double).
+/// \tparam KvScalar stored type of K and V: float, double, Eigen::half or Eigen::bfloat16 (also the type of the
+/// kernels' Q and output; the kernels accumulate in float, double for double), or int8 blocks
+/// (`toptheta::BlockQ8<N>`, quantized as the cache appends; Q and the output stay in `Real`).
 /// An `Engine` refers to its `Model`, which must outlive it. After an exception from `prefill` or `decode`
 /// the caches may hold part of the call: `reset()` before reuse.
 template <class Real = float, class KvScalar = Real>
@@ -128,8 +129,10 @@ class Engine {
   Vector decode(int token) { return forward({token}, /*decode=*/true, LogitRows::last).row(0).transpose(); }
 
  private:
-  using KvMatrix = RowMatrix<KvScalar>;
-  static constexpr bool kv_is_real = std::is_same_v<KvScalar, Real>;
+  /// The kernels' Q and output type: the cache's stored type, or `Real` for int8 blocks.
+  using KernelScalar = std::conditional_t<toptheta::is_q8_block_v<KvScalar>, Real, KvScalar>;
+  using KvMatrix = RowMatrix<KernelScalar>;
+  static constexpr bool kv_is_real = std::is_same_v<KernelScalar, Real>;
 
   /// The weights in `Real`: the model's own for float, else the engine's converted copy.
   const ModelWeights<Real>& weights() const {
@@ -177,22 +180,22 @@ class Engine {
     cache.append(toptheta::TensorView<const Real>(k.data(), n, c.kv_heads, hs),
                  toptheta::TensorView<const Real>(v.data(), n, c.kv_heads, hs));
 
-    // The kernels take Q and the output in the cache's stored type.
+    // The kernels take Q and the output in the cache's stored type (Real for int8 blocks).
     KvMatrix q_stored, out_stored;
     Matrix out(n, c.heads * hs);
-    const KvScalar* q_data;
-    KvScalar* out_data;
+    const KernelScalar* q_data;
+    KernelScalar* out_data;
     if constexpr (kv_is_real) {
       q_data = q.data();
       out_data = out.data();
     } else {
-      q_stored = q.template cast<KvScalar>();
+      q_stored = q.template cast<KernelScalar>();
       out_stored.resize(n, c.heads * hs);
       q_data = q_stored.data();
       out_data = out_stored.data();
     }
-    const toptheta::TensorView<const KvScalar> queries(q_data, n, c.heads, hs);
-    const toptheta::TensorView<KvScalar> output(out_data, n, c.heads, hs);
+    const toptheta::TensorView<const KernelScalar> queries(q_data, n, c.heads, hs);
+    const toptheta::TensorView<KernelScalar> output(out_data, n, c.heads, hs);
     if (observer_) observe(layer, queries, cache, past, decode);
 
     toptheta::AttentionOptions placement;
@@ -231,7 +234,7 @@ class Engine {
 
   /// Hands every score row of this call to the observer: `a_ij = <q_i, k_j> / sqrt(hs)` in double, from the Q
   /// and K the kernel reads. Cost O(heads x n x L x hs); meant for calibration, not speed.
-  void observe(Index layer, const toptheta::TensorView<const KvScalar>& queries,
+  void observe(Index layer, const toptheta::TensorView<const KernelScalar>& queries,
                const toptheta::KvCache<KvScalar>& cache, Index past, bool decode) {
     const Config& c = config();
     const Index n = queries.tokens(), group = c.heads / c.kv_heads;
@@ -239,7 +242,9 @@ class Engine {
     Eigen::VectorXd row_scores;
     for (Index h = 0; h < c.heads; ++h) {
       const Eigen::MatrixXd q = queries.head(h).template cast<double>();
-      const Eigen::MatrixXd keys = cache.keys().head(h / group).template cast<double>();
+      RowMatrix<double> keys(cache.length(), c.head_dim());
+      for (Index t = 0; t < keys.rows(); ++t)
+        toptheta::detail::convert(cache.keys().row(t, h / group), c.head_dim(), keys.row(t).data());
       const Eigen::MatrixXd scores = scale * (q * keys.transpose());  // [n, past + n]
       for (Index i = 0; i < n; ++i) {
         const Index length = past + i + 1;

@@ -21,7 +21,8 @@
 namespace toptheta {
 
 /// One sequence of a batched attention call.
-/// \tparam KvView `TensorView<const Scalar>` (contiguous K and V) or `PagedTensorView<const Scalar>`.
+/// \tparam KvView `TensorView<const Scalar>` (contiguous K and V) or `PagedTensorView<const Scalar>`, or either
+/// of `const BlockQ8<N>` (an int8 cache).
 template <class Scalar, class KvView = TensorView<const Scalar>>
 struct SequenceViews {
   /// `[n_q, q_heads, d]`: the sequence's new query rows, `n_q >= 0` (1 in decode, a few when speculating, 0 for

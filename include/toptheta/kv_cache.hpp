@@ -26,12 +26,17 @@ namespace toptheta {
 /// compensation reads) is never poisoned. The check reads each value once more in a loop that already converts
 /// each one for the sum; an engine that wants the kernels' rules for non-finite data instead (README, "Bad and
 /// non-finite input") turns it off.
+///
+/// \tparam Scalar stored type: `float`, `double`, `Eigen::half`, `Eigen::bfloat16`, or `BlockQ8<N>` for an int8
+/// cache (`BlockQ8_0`: q8_0; `head_dim` a multiple of N), which quantizes each appended row (`quantize_q8`),
+/// always rejects values it cannot hold (non-finite or above `q8_max_magnitude`, whatever `check_finite`
+/// says), and sums the dequantized values, those the kernels read.
 template <class Scalar>
 class KvCache {
  public:
   KvCache(Index kv_heads, Index head_dim, Index capacity)
       : capacity_(capacity), tokens_(checked(kv_heads, head_dim, capacity)) {
-    keys_.resize(std::size_t(capacity * kv_heads * head_dim));
+    keys_.resize(std::size_t(capacity * kv_heads * elements_of<Scalar>(head_dim)));
     values_.resize(keys_.size());
   }
 
@@ -49,9 +54,9 @@ class KvCache {
   /// cache is left unchanged.
   template <class Stored>
   void append(const TensorView<Stored>& keys, const TensorView<Stored>& values) {
-    tokens_.check(keys, values, capacity_ - length(), "free capacity");
+    tokens_.template check<Scalar>(keys, values, capacity_ - length(), "free capacity");
     const auto row_at = [this](AlignedVector<Scalar>& rows) {
-      return [&rows, this](Index t, Index h) { return rows.data() + (t * kv_heads() + h) * head_dim(); };
+      return [&rows, this](Index t, Index h) { return rows.data() + (t * kv_heads() + h) * elements_of<Scalar>(head_dim()); };
     };
     tokens_.template append<Stored, Scalar>(keys, values, row_at(keys_), row_at(values_));
   }
@@ -71,6 +76,9 @@ class KvCache {
   detail::CachedTokens checked(Index kv_heads, Index head_dim, Index capacity) const {
     detail::require(kv_heads >= 1, "kv_heads", "a count >= 1", kv_heads);
     detail::require(head_dim >= 1, "head_dim", "a count >= 1", head_dim);
+    detail::require(head_dim % values_per_element_v<Scalar> == 0, "head_dim",
+                    "a multiple of the " + std::to_string(values_per_element_v<Scalar>) + " values of a block",
+                    head_dim);
     detail::require(capacity >= 1, "capacity", "a count >= 1", capacity);
     const Index largest = Index(std::min(keys_.max_size(), std::size_t(std::numeric_limits<Index>::max())));
     detail::require(head_dim <= largest / kv_heads, "head_dim",

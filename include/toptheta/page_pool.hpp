@@ -17,7 +17,8 @@ namespace toptheta {
 /// `pages` pages of K and `pages` pages of V of `page_size x kv_heads x head_dim` values (`PageLayout`,
 /// token-major by default), allocated once (on cache lines) and lent to the sequences of one layer (`PagedKvCache`) one page at a time; the pool hands out the
 /// most recently returned page first. Views of its pages stay valid until the pool is destroyed.
-/// \tparam Scalar stored type.
+/// \tparam Scalar stored type: `float`, `double`, `Eigen::half`, `Eigen::bfloat16` or `BlockQ8<N>` (an int8 cache,
+/// quantized on append; `head_dim` a multiple of N).
 template <class Scalar>
 class PagePool {
  public:
@@ -31,6 +32,8 @@ class PagePool {
     require(page_size >= 1 && (page_size & (page_size - 1)) == 0, "page_size", "a power of two >= 1", page_size);
     require(kv_heads >= 1, "kv_heads", "a count >= 1", kv_heads);
     require(head_dim >= 1, "head_dim", "a count >= 1", head_dim);
+    require(head_dim % values_per_element_v<Scalar> == 0, "head_dim",
+            "a multiple of the " + std::to_string(values_per_element_v<Scalar>) + " values of a block", head_dim);
     const Index largest = std::numeric_limits<Index>::max() / Index(sizeof(Scalar));
     require(head_dim <= largest / kv_heads / page_size / pages, "pages",
             "a pool whose pages x page_size x kv_heads x head_dim values are addressable", pages);
@@ -50,8 +53,8 @@ class PagePool {
   Index head_dim() const { return head_dim_; }
   PageLayout layout() const { return layout_; }
   Index free_pages() const { return Index(free_.size()); }
-  /// Values of one page of K (or V): `page_size x kv_heads x head_dim`.
-  Index page_values() const { return page_size_ * kv_heads_ * head_dim_; }
+  /// Stored elements of one page of K (or V): `page_size x kv_heads x head_dim` values (for blocks, `/ N`).
+  Index page_values() const { return page_size_ * kv_heads_ * elements_of<Scalar>(head_dim_); }
 
   /// A free page, now in use. \throws invalid_argument when every page is in use.
   std::int32_t allocate() {

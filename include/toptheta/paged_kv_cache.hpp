@@ -66,7 +66,7 @@ class PagedKvCache {
   void append(const TensorView<Stored>& keys, const TensorView<Stored>& values) {
     const Index page_size = pool_->page_size();
     const Index room = Index(block_table_.size()) * page_size - length();  // in the last page
-    tokens_.check(keys, values, room + pool_->free_pages() * page_size,
+    tokens_.template check<Scalar>(keys, values, room + pool_->free_pages() * page_size,
                   "free room in the last page and the pool's " + std::to_string(pool_->free_pages()) + " free pages");
     while (Index(block_table_.size()) * page_size < length() + keys.tokens()) block_table_.push_back(pool_->allocate());
     const PagedTensorView<Scalar> key_pages = view(pool_->key_pages(), length() + keys.tokens());

@@ -24,9 +24,10 @@ enum class PageLayout {
 ///
 /// Element `(t, h, d)` lives at `pages[block_table[t / page_size] * page_size * heads * head_dim + (t %
 /// page_size) * token_stride + h * head_stride + d]`, with the strides of the layout (token-major: `heads *
-/// head_dim` and `head_dim`; head-major: `head_dim` and `page_size * head_dim`). The attention kernels take this
-/// view wherever they take a `TensorView` for K and V; they read the rows of one page at a time and the rows
-/// they gather through the table. Token-major pages are the faster ones in this project's decode benchmark
+/// head_dim` and `head_dim`; head-major: `head_dim` and `page_size * head_dim`). For int8 blocks
+/// (`BlockQ8<N>`) the offsets count blocks: `head_dim / N` in place of `head_dim`. The attention kernels take
+/// this view wherever they take a `TensorView` for K and V; they read the rows of one page at a time and the
+/// rows they gather through the table. Token-major pages are the faster ones in this project's decode benchmark
 /// (`decode_paged`, benchmarks/decode.cpp); head-major is there for engines that keep their cache that way.
 /// \tparam Scalar stored type, `const`-qualified for inputs.
 template <class Scalar>
@@ -43,13 +44,15 @@ class PagedTensorView {
                   Index heads, Index head_dim, PageLayout layout = PageLayout::token_major)
       : pages_(pages), block_table_(block_table), pool_pages_(pool_pages), page_size_(page_size), tokens_(tokens),
         heads_(heads), head_dim_(head_dim), layout_(layout),
-        token_stride_(layout == PageLayout::token_major ? heads * head_dim : head_dim),
-        head_stride_(layout == PageLayout::token_major ? head_dim : page_size * head_dim) {
+        token_stride_(layout == PageLayout::token_major ? heads * elements_of<Scalar>(head_dim) : elements_of<Scalar>(head_dim)),
+        head_stride_(layout == PageLayout::token_major ? elements_of<Scalar>(head_dim) : page_size * elements_of<Scalar>(head_dim)) {
     using detail::require;
     require(page_size >= 1 && (page_size & (page_size - 1)) == 0, "page_size", "a power of two >= 1", page_size);
     require(tokens >= 0, "tokens", "a count >= 0", tokens);
     require(heads >= 1, "heads", "a count >= 1", heads);
     require(head_dim >= 1, "head_dim", "a count >= 1", head_dim);
+    require(head_dim % values_per_element_v<Scalar> == 0, "head_dim",
+            "a multiple of the " + std::to_string(values_per_element_v<Scalar>) + " values of a block", head_dim);
     require(pool_pages >= 0, "pool_pages", "a count >= 0", pool_pages);
     require(pages != nullptr || tokens == 0, "pages", "a non-null pointer", "nullptr");
     require(block_table != nullptr || tokens == 0, "block_table", "a non-null pointer", "nullptr");
@@ -77,8 +80,8 @@ class PagedTensorView {
   /// Entries of the block table the view reads: `ceil(tokens / page_size)`.
   Index table_entries() const { return (tokens_ + page_size_ - 1) >> page_shift_; }
   PageLayout layout() const { return layout_; }
-  /// Values of one page: `page_size x heads x head_dim`.
-  Index page_values() const { return page_size_ * heads_ * head_dim_; }
+  /// Stored elements of one page: `page_size x heads x head_dim` values (for blocks, `/ N`).
+  Index page_values() const { return page_size_ * heads_ * elements_of<Scalar>(head_dim_); }
   /// Distance between the rows of consecutive tokens within a page, and between the heads of one token.
   Index token_stride() const { return token_stride_; }
   Index head_stride() const { return head_stride_; }

@@ -17,6 +17,7 @@
 #include <toptheta/page_pool.hpp>
 #include <toptheta/paged_kv_cache.hpp>
 #include <toptheta/paged_view.hpp>
+#include <toptheta/q8_block.hpp>
 #include <toptheta/reference_attention.hpp>
 #include <toptheta/reference_thresholds.hpp>
 #include <toptheta/scalar_traits.hpp>

@@ -1,6 +1,7 @@
 // vbar(L) = (1/L) Σ_{j<L} v_j for the row lengths of one attention call, for V-mean compensation.
 #pragma once
 
+#include <toptheta/detail/convert.hpp>
 #include <toptheta/scalar_traits.hpp>
 #include <toptheta/views.hpp>
 
@@ -35,19 +36,22 @@ class ValueMeans {
   /// \tparam View `TensorView<const Scalar>` or `PagedTensorView<const Scalar>`.
   template <class View>
   void compute(Index kv_head, const View& v, const double* prefix_sum) {
-    using Scalar = typename View::value_type;
     const Index dim = means_.cols();
-    const auto value = [&](Index t) { return Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(v.row(t, kv_head), dim); };
+    Eigen::RowVectorXd row(dim);
+    const auto value = [&](Index t) -> const Eigen::RowVectorXd& {
+      detail::convert(v.row(t, kv_head), dim, row.data());
+      return row;
+    };
     Eigen::RowVectorXd sum = Eigen::RowVectorXd::Zero(dim);
     if (prefix_sum) {
       sum = Eigen::Map<const Eigen::RowVectorXd>(prefix_sum + kv_head * dim, dim);
     } else {
-      for (Index t = 0; t < start_; ++t) sum += value(t).template cast<double>();
+      for (Index t = 0; t < start_; ++t) sum += value(t);
     }
     Index summed = start_;  // rows in `sum`
     for (Index l = 0; l < lengths_; ++l) {
       const Index length = first_length_ + l;
-      for (; summed < length; ++summed) sum += value(summed).template cast<double>();
+      for (; summed < length; ++summed) sum += value(summed);
       means_.row(kv_head * lengths_ + l) = (sum / double(length)).template cast<Acc>();
     }
   }

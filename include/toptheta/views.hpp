@@ -18,6 +18,9 @@ namespace toptheta {
 /// Element `(t, h, d)` lives at `data[t * token_stride + h * head_stride + d]`: the `head_dim` values of one
 /// (token, head) pair are contiguous. The defaults describe a dense `[tokens, heads, head_dim]` buffer;
 /// `[heads, tokens, head_dim]` is `token_stride = head_dim, head_stride = tokens * head_dim`.
+/// Strides count stored elements: for a K or V of int8 blocks (`BlockQ8<N>`, e.g. `BlockQ8_0` of 32 values)
+/// `head_dim` is a multiple of N, a row is `head_dim / N` blocks, and the default strides are `heads * head_dim /
+/// N` and `head_dim / N`; such a view has no `head()`.
 /// \tparam Scalar stored type, `const`-qualified for inputs.
 template <class Scalar>
 class TensorView {
@@ -32,13 +35,15 @@ class TensorView {
 
   TensorView() = default;
   TensorView(Scalar* data, Index tokens, Index heads, Index head_dim)
-      : TensorView(data, tokens, heads, head_dim, heads * head_dim, head_dim) {}
+      : TensorView(data, tokens, heads, head_dim, heads * elements_of<Scalar>(head_dim), elements_of<Scalar>(head_dim)) {}
   TensorView(Scalar* data, Index tokens, Index heads, Index head_dim, Index token_stride, Index head_stride)
       : data_(data), tokens_(tokens), heads_(heads), head_dim_(head_dim), token_stride_(token_stride),
         head_stride_(head_stride) {
     detail::require(tokens >= 0, "tokens", "a count >= 0", tokens);
     detail::require(heads >= 1, "heads", "a count >= 1", heads);
     detail::require(head_dim >= 1, "head_dim", "a count >= 1", head_dim);
+    detail::require(head_dim % values_per_element_v<Scalar> == 0, "head_dim",
+                    "a multiple of the " + std::to_string(values_per_element_v<Scalar>) + " values of a block", head_dim);
     detail::require(data != nullptr || tokens == 0, "data", "a non-null pointer", "nullptr");
     detail::require(token_stride >= 0 && head_stride >= 0, "strides", "non-negative strides",
                     std::to_string(token_stride) + ", " + std::to_string(head_stride));
@@ -57,8 +62,10 @@ class TensorView {
   Scalar* data() const { return data_; }
 
   /// The rows of head `h`: a `tokens x head_dim` row-major map with outer stride `token_stride`.
-  HeadRows head(Index h) const { return HeadRows(data_ + h * head_stride_, tokens_, head_dim_, Eigen::OuterStride<>(token_stride_)); }
-  /// Pointer to the `head_dim` values of token `t`, head `h`.
+  HeadRows head(Index h) const {
+    static_assert(!is_block_type_v<Scalar>, "rows of blocks are read through row()");
+    return HeadRows(data_ + h * head_stride_, tokens_, head_dim_, Eigen::OuterStride<>(token_stride_)); }
+  /// Pointer to the `head_dim` values (the blocks that hold them) of token `t`, head `h`.
   Scalar* row(Index t, Index h) const { return data_ + t * token_stride_ + h * head_stride_; }
   /// Tokens from `t` on whose rows lie `token_stride` apart: all the rest (a paged view: the rest of the page).
   Index contiguous_from(Index t) const { return tokens_ - t; }

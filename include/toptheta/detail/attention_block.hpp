@@ -36,6 +36,7 @@ namespace toptheta::detail {
 template <class Tiles, class Scalar, class Selection, class KvView>
 struct AttentionBlock {
   using Acc = accumulator_t<Scalar>;
+  using KvScalar = typename KvView::value_type;  // Scalar, or int8 blocks (BlockQ8)
   using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Call = CallState<Tiles, Scalar, Selection, KvView>;
 
@@ -179,13 +180,13 @@ struct AttentionBlock {
   /// key row is loaded once and dotted with every query row, and the `next` key rows are asked for
   /// meanwhile; a larger block uses a GEMM.
   template <class Into>
-  void score(Index first, Index width, Into&& into, NextRows<Scalar> next = {}) {
+  void score(Index first, Index width, Into&& into, NextRows<KvScalar> next = {}) {
     if (scaled_queries.rows() <= streaming_rows) {
       Call::for_each_run(call->k, first, width, [&](Index from, Index count) {
         dot_rows(RowBlock<const Acc>{scaled_queries.data(), scaled_queries.cols()}, scaled_queries.rows(),
                  call->k.row(from, kv_head), call->k.token_stride(), count, scaled_queries.cols(),
                  RowBlock<Acc>{into.data() + (from - first), into.outerStride()},
-                 from + count == first + width ? next : NextRows<Scalar>{});
+                 from + count == first + width ? next : NextRows<KvScalar>{});
       });
     } else {
       if (packed_queries.rows() == 0)
@@ -241,7 +242,7 @@ struct AttentionBlock {
   }
 
   /// Scores of the tile's keys [from, from + count), unless the rows' scores are known already.
-  void score_keys(Index from, Index count, AttentionStats& stats, NextRows<Scalar> next = {}) {
+  void score_keys(Index from, Index count, AttentionStats& stats, NextRows<KvScalar> next = {}) {
     if (scores_rows_first()) return;
     score(from, count, tile_scores.middleCols(from - tile_first, count), next);
     stats.k_rows_read[std::size_t(kv_head)] += std::uint64_t(count);
@@ -451,7 +452,7 @@ struct AttentionBlock {
     for (Row& row : rows)
       if (row.selection.running) decide_candidates(row);
     if (output.rows() <= streaming_rows) {
-      const Index row_bytes = output.cols() * Index(sizeof(Scalar));
+      const Index row_bytes = stored_bytes<KvScalar>(output.cols());
       for (const Row& row : rows)
         for (Index t = 0; t < row.candidates.size(); ++t)
           ask_for_bytes(call->v.row(row.candidates.positions()[t], kv_head), row_bytes);
@@ -529,7 +530,7 @@ struct AttentionBlock {
   /// kept are never loaded. A sparse tile (few selected elements among many rows; accumulated whole) adds to
   /// each output row its survivors' V rows, gathered; a dense one streams the V rows (few rows; asking for
   /// the `next` ones meanwhile) or uses a GEMM over the kept columns.
-  void accumulate_values(Index from, Index count, NextRows<Scalar> next = {}) {
+  void accumulate_values(Index from, Index count, NextRows<KvScalar> next = {}) {
     const Index offset = from - tile_first, dim = output.cols();
     const auto in_range = [&](Index c) { return c >= offset && c < offset + count; };
     if (call->careful_values && tile_sparse) {
@@ -555,7 +556,7 @@ struct AttentionBlock {
         add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + (run_from - tile_first), tile_weights.cols()},
                           output.rows(), call->v.row(run_from, kv_head), call->v.token_stride(), run_count, dim,
                           RowBlock<Acc>{output.data(), dim},
-                          run_from + run_count == from + count ? next : NextRows<Scalar>{});
+                          run_from + run_count == from + count ? next : NextRows<KvScalar>{});
       });
     } else if (Index(kept_columns.size()) == tile_width) {
       serial_product<true>(output, tile_weights.middleCols(offset, count),
@@ -580,8 +581,8 @@ struct AttentionBlock {
   void add_if_weighed(Acc weight, Index position, Index r) {
     if (weight == Acc(0)) return;
     Acc* const into = output.row(r).data();
-    const Scalar* const value = call->v.row(position, kv_head);
-    for (Index d = 0; d < output.cols(); ++d) into[d] += weight * Acc(value[d]);
+    const KvScalar* const value = call->v.row(position, kv_head);
+    for (Index d = 0; d < output.cols(); ++d) into[d] += weight * value_at<Acc>(value, d);
   }
 
   /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax). A NaN

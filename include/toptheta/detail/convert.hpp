@@ -1,6 +1,7 @@
 // Conversion of stored values and rows to the accumulation type.
 #pragma once
 
+#include <toptheta/q8_block.hpp>
 #include <toptheta/scalar_traits.hpp>
 
 #include <Eigen/Core>
@@ -11,11 +12,14 @@
 
 namespace toptheta::detail {
 
-/// `destination[t] = float(source[t])` for `count` values. bfloat16 is the upper half of a float, so its
-/// conversion is a shift the compiler vectorises; other types convert one value at a time.
+/// `destination[t] = Acc(value t)` for the first `count` values of the row at `source`. bfloat16 is the upper
+/// half of a float, so its conversion is a shift the compiler vectorises; int8 blocks (`BlockQ8`) are dequantized
+/// (`count` a multiple of the block); other types convert one value at a time.
 template <class Stored, class Acc>
 void convert(const Stored* source, Index count, Acc* destination) {
-  if constexpr (std::is_same_v<Stored, Eigen::bfloat16> && std::is_same_v<Acc, float>) {
+  if constexpr (is_q8_block_v<Stored>) {
+    dequantize_q8(source, count, destination);
+  } else if constexpr (std::is_same_v<Stored, Eigen::bfloat16> && std::is_same_v<Acc, float>) {
     static_assert(sizeof(Eigen::bfloat16) == sizeof(std::uint16_t), "bfloat16 is 16 bits");
     for (Index t = 0; t < count; ++t) {
       std::uint16_t bits;
@@ -25,6 +29,17 @@ void convert(const Stored* source, Index count, Acc* destination) {
     }
   } else {
     for (Index t = 0; t < count; ++t) destination[t] = Acc(source[t]);
+  }
+}
+
+/// Value `d` of the row at `row`, as `Acc`.
+template <class Acc, class Stored>
+Acc value_at(const Stored* row, Index d) {
+  if constexpr (is_block_type_v<Stored>) {
+    constexpr Index size = values_per_element_v<Stored>;
+    return Acc(float(row[d / size].scale) * float(row[d / size].values[d % size]));
+  } else {
+    return Acc(row[d]);
   }
 }
 

@@ -32,7 +32,8 @@ template <class View>
 using read_only_view_t = typename KvViewTraits<View>::ReadOnly;
 
 /// The read-only view the kernels take for K viewed as `KView` and V as `VView`: both contiguous or both paged,
-/// of stored type `Scalar`.
+/// of the stored type `Scalar` of q and out, or of int8 blocks (`BlockQ8`, an int8 cache) with q and out of
+/// any type.
 template <class Scalar, class KView, class VView>
 struct KvViewOf {
   static_assert(KvViewTraits<KView>::is_view && KvViewTraits<VView>::is_view,
@@ -40,7 +41,8 @@ struct KvViewOf {
   using type = read_only_view_t<KView>;
   static_assert(std::is_same_v<type, read_only_view_t<VView>>,
                 "k and v must be views of the same kind (both contiguous or both paged) and type");
-  static_assert(std::is_same_v<typename type::value_type, Scalar>, "k and v must hold the type of q and out");
+  static_assert(std::is_same_v<typename type::value_type, Scalar> || is_block_type_v<typename type::value_type>,
+                "k and v must hold the type of q and out, or int8 blocks (BlockQ8)");
 };
 template <class Scalar, class KView, class VView>
 using kv_view_t = typename KvViewOf<Scalar, KView, VView>::type;
@@ -51,10 +53,10 @@ constexpr bool is_paged_view_v = KvViewTraits<View>::paged;
 
 /// Rows `[first, first + count)` of head `head` of `view` as a `count x head_dim` row-major matrix of `Acc`: the
 /// view's own memory when it is contiguous and stored as `Acc`, else a copy in `buffer` (gathered page by page,
-/// converted).
+/// converted or dequantized).
 template <class Acc, class View, class Buffer>
 auto rows_as_accumulator(const View& view, Index head, Index first, Index count, Buffer& buffer) {
-  if constexpr (!is_paged_view_v<View>) {
+  if constexpr (!is_paged_view_v<View> && !is_block_type_v<typename View::value_type>) {
     return as_accumulator<Acc>(view.head(head).middleRows(first, count), buffer);
   } else {
     buffer.resize(count, view.head_dim());

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <type_traits>
 #include <vector>
 
 namespace toptheta::detail {
@@ -20,12 +21,17 @@ namespace toptheta::detail {
 /// `[tokens, heads, d]` (each row a miss of its own, a token stride apart) head by head so that the blocks
 /// gather V rows from consecutive memory. Two transient buffers of at most K's size in the accumulator type
 /// and V's size, each skipped above `max_bytes` (the blocks then pack their own tiles and read V where it
-/// lies). Results are the same bits either way. A paged V is read where it lies, through its block table.
+/// lies). Results are the same bits either way. A paged V is read where it lies, through its block table, and so
+/// is a V of int8 blocks.
 template <class Tiles, class Scalar, class KvView = TensorView<const Scalar>>
 class PrefillPreparation {
  public:
   using Acc = accumulator_t<Scalar>;
   using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+  /// Whether a V viewed as `KvView` may be copied head-major: a contiguous view of the type of q.
+  static constexpr bool copies_values =
+      !is_paged_view_v<KvView> && std::is_same_v<typename KvView::value_type, Scalar>;
 
   /// Most bytes of packed K tiles, and of copied V rows, that a call prepares.
   static constexpr std::size_t max_bytes = std::size_t(64) << 20;
@@ -39,8 +45,8 @@ class PrefillPreparation {
       key_tiles_ = tiles;
       packed_keys_.resize(kv_heads * tiles * Tiles::kv_block * dim);
     }
-    if constexpr (!is_paged_view_v<KvView>) {
-      if (v.token_stride() != dim && double(visible * kv_heads * dim) * sizeof(Scalar) <= double(max_bytes)) {
+    if constexpr (copies_values) {
+      if (v.token_stride() != dim && double(visible * kv_heads * dim) * sizeof(typename KvView::value_type) <= double(max_bytes)) {
         head_major_values_.resize(visible * kv_heads * dim);
         copied_values_ = KvView(head_major_values_.data(), visible, kv_heads, dim, dim, visible * dim);
         value_chunks_ = (visible + Tiles::kv_block - 1) / Tiles::kv_block;
@@ -64,9 +70,10 @@ class PrefillPreparation {
     // Tokens [first, end) in address order, each head's rows to its own run.
     const Index first = (item - key_items) * Tiles::kv_block;
     const Index end = std::min(first + Tiles::kv_block, copied_values_.tokens());
-    for (Index t = first; t < end; ++t)
-      for (Index h = 0; h < v_.heads(); ++h)
-        std::copy_n(v_.row(t, h), dim, head_major_values_.data() + (h * copied_values_.tokens() + t) * dim);
+    if constexpr (copies_values)
+      for (Index t = first; t < end; ++t)
+        for (Index h = 0; h < v_.heads(); ++h)
+          std::copy_n(v_.row(t, h), dim, head_major_values_.data() + (h * copied_values_.tokens() + t) * dim);
   }
 
   /// V as the blocks read it: the head-major copy when there is one, else the caller's.

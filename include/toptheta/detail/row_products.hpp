@@ -2,6 +2,8 @@
 // bfloat16 or half cache is read at its own size: the streaming (decode) path of the tiled kernel.
 #pragma once
 
+#include <toptheta/detail/convert.hpp>
+#include <toptheta/q8_block.hpp>
 #include <toptheta/scalar_traits.hpp>
 
 #include <Eigen/Core>
@@ -20,13 +22,16 @@ using Packet = typename Eigen::internal::packet_traits<Acc>::type;
 template <class Acc>
 constexpr Index packet_size = Eigen::internal::unpacket_traits<Packet<Acc>>::size;
 
-/// `Packet<Acc>` of `Acc(source[0 .. packet_size))`. bfloat16 is the upper half of a float, so widening it is
-/// a zero-extension and a shift; half uses F16C. Each ISA case is selected by the packet Eigen vectorises
-/// with; other combinations convert through a small buffer.
+/// `Packet<Acc>` of values `[d, d + packet_size)` of the row at `row` (`d` a multiple of the packet size).
+/// bfloat16 is the upper half of a float, so widening it is a zero-extension and a shift; half uses F16C; a
+/// `BlockQ8` whose blocks hold whole packets has its bytes sign-extended, converted and multiplied by the block's
+/// scale (exactly as `dequantize_q8` does). Each ISA case is selected by the packet Eigen vectorises with; other combinations
+/// convert through a small buffer.
 template <class Acc, class Stored>
-Packet<Acc> load_widened(const Stored* source) {
+Packet<Acc> load_widened(const Stored* row, Index d) {
   namespace ei = Eigen::internal;
   using P = Packet<Acc>;
+  [[maybe_unused]] const Stored* source = row + d;  // scalar types
   if constexpr (std::is_same_v<Stored, Acc>) {
     return ei::ploadu<P>(source);
   }
@@ -36,11 +41,23 @@ Packet<Acc> load_widened(const Stored* source) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
   } else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && std::is_same_v<Stored, Eigen::half>) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source)));
+  } else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && is_q8_block_v<Stored> &&
+                       values_per_element_v<Stored> % 16 == 0) {
+    const Stored& block = row[d / values_per_element_v<Stored>];
+    const __m128i bytes =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block.values + d % values_per_element_v<Stored>));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), _mm512_set1_ps(float(block.scale)));
   }
 #elif defined(EIGEN_VECTORIZE_AVX2)
   else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 8 && std::is_same_v<Stored, Eigen::bfloat16>) {
     const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  } else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 8 && is_q8_block_v<Stored> &&
+                       values_per_element_v<Stored> % 8 == 0) {
+    const Stored& block = row[d / values_per_element_v<Stored>];
+    const __m128i bytes =
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block.values + d % values_per_element_v<Stored>));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), _mm256_set1_ps(float(block.scale)));
   }
 #elif defined(EIGEN_VECTORIZE_SSE2)
   else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 4 && std::is_same_v<Stored, Eigen::bfloat16>) {
@@ -55,7 +72,7 @@ Packet<Acc> load_widened(const Stored* source) {
 #endif
   else {
     alignas(64) Acc widened[packet_size<Acc>];
-    for (Index t = 0; t < packet_size<Acc>; ++t) widened[t] = Acc(source[t]);
+    for (Index t = 0; t < packet_size<Acc>; ++t) widened[t] = value_at<Acc>(row, d + t);
     return ei::pload<P>(widened);
   }
 }
@@ -171,17 +188,17 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
   namespace ei = Eigen::internal;
   using P = Packet<Acc>;
   constexpr Index size = packet_size<Acc>;
-  constexpr Index line_values = 64 / Index(sizeof(Stored));
+  const Index row_bytes = stored_bytes<Stored>(dim);
   const Index vector_dim = dim - dim % size;
   P sums[keys_per_pass][rows_per_pass];
   for (int t = 0; t < Keys; ++t)
     for (int r = 0; r < Rows; ++r) sums[t][r] = ei::pset1<P>(Acc(0));
   // Outside the loop below, whose sums GCC spills when it holds a branch.
   for (Index t = 0; t < next_count; ++t)
-    for (Index d = 0; d < dim; d += line_values) ask_for_line(next_keys + t * key_stride + d);
+    for (Index b = 0; b < row_bytes; b += 64) ask_for_line(reinterpret_cast<const char*>(next_keys + t * key_stride) + b);
   for (Index d = 0; d < vector_dim; d += size) {
     P key[Keys];
-    for (int t = 0; t < Keys; ++t) key[t] = load_widened<Acc>(keys + t * key_stride + d);
+    for (int t = 0; t < Keys; ++t) key[t] = load_widened<Acc>(keys + t * key_stride, d);
     for (int r = 0; r < Rows; ++r) {
       const P query = ei::ploadu<P>(queries.row(r) + d);
       for (int t = 0; t < Keys; ++t) sums[t][r] = ei::pmadd(query, key[t], sums[t][r]);
@@ -190,7 +207,7 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
   store_dots<Rows, Keys>(sums, scores);
   for (int r = 0; r < Rows; ++r)
     for (int t = 0; t < Keys; ++t)
-      for (Index d = vector_dim; d < dim; ++d) scores.row(r)[t] += queries.row(r)[d] * Acc(keys[t * key_stride + d]);
+      for (Index d = vector_dim; d < dim; ++d) scores.row(r)[t] += queries.row(r)[d] * value_at<Acc>(keys + t * key_stride, d);
 }
 
 /// `output_r += Σ_j weights(r, j) values_j` for `Rows` rows over `Packets` packets of the head dimension
@@ -205,13 +222,15 @@ void add_weighted_rows_pass(RowBlock<const Acc> weights, const Stored* values, I
   P sum[Rows][Packets];
   for (int r = 0; r < Rows; ++r)
     for (int p = 0; p < Packets; ++p) sum[r][p] = ei::ploadu<P>(output.row(r) + offset + p * size);
-  constexpr int pass_lines = int((Packets * size * Index(sizeof(Stored)) + 63) / 64);
+  // The pass's values start in the element `elements_of(offset)` of a row; blocks need not start on a line.
+  constexpr int pass_lines = int((stored_bytes<Stored>(Packets * size) + 63) / 64) + (is_block_type_v<Stored> ? 1 : 0);
+  const Index pass_start = elements_of<Stored>(offset);
   for (Index j = 0; j < count; ++j) {
-    const Stored* value = values + j * value_stride + offset;
+    const Stored* value = values + j * value_stride;
     // Unconditional (the current row when no next one is left): a branch here makes GCC spill the sums.
-    ask_for_lines<pass_lines>(j < next.count ? next.rows + j * value_stride + offset : value);
+    ask_for_lines<pass_lines>((j < next.count ? next.rows + j * value_stride : value) + pass_start);
     P widened[Packets];
-    for (int p = 0; p < Packets; ++p) widened[p] = load_widened<Acc>(value + p * size);
+    for (int p = 0; p < Packets; ++p) widened[p] = load_widened<Acc>(value, offset + p * size);
     for (int r = 0; r < Rows; ++r) {
       const P weight = ei::pset1<P>(weights.row(r)[j]);
       for (int p = 0; p < Packets; ++p) sum[r][p] = ei::pmadd(weight, widened[p], sum[r][p]);
@@ -271,7 +290,7 @@ void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* va
         for (Index r = 0; r < Rows; ++r)
           for (Index j = 0; j < keys; ++j)
             for (Index t = packets * size; t < dim; ++t)
-              pass_output.row(r)[t] += pass_weights.row(r)[j] * Acc(group[j * value_stride + t]);
+              pass_output.row(r)[t] += pass_weights.row(r)[j] * value_at<Acc>(group + j * value_stride, t);
       });
   }
 }
@@ -290,9 +309,9 @@ void add_gathered_rows_pass(const Acc* weights, const std::int32_t* columns, Ind
   P sum[Packets];
   for (int p = 0; p < Packets; ++p) sum[p] = ei::pset1<P>(Acc(0));
   for (Index t = 0; t < count; ++t) {
-    const auto* value = row_at(columns[t]) + offset;
+    const auto* value = row_at(columns[t]);
     const P weight = ei::pset1<P>(weights[t]);
-    for (int p = 0; p < Packets; ++p) sum[p] = ei::pmadd(weight, load_widened<Acc>(value + p * size), sum[p]);
+    for (int p = 0; p < Packets; ++p) sum[p] = ei::pmadd(weight, load_widened<Acc>(value, offset + p * size), sum[p]);
   }
   for (int p = 0; p < Packets; ++p)
     ei::pstoreu(output + offset + p * size, ei::padd(ei::ploadu<P>(output + offset + p * size), sum[p]));
@@ -320,7 +339,7 @@ void add_gathered_rows(const Acc* weights, const std::int32_t* columns, Index co
   for (; packet < packets; ++packet) add_gathered_rows_pass<1>(weights, columns, count, row_at, packet * size, output);
   for (Index t = 0; t < count; ++t) {
     const auto* value = row_at(columns[t]);
-    for (Index d = packets * size; d < dim; ++d) output[d] += weights[t] * Acc(value[d]);
+    for (Index d = packets * size; d < dim; ++d) output[d] += weights[t] * value_at<Acc>(value, d);
   }
 }
 

@@ -25,6 +25,7 @@ class SplitKeyPlan {
  public:
   using Call = CallState<Tiles, Scalar, Selection, KvView>;
   using Block = AttentionBlock<Tiles, Scalar, Selection, KvView>;
+  using KvScalar = typename KvView::value_type;
 
   /// Whether a call whose blocks stack `block_rows` rows runs this plan.
   static bool suits(const Call& call, Index block_rows) {
@@ -53,7 +54,7 @@ class SplitKeyPlan {
     }
     // Every block holds the same query rows, so they share their visible keys and their tiles.
     const Index first_tile = split * tiles_per_split_, end_tile = std::min(first_tile + tiles_per_split_, tiles_);
-    const Index row_bytes = call_.shape.head_dim * Index(sizeof(Scalar));
+    const Index row_bytes = stored_bytes<KvScalar>(call_.shape.head_dim);
     // Keys [first, end) of the blocks `streams` says read every row of `rows`, `sweep_keys` at a time per block;
     // each block asks for its next rows while it works on the current ones: the next step's, and after the
     // last step those `after(block)` names. The first step's rows are asked for in one burst beforehand.
@@ -67,7 +68,7 @@ class SplitKeyPlan {
         for (auto& block : blocks) {
           if (!streams(*block)) continue;
           step(*block, from, count,
-               next < end ? NextRows<Scalar>{rows.row(next, block->kv_head), step_keys(next)} : after(*block));
+               next < end ? NextRows<KvScalar>{rows.row(next, block->kv_head), step_keys(next)} : after(*block));
         }
         from = next;
       }
@@ -80,13 +81,13 @@ class SplitKeyPlan {
       const Index end = first + blocks.front()->tile_width;
       // After its last K rows, a block asks for the first K rows of the next tile (the one before).
       const auto next_tile_keys = [&](const Block& block) {
-        return tile > first_tile ? NextRows<Scalar>{call_.k.row(first - Tiles::kv_block, block.kv_head),
+        return tile > first_tile ? NextRows<KvScalar>{call_.k.row(first - Tiles::kv_block, block.kv_head),
                                                   std::min({sweep_keys, Tiles::kv_block,
                                                             call_.k.contiguous_from(first - Tiles::kv_block)})}
-                                 : NextRows<Scalar>{};
+                                 : NextRows<KvScalar>{};
       };
       sweep(first, end, call_.k, [](const Block& block) { return !block.scores_rows_first(); }, next_tile_keys,
-            [&](Block& block, Index from, Index count, NextRows<Scalar> next) {
+            [&](Block& block, Index from, Index count, NextRows<KvScalar> next) {
               block.score_keys(from, count, stats, next);
             });
       for (std::size_t b = 0; b < blocks.size(); ++b) needs_values[b] = blocks[b]->weigh_tile(stats);
@@ -95,8 +96,8 @@ class SplitKeyPlan {
       sweep(
           first, end, call_.v,
           [&](const Block& block) { return needs_values[std::size_t(block.kv_head)] && !block.tile_sparse; },
-          [](const Block&) { return NextRows<Scalar>{}; },
-          [&](Block& block, Index from, Index count, NextRows<Scalar> next) {
+          [](const Block&) { return NextRows<KvScalar>{}; },
+          [&](Block& block, Index from, Index count, NextRows<KvScalar> next) {
             block.accumulate_values(from, count, next);
           });
     }

@@ -24,7 +24,8 @@ struct ViewBytes {
     const auto size = std::uintptr_t(sizeof(Scalar));
     bytes.first = reinterpret_cast<std::uintptr_t>(view.data());
     bytes.token_stride = std::uintptr_t(view.token_stride()) * size;
-    bytes.token_footprint = std::uintptr_t((view.heads() - 1) * view.head_stride() + view.head_dim()) * size;
+    bytes.token_footprint =
+        std::uintptr_t((view.heads() - 1) * view.head_stride() + elements_of<Scalar>(view.head_dim())) * size;
     bytes.end = bytes.first + std::uintptr_t(view.tokens() - 1) * bytes.token_stride + bytes.token_footprint;
     return bytes;
   }
@@ -66,7 +67,7 @@ bool may_overlap(const TensorView<A>& a, const TensorView<B>& b) {
 /// (`head_stride >= head_dim`, `token_stride >=` a token's footprint) or head-major.
 template <class Scalar>
 bool rows_overlap(const TensorView<Scalar>& view) {
-  const Index tokens = view.tokens(), heads = view.heads(), dim = view.head_dim();
+  const Index tokens = view.tokens(), heads = view.heads(), dim = elements_of<Scalar>(view.head_dim());
   const Index token_stride = view.token_stride(), head_stride = view.head_stride();
   const bool token_major =
       (heads == 1 || head_stride >= dim) && (tokens <= 1 || token_stride >= (heads - 1) * head_stride + dim);
