@@ -3,7 +3,9 @@
 // Top-θ attention, and Top-θ with keep-everything thresholds equal to dense.
 #include "test_support.hpp"
 
+#include "llama2c/calibration.hpp"
 #include "llama2c/engine.hpp"
+#include "llama2c/evaluation.hpp"
 #include "model_support.hpp"
 
 #if __has_include(<nlohmann/json.hpp>)
@@ -427,4 +429,47 @@ TEST_CASE("llama2c checkpoint errors name the file and the problem", "[llama2c]"
     CHECK_THROWS_WITH(load_bytes(real, "stories260K_truncated.bin"),
                       mentions("stories260K_truncated.bin") && mentions("truncated"));
   }
+}
+
+TEST_CASE("stories260K with an int8 KV cache: dense within 0.5 % of the f32 cache's perplexity, recommended Top-theta "
+          "within 1 %",
+          "[llama2c][q8]") {
+  LLAMA2C_REQUIRE_MODEL();
+  const SerialEigen serial_eigen;
+  const llama2c::Model& model = stories260k();
+  // Blocks of 8 values: head_dim is 8, so one half scale per token and KV head (q8_0's 32 do not divide it).
+  using Int8 = toptheta::BlockQ8<8>;
+  llama2c::Engine<float> engine(model, one_thread());
+  llama2c::Engine<float, Int8> int8_engine(model, one_thread());
+  // The recommended configuration: probability thresholds, count-matched for k = 32 on calib.tokens (held out
+  // from the evaluation), V-mean compensation.
+  toptheta::CalibratorOptions options;
+  options.shape = llama2c::model_shape(model.config);
+  options.space = toptheta::ThresholdSpace::probability;
+  options.k = {32};
+  toptheta::Calibrator calibrator(options);
+  llama2c::calibrate(engine, model_tokens("calib.tokens"), {&calibrator});
+  const toptheta::ThresholdTable table = calibrator.table({});
+  std::vector<toptheta::LayerThresholds> layers;
+  for (Index l = 0; l < table.layers(); ++l) layers.push_back(table.layer(l));
+  toptheta::Compensation v_mean;
+  v_mean.v_mean = true;
+
+  const auto sequences = model_tokens("eval.tokens");
+  const llama2c::FeedOptions feed;
+  const auto reference = llama2c::feed_sequences(engine, sequences, feed);  // dense, f32 cache
+  const double dense = llama2c::evaluate(int8_engine, llama2c::dense_plan(model.config.layers), sequences,
+                                         reference, feed)
+                           .all()
+                           .perplexity_ratio();
+  const llama2c::Evaluation top_theta =
+      llama2c::evaluate(int8_engine, llama2c::top_theta_plan(layers, v_mean), sequences, reference, feed);
+  const double reduction = 1 / llama2c::EngineStats::total(top_theta.stats.decode).v_rows_kept_fraction();
+  INFO("int8 cache, " << sequences.size() << " sequences: dense perplexity ratio " << dense
+                      << ", Top-theta k = 32 " << top_theta.all().perplexity_ratio() << " at " << reduction
+                      << "x fewer decode V rows");
+  CHECK(dense > 1.0);  // quantization changes the predictions
+  CHECK(dense <= 1.005);
+  CHECK(top_theta.all().perplexity_ratio() <= 1.01);
+  CHECK(reduction > 5.0);
 }

@@ -12,6 +12,10 @@
 #include <string>
 #include <type_traits>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace toptheta {
 
 /// `N` consecutive values of a K or V row, value `i` being `float(scale) * values[i]`: an IEEE half scale and
@@ -32,6 +36,17 @@ struct BlockQ8 {
 /// The q8_0 block: 32 values, 34 bytes.
 using BlockQ8_0 = BlockQ8<32>;
 static_assert(sizeof(BlockQ8_0) == 34 && alignof(BlockQ8_0) == 2, "a q8_0 block is 34 bytes, 2-byte aligned");
+
+/// `float(block.scale)`, exact: by F16C where the compiler targets it (Eigen 3.4's `half` uses it only under
+/// clang, and converts in software under GCC, several times slower in the kernels' inner loops).
+template <Index N>
+float scale_of(const BlockQ8<N>& block) {
+#if defined(__F16C__)
+  return _cvtsh_ss(Eigen::numext::bit_cast<std::uint16_t>(block.scale));
+#else
+  return float(block.scale);
+#endif
+}
 
 /// Whether `Stored` is a `BlockQ8<N>`.
 template <class Stored>
@@ -77,7 +92,7 @@ void quantize_q8(const Source* source, Index count, BlockQ8<N>* blocks, const st
     }
     BlockQ8<N>& block = blocks[b];
     block.scale = detail::half_at_or_above(largest / 127.0f);
-    const float scale = float(block.scale);
+    const float scale = scale_of(block);
     for (Index i = 0; i < N; ++i)
       block.values[i] = scale == 0.0f ? std::int8_t(0) : std::int8_t(std::nearbyint(float(x[i]) / scale));
   }
@@ -88,7 +103,7 @@ void quantize_q8(const Source* source, Index count, BlockQ8<N>* blocks, const st
 template <class Acc, Index N>
 void dequantize_q8(const BlockQ8<N>* blocks, Index count, Acc* destination) {
   for (Index b = 0; b < count / N; ++b) {
-    const float scale = float(blocks[b].scale);
+    const float scale = scale_of(blocks[b]);
     for (Index i = 0; i < N; ++i) destination[b * N + i] = Acc(scale * float(blocks[b].values[i]));
   }
 }

@@ -37,7 +37,7 @@ template <class Acc, class Stored>
 Acc value_at(const Stored* row, Index d) {
   if constexpr (is_block_type_v<Stored>) {
     constexpr Index size = values_per_element_v<Stored>;
-    return Acc(float(row[d / size].scale) * float(row[d / size].values[d % size]));
+    return Acc(scale_of(row[d / size]) * float(row[d / size].values[d % size]));
   } else {
     return Acc(row[d]);
   }

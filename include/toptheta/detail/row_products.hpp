@@ -22,11 +22,30 @@ using Packet = typename Eigen::internal::packet_traits<Acc>::type;
 template <class Acc>
 constexpr Index packet_size = Eigen::internal::unpacket_traits<Packet<Acc>>::size;
 
+/// `Packet<float>` of the `packet_size<float>` signed bytes at `bytes`, converted exactly.
+inline Packet<float> widened_bytes(const std::int8_t* bytes) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (packet_size<float> == 16)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  if constexpr (packet_size<float> == 8)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+#endif
+  alignas(64) float widened[packet_size<float>];
+  for (Index t = 0; t < packet_size<float>; ++t) widened[t] = float(bytes[t]);
+  return Eigen::internal::pload<Packet<float>>(widened);
+}
+
+/// Whether `Stored` is int8 blocks that hold whole packets of `Acc` = float: read by `widened_bytes` times the
+/// block's scale, which is what `dequantize_q8` computes, bit for bit.
+template <class Acc, class Stored>
+constexpr bool widens_blocks =
+    std::is_same_v<Acc, float> && is_q8_block_v<Stored> && values_per_element_v<Stored> % packet_size<float> == 0;
+
 /// `Packet<Acc>` of values `[d, d + packet_size)` of the row at `row` (`d` a multiple of the packet size).
-/// bfloat16 is the upper half of a float, so widening it is a zero-extension and a shift; half uses F16C; a
-/// `BlockQ8` whose blocks hold whole packets has its bytes sign-extended, converted and multiplied by the block's
-/// scale (exactly as `dequantize_q8` does). Each ISA case is selected by the packet Eigen vectorises with; other combinations
-/// convert through a small buffer.
+/// bfloat16 is the upper half of a float, so widening it is a zero-extension and a shift; half uses F16C; int8
+/// blocks are sign-extended, converted and multiplied by the block's scale. Each ISA case is selected by the
+/// packet Eigen vectorises with; other combinations convert through a small buffer.
 template <class Acc, class Stored>
 Packet<Acc> load_widened(const Stored* row, Index d) {
   namespace ei = Eigen::internal;
@@ -34,6 +53,9 @@ Packet<Acc> load_widened(const Stored* row, Index d) {
   [[maybe_unused]] const Stored* source = row + d;  // scalar types
   if constexpr (std::is_same_v<Stored, Acc>) {
     return ei::ploadu<P>(source);
+  } else if constexpr (widens_blocks<Acc, Stored>) {
+    const Stored& block = row[d / values_per_element_v<Stored>];
+    return ei::pmul(widened_bytes(block.values + d % values_per_element_v<Stored>), ei::pset1<P>(scale_of(block)));
   }
 #if defined(EIGEN_VECTORIZE_AVX512)
   else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && std::is_same_v<Stored, Eigen::bfloat16>) {
@@ -41,23 +63,11 @@ Packet<Acc> load_widened(const Stored* row, Index d) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
   } else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && std::is_same_v<Stored, Eigen::half>) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source)));
-  } else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && is_q8_block_v<Stored> &&
-                       values_per_element_v<Stored> % 16 == 0) {
-    const Stored& block = row[d / values_per_element_v<Stored>];
-    const __m128i bytes =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block.values + d % values_per_element_v<Stored>));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), _mm512_set1_ps(float(block.scale)));
   }
 #elif defined(EIGEN_VECTORIZE_AVX2)
   else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 8 && std::is_same_v<Stored, Eigen::bfloat16>) {
     const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-  } else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 8 && is_q8_block_v<Stored> &&
-                       values_per_element_v<Stored> % 8 == 0) {
-    const Stored& block = row[d / values_per_element_v<Stored>];
-    const __m128i bytes =
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block.values + d % values_per_element_v<Stored>));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), _mm256_set1_ps(float(block.scale)));
   }
 #elif defined(EIGEN_VECTORIZE_SSE2)
   else if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 4 && std::is_same_v<Stored, Eigen::bfloat16>) {
@@ -74,6 +84,33 @@ Packet<Acc> load_widened(const Stored* row, Index d) {
     alignas(64) Acc widened[packet_size<Acc>];
     for (Index t = 0; t < packet_size<Acc>; ++t) widened[t] = value_at<Acc>(row, d + t);
     return ei::pload<P>(widened);
+  }
+}
+
+/// Packets of `Acc` a block of `Stored` fills exactly (2 for q8_0 blocks and float packets of 16), or 1: the
+/// products below widen this many packets at a time, so that a block's scale is read once.
+template <class Acc, class Stored>
+constexpr int packets_per_block =
+    widens_blocks<Acc, Stored> ? int(values_per_element_v<Stored> / packet_size<Acc>) : 1;
+
+/// `out[p]` = packet `p` of values `[d, d + Packets * packet_size)` of the row at `row`, as `load_widened` gives
+/// them. For blocks that hold whole packets and `Packets` a multiple of `packets_per_block`, `d` must start a
+/// block: each block's scale is converted once for its packets.
+template <class Acc, int Packets, class Stored>
+void widen_packets(const Stored* row, Index d, Packet<Acc> (&out)[Packets]) {
+  constexpr int per_block = packets_per_block<Acc, Stored>;
+  if constexpr (per_block > 1 && Packets % per_block == 0) {
+    namespace ei = Eigen::internal;
+    using P = Packet<Acc>;
+    constexpr Index size = packet_size<Acc>;
+    for (int b = 0; b < Packets / per_block; ++b) {
+      const Stored& block = row[d / values_per_element_v<Stored> + b];
+      const P scale = ei::pset1<P>(scale_of(block));
+      for (int p = 0; p < per_block; ++p)
+        out[b * per_block + p] = ei::pmul(widened_bytes(block.values + p * size), scale);
+    }
+  } else {
+    for (int p = 0; p < Packets; ++p) out[p] = load_widened<Acc>(row, d + p * packet_size<Acc>);
   }
 }
 
@@ -196,13 +233,17 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
   // Outside the loop below, whose sums GCC spills when it holds a branch.
   for (Index t = 0; t < next_count; ++t)
     for (Index b = 0; b < row_bytes; b += 64) ask_for_line(reinterpret_cast<const char*>(next_keys + t * key_stride) + b);
-  for (Index d = 0; d < vector_dim; d += size) {
-    P key[Keys];
-    for (int t = 0; t < Keys; ++t) key[t] = load_widened<Acc>(keys + t * key_stride, d);
-    for (int r = 0; r < Rows; ++r) {
-      const P query = ei::ploadu<P>(queries.row(r) + d);
-      for (int t = 0; t < Keys; ++t) sums[t][r] = ei::pmadd(query, key[t], sums[t][r]);
-    }
+  // Packets a step widens per key row: a block's (its scale read once), or one; blocks hold whole packets only
+  // when head_dim is a multiple of the block, so no packet is left after the steps.
+  constexpr int step = packets_per_block<Acc, Stored>;
+  for (Index d = 0; d < vector_dim; d += step * size) {
+    P key[Keys][step];
+    for (int t = 0; t < Keys; ++t) widen_packets<Acc>(keys + t * key_stride, d, key[t]);
+    for (int s = 0; s < step; ++s)
+      for (int r = 0; r < Rows; ++r) {
+        const P query = ei::ploadu<P>(queries.row(r) + d + s * size);
+        for (int t = 0; t < Keys; ++t) sums[t][r] = ei::pmadd(query, key[t][s], sums[t][r]);
+      }
   }
   store_dots<Rows, Keys>(sums, scores);
   for (int r = 0; r < Rows; ++r)
@@ -230,7 +271,7 @@ void add_weighted_rows_pass(RowBlock<const Acc> weights, const Stored* values, I
     // Unconditional (the current row when no next one is left): a branch here makes GCC spill the sums.
     ask_for_lines<pass_lines>((j < next.count ? next.rows + j * value_stride : value) + pass_start);
     P widened[Packets];
-    for (int p = 0; p < Packets; ++p) widened[p] = load_widened<Acc>(value, offset + p * size);
+    widen_packets<Acc>(value, offset, widened);
     for (int r = 0; r < Rows; ++r) {
       const P weight = ei::pset1<P>(weights.row(r)[j]);
       for (int p = 0; p < Packets; ++p) sum[r][p] = ei::pmadd(weight, widened[p], sum[r][p]);
@@ -263,7 +304,7 @@ void dot_rows(RowBlock<const Acc> queries, Index rows, const Stored* keys, Index
 
 /// `output_r += Σ_j weights(r, j) values_j` for `rows` rows and `count` value rows of `dim` stored values;
 /// asks for the `next` rows meanwhile. Value rows are taken in groups small enough to stay in L1 while each
-/// group of output rows and packets passes.
+/// group of output rows and packets passes; a pass covers whole blocks of a block type.
 template <class Acc, class Stored>
 void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* values, Index value_stride, Index count,
                        Index dim, RowBlock<Acc> output, NextRows<Stored> next = {}) {
@@ -274,7 +315,9 @@ void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* va
     const Stored* group = values + first_key * value_stride;
     for (Index first = 0; first < rows; first += rows_per_pass)
       with_constant<rows_per_pass>(std::min<Index>(rows_per_pass, rows - first), [&](auto pass_rows) {
-        constexpr int Rows = decltype(pass_rows)::value, Packets = std::max(1, 16 / Rows);
+        constexpr int per_block = packets_per_block<Acc, Stored>;
+        constexpr int Rows = decltype(pass_rows)::value,
+                      Packets = std::max(per_block, 16 / Rows / per_block * per_block);
         const RowBlock<const Acc> pass_weights{weights.row(first) + first_key, weights.stride};
         const RowBlock<Acc> pass_output{output.row(first), output.stride};
         // The next rows are asked for once, by the first pass of output rows (in the packets it reads).
