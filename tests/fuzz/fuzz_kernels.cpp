@@ -2,10 +2,11 @@
 // bytes choose the kernel (dense, top-k, Top-θ in each space with one or two passes, cap_k, compensations), the
 // stored type, the shape (query and key rows, heads, GQA group, head_dim, causal placement), the layout, whether
 // `out` overlaps an input, and whether K and V are also copied into pages (sizes 1 to 32, either page layout,
-// shuffled, spare or shared pages), whose call must give the contiguous call's bits; every further 4 bytes are
-// the bits of one float of q, k and v in turn (NaN and infinities included), repeated to fill them. The only
-// exception allowed out is toptheta::invalid_argument; anything else, a read outside a buffer, a leak,
-// undefined behaviour or a paged result that differs is a finding.
+// shuffled, spare or shared pages), whose call must give the contiguous call's bits, and (float) whether K and V
+// are also read as int8 blocks, whose call must give the bits of float K and V holding their values; every
+// further 4 bytes are the bits of one float of q, k and v in turn (NaN and infinities included), repeated to fill
+// them. The only exception allowed out is toptheta::invalid_argument; anything else, a read outside a buffer, a
+// leak, undefined behaviour or a paged or int8 result that differs is a finding.
 #include <toptheta/toptheta.hpp>
 
 #include <Eigen/Core>
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -46,7 +48,9 @@ template <class Scalar>
 void run(Bytes& bytes) {
   const unsigned kernel = bytes.pick(10);
   const Index kv_heads = 1 + Index(bytes.pick(3)), group = 1 + Index(bytes.pick(4));
-  const Index q_heads = kv_heads * group, head_dim = 1 + Index(bytes.pick(40));
+  // float only: K and V also as int8 blocks of 8 values, so head_dim a multiple of 8.
+  const bool blocks = std::is_same_v<Scalar, float> && bytes.pick(3) == 0;
+  const Index q_heads = kv_heads * group, head_dim = blocks ? 8 * (1 + Index(bytes.pick(5))) : 1 + Index(bytes.pick(40));
   const Index query_rows = Index(bytes.pick(80)), extra_keys = Index(bytes.pick(2) ? bytes.pick(250) : bytes.pick(8));
   const bool causal = bytes.pick(4) != 0, head_major = bytes.pick(4) == 0;
   const unsigned out_placement = bytes.pick(16);  // 0: over v, 1: over q, 2: rows overlap, else apart
@@ -115,6 +119,37 @@ void run(Bytes& bytes) {
     toptheta::top_theta_attention(q_view, k_rows, v_rows, into, table, options, &stats, executor);
   };
   attend(k_view, v_view, out_view);
+  if constexpr (std::is_same_v<Scalar, float>)
+    if (blocks && out_view.data() == out.data()) {
+      // K and V as an engine's int8 blocks of 8 values (any half scale, NaN and infinities included, any bytes):
+      // the call must give the bits of the same call on float K and V holding float(scale) * value.
+      using Block = toptheta::BlockQ8<8>;
+      const Index count = key_rows * kv_heads * head_dim;
+      std::vector<Block> key_blocks(std::size_t(count / 8)), value_blocks(key_blocks.size());
+      std::vector<float> dequantized_keys(static_cast<std::size_t>(count)), dequantized_values(dequantized_keys);
+      const auto make = [&](std::vector<Block>& made, std::vector<float>& dequantized) {
+        for (std::size_t b = 0; b < made.size(); ++b) {
+          std::uint32_t bits;
+          const float word = raw[next++ % raw.size()];
+          std::memcpy(&bits, &word, sizeof bits);
+          made[b].scale = Eigen::numext::bit_cast<Eigen::half>(std::uint16_t(bits));
+          for (Index i = 0; i < 8; ++i) {
+            made[b].values[i] = std::int8_t(std::uint8_t(bits >> (8 + 3 * i)));
+            dequantized[b * 8 + std::size_t(i)] = float(made[b].scale) * float(made[b].values[i]);
+          }
+        }
+      };
+      make(key_blocks, dequantized_keys);
+      make(value_blocks, dequantized_values);
+      std::vector<float> float_out(out.size()), block_out(out.size());
+      attend(toptheta::TensorView<const float>(dequantized_keys.data(), key_rows, kv_heads, head_dim),
+             toptheta::TensorView<const float>(dequantized_values.data(), key_rows, kv_heads, head_dim),
+             view(float_out.data(), query_rows, q_heads));
+      attend(toptheta::TensorView<const Block>(key_blocks.data(), key_rows, kv_heads, head_dim),
+             toptheta::TensorView<const Block>(value_blocks.data(), key_rows, kv_heads, head_dim),
+             view(block_out.data(), query_rows, q_heads));
+      if (std::memcmp(float_out.data(), block_out.data(), out.size() * sizeof(float)) != 0) __builtin_trap();
+    }
   if (!paged || out_view.data() != out.data()) return;
 
   const Index used = (key_rows + page_size - 1) / page_size, pool_pages = used + spare_pages;
