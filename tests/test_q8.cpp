@@ -165,11 +165,18 @@ TEST_CASE("q8_0 rejects values a block cannot hold, naming them", "[q8][bad_inpu
   REQUIRE_INVALID(quantize_q8(x.data(), 64, blocks.data()), "values (element 37)", "a finite value");
   x[37] = 1e7f;  // above 127 x 65504: the scale would be an infinite half
   REQUIRE_INVALID(quantize_q8(x.data(), 64, blocks.data()), "values (element 37)", "127 x 65504");
-  REQUIRE_INVALID(quantize_q8(x.data(), 48, blocks.data()), "count", "a multiple of the 32 values");
+  REQUIRE_INVALID(quantize_q8(x.data(), 48, blocks.data()), "count", "a multiple >= 0 of the 32 values");
   x[37] = 1.0f;
   std::vector<BlockQ8<8>> small(8);
   REQUIRE_NOTHROW(quantize_q8(x.data(), 64, small.data()));
-  REQUIRE_INVALID(quantize_q8(x.data(), 60, small.data()), "count", "a multiple of the 8 values");
+  REQUIRE_INVALID(quantize_q8(x.data(), 60, small.data()), "count", "a multiple >= 0 of the 8 values");
+  REQUIRE_INVALID(dequantize_q8(small.data(), 60, x.data()), "count", "a multiple >= 0 of the 8 values");
+  REQUIRE_INVALID(dequantize_q8(small.data(), -8, x.data()), "count", "a multiple >= 0 of the 8 values");
+  // A double just above 127 x 65504 is rejected as the int8 caches reject it, though it rounds to it in float.
+  const double above = q8_max_magnitude + 0.25;
+  std::vector<double> doubles(8, 1.0);
+  doubles[3] = above;
+  REQUIRE_INVALID(quantize_q8(doubles.data(), 8, small.data()), "values (element 3)", "127 x 65504");
 }
 
 TEST_CASE("views, pools and caches of q8_0 blocks reject a head_dim that is not whole blocks", "[q8][bad_input]") {

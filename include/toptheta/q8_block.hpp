@@ -74,21 +74,22 @@ inline Eigen::half half_at_or_above(float x) {
 /// Quantizes `count` values (a multiple of N) into `count / N` blocks. Per block, the scale is
 /// `d = max_i |x_i| / 127` rounded up to a half and `values[i] = round(x_i / d)` (to nearest even, in
 /// [-127, 127]); a block of zeros has `d = 0`. The error of each value is at most `d / 2`.
-/// \throws invalid_argument naming `argument` and the element for a value that is not finite or whose
-/// magnitude exceeds `q8_max_magnitude` (its block's scale would not be a finite half).
+/// \throws invalid_argument naming `count` unless it is a multiple of N (and >= 0), and naming `argument` and
+/// the element for a value that is not finite or whose magnitude exceeds `q8_max_magnitude` (its block's scale
+/// would not be a finite half), as the int8 caches check their input.
 template <class Source, Index N>
 void quantize_q8(const Source* source, Index count, BlockQ8<N>* blocks, const std::string& argument = "values") {
-  detail::require(count % N == 0, "count", "a multiple of the " + std::to_string(N) + " values of a block", count);
+  detail::require(count >= 0 && count % N == 0, "count",
+                  "a multiple >= 0 of the " + std::to_string(N) + " values of a block", count);
   for (Index b = 0; b < count / N; ++b) {
     const Source* x = source + b * N;
     float largest = 0;
     for (Index i = 0; i < N; ++i) {
-      const float magnitude = std::abs(float(x[i]));
-      if (!(magnitude <= float(q8_max_magnitude)))
+      if (!(std::abs(double(x[i])) <= q8_max_magnitude))
         detail::fail(argument + " (element " + std::to_string(b * N + i) + ")",
                      "a finite value of magnitude at most 127 x 65504 (an int8 block's scale is a half)",
                      double(x[i]));
-      largest = std::max(largest, magnitude);
+      largest = std::max(largest, std::abs(float(x[i])));
     }
     BlockQ8<N>& block = blocks[b];
     block.scale = detail::half_at_or_above(largest / 127.0f);
@@ -99,9 +100,12 @@ void quantize_q8(const Source* source, Index count, BlockQ8<N>* blocks, const st
 }
 
 /// `destination[i] = float(scale) * values[i]` for the `count` values (a multiple of N) of `count / N` blocks:
-/// the values the kernels compute with.
+/// the values the kernels compute with. \throws invalid_argument naming `count` unless it is a multiple of N
+/// (and >= 0).
 template <class Acc, Index N>
 void dequantize_q8(const BlockQ8<N>* blocks, Index count, Acc* destination) {
+  detail::require(count >= 0 && count % N == 0, "count",
+                  "a multiple >= 0 of the " + std::to_string(N) + " values of a block", count);
   for (Index b = 0; b < count / N; ++b) {
     const float scale = scale_of(blocks[b]);
     for (Index i = 0; i < N; ++i) destination[b * N + i] = Acc(scale * float(blocks[b].values[i]));
