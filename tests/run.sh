@@ -5,6 +5,7 @@
 #   TOPTHETA_BUILD_DIR   build directory (default: build, relative to the repo root)
 #   TOPTHETA_CMAKE_ARGS  extra configure args, word-split (e.g. "-DTOPTHETA_WERROR=ON")
 #   TOPTHETA_JOBS        parallel build/test jobs (default: 2)
+#   TOPTHETA_CTEST_ARGS  extra ctest args, word-split (e.g. "-E pattern" to leave tests to another build)
 #   TOPTHETA_SKIP_DEPS=1 do not check/install apt packages
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,9 +14,10 @@ cd "$root"
 build_dir=${TOPTHETA_BUILD_DIR:-build}
 jobs=${TOPTHETA_JOBS:-2}
 read -r -a env_args <<<"${TOPTHETA_CMAKE_ARGS:-}"
+read -r -a ctest_args <<<"${TOPTHETA_CTEST_ARGS:-}"
 
 [ "${TOPTHETA_SKIP_DEPS:-0}" = 1 ] || cmake/install-deps.sh
 
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release "${env_args[@]}" "$@"
 cmake --build "$build_dir" -j "$jobs"
-ctest --test-dir "$build_dir" --output-on-failure -j "$jobs"
+ctest --test-dir "$build_dir" --output-on-failure -j "$jobs" "${ctest_args[@]}"
