@@ -555,12 +555,14 @@ TEST_CASE("mass-matched thresholds leave out the target mass on average, keeping
   CHECK(thresholds_from_json(thresholds_to_json(table)).method() == CalibrationMethod::mass_matched);
 }
 
-TEST_CASE("mass-matched calibration needs probability thresholds and a mass in (0, 1)",
-          "[calibration][mass_matched][bad_input]") {
+TEST_CASE("mass- and budget-matched calibration need probability thresholds, mass-matched a mass in (0, 1)",
+          "[calibration][mass_matched][budget_matched][bad_input]") {
   TableOptions options;
-  options.method = CalibrationMethod::mass_matched;
   Calibrator raw(one_head(ThresholdSpace::raw_score, 4));
   raw.observe_row(0, 0, Eigen::VectorXd::LinSpaced(10, 0.0, 1.0));
+  options.method = CalibrationMethod::budget_matched;
+  CHECK_THROWS_WITH(raw.table(options), mentions("options.method") && mentions("probability"));
+  options.method = CalibrationMethod::mass_matched;
   CHECK_THROWS_WITH(raw.table(options), mentions("options.method") && mentions("probability"));
   Calibrator probability(one_head(ThresholdSpace::probability, 4));
   probability.observe_row(0, 0, Eigen::VectorXd::LinSpaced(10, 0.0, 1.0));
@@ -581,6 +583,91 @@ TEST_CASE("mass-matched calibration needs probability thresholds and a mass in (
   REQUIRE(at != std::string::npos);
   text.replace(at, text.find(',', at) - at, "\"sigma_add\": null");
   CHECK_THROWS_WITH(thresholds_from_json(text), mentions("mass_matched only with probability thresholds"));
+  text.replace(text.find("mass_matched"), std::string("mass_matched").size(), "budget_matched");
+  CHECK_THROWS_WITH(thresholds_from_json(text), mentions("budget_matched only with probability thresholds"));
+}
+
+TEST_CASE("a budget-matched layer spends its k per row where the probabilities are largest, over its heads",
+          "[calibration][budget_matched]") {
+  // k = 2 for 2 rows: 4 survivors in all. Pooled, the 4 largest probabilities are 0.7 of the peaked head and
+  // 0.3, 0.28, 0.22 of the flat one (count-matched per head would keep 2 of each).
+  CalibratorOptions calibrator_options = one_head(ThresholdSpace::probability, 2);
+  calibrator_options.shape.q_heads = 2;
+  Calibrator calibrator(calibrator_options);
+  const Eigen::Vector4d peaked(0.7, 0.2, 0.06, 0.04), flat(0.3, 0.28, 0.22, 0.2);
+  calibrator.observe_row(0, 0, Eigen::VectorXd(peaked.array().log()));
+  calibrator.observe_row(0, 1, Eigen::VectorXd(flat.array().log()));
+  TableOptions options;
+  options.method = CalibrationMethod::budget_matched;
+  const ThresholdTable table = calibrator.table(options);
+  const double theta = table.layer(0).theta()(0, 0);
+  CHECK(table.layer(0).theta()(1, 0) == theta);
+  INFO("θ = " << theta);
+  CHECK(theta >= 0.2);
+  CHECK(theta < 0.22);
+  CHECK(table.method() == CalibrationMethod::budget_matched);
+  CHECK_FALSE(table.sigma_add().has_value());
+  CHECK(thresholds_from_json(thresholds_to_json(table)).method() == CalibrationMethod::budget_matched);
+}
+
+TEST_CASE("budget-matched thresholds keep k per row over a layer's heads and lengths, leaving out less mass than "
+          "count-matched ones",
+          "[calibration][budget_matched]") {
+  // Head 0 sees flat rows, head 1 peaked ones, of lengths 64..511 in several buckets. Survivors and pruned
+  // masses are counted exactly from the rows at each table's θ.
+  const Index k = 8;
+  CalibratorOptions calibrator_options = one_head(ThresholdSpace::probability, k);
+  calibrator_options.shape.q_heads = 2;
+  Calibrator calibrator(calibrator_options);
+  std::mt19937 rng(9);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_int_distribution<Index> length(64, 511);
+  std::vector<Eigen::VectorXd> rows[2];
+  for (Index head = 0; head < 2; ++head)
+    for (int r = 0; r < 300; ++r) {
+      Eigen::VectorXd row(length(rng));
+      for (Index j = 0; j < row.size(); ++j) row(j) = (head == 0 ? 0.5 : 3.0) * normal(rng);
+      calibrator.observe_row(0, head, row);
+      rows[head].push_back(row);
+    }
+  TableOptions options;
+  options.method = CalibrationMethod::budget_matched;
+  const ThresholdTable budget = calibrator.table(options);
+  options.method = CalibrationMethod::count_matched;
+  const ThresholdTable count = calibrator.table(options);
+  REQUIRE(budget.layer(0).lengths().size() > 4);
+  const double theta = budget.layer(0).theta()(0, 0);
+  CHECK((budget.layer(0).theta().array() == theta).all());
+  const auto kept_and_pruned = [&](const ThresholdTable& table, Index head) {
+    double kept = 0, pruned = 0;
+    for (const Eigen::VectorXd& row : rows[head]) {
+      const double row_theta = table.layer(0).lookup(head, row.size()).theta;
+      for (Index j = 0; j < row.size(); ++j) {
+        const double p = value_in(ThresholdSpace::probability, row(j), row, 0);
+        if (p > row_theta) kept += 1;
+        else pruned += p;
+      }
+    }
+    return std::pair<double, double>(kept, pruned);
+  };
+  const auto [budget_flat, budget_flat_pruned] = kept_and_pruned(budget, 0);
+  const auto [budget_peaked, budget_peaked_pruned] = kept_and_pruned(budget, 1);
+  const auto [count_flat, count_flat_pruned] = kept_and_pruned(count, 0);
+  const auto [count_peaked, count_peaked_pruned] = kept_and_pruned(count, 1);
+  const double rows_total = 600, budget_kept = budget_flat + budget_peaked, count_kept = count_flat + count_peaked;
+  INFO("budget: kept " << budget_flat / 300 << " + " << budget_peaked / 300 << " per row, pruned "
+                       << (budget_flat_pruned + budget_peaked_pruned) / rows_total << "; count-matched: kept "
+                       << count_flat / 300 << " + " << count_peaked / 300 << ", pruned "
+                       << (count_flat_pruned + count_peaked_pruned) / rows_total);
+  // Bins are 1/16 of their values wide (4 mantissa bits): the survivor count is within 1 % of k R.
+  CHECK(std::abs(budget_kept / rows_total - double(k)) <= 0.01 * double(k));
+  CHECK(std::abs(count_kept / rows_total - double(k)) <= 0.02 * double(k));
+  CHECK(budget_peaked > 2 * budget_flat);
+  // Keeping the largest probabilities of the pooled rows leaves out less mass than any other split of as many
+  // survivors, such as count-matched's k of each head and length (which here keeps a few more, and still
+  // leaves out more).
+  CHECK(budget_kept <= count_kept);
+  CHECK(budget_flat_pruned + budget_peaked_pruned < count_flat_pruned + count_peaked_pruned);
 }
 
 TEST_CASE("calibration arguments are checked by name", "[calibration][bad_input]") {

@@ -353,8 +353,9 @@ TEST_CASE("stories260K: generate is reproducible for a seed, greedy at temperatu
 TEST_CASE("accuracy table: the configurations of one k cover top-k and every valid Top-θ combination once",
           "[llama2c][cli]") {
   const auto configurations = llama2c::table_configurations(32);
-  // top-k: 3; probability: 2 methods x VMC off/on; three score spaces: 2 methods x (none, and 2 SDC x VMC off/on).
-  CHECK(configurations.size() == 3 + 4 + 3 * 2 * 5);
+  // top-k: 3; probability: 3 methods (with budget_matched) x VMC off/on; three score spaces: 2 methods x (none,
+  // and 2 SDC x VMC off/on).
+  CHECK(configurations.size() == 3 + 6 + 3 * 2 * 5);
   std::vector<std::string> names;
   for (const auto& c : configurations) {
     CHECK(c.k == 32);
@@ -365,6 +366,8 @@ TEST_CASE("accuracy table: the configurations of one k cover top-k and every val
   std::sort(names.begin(), names.end());
   CHECK(std::adjacent_find(names.begin(), names.end()) == names.end());
   CHECK(std::count(names.begin(), names.end(), "top-θ probability, count_matched, VMC") == 1);
+  CHECK(std::count(names.begin(), names.end(), "top-θ probability, budget_matched, VMC") == 1);
+  CHECK(std::count(names.begin(), names.end(), "top-θ raw_score, budget_matched") == 0);
   CHECK(std::count(names.begin(), names.end(), "top-k, SDC exp_threshold, VMC") == 1);
 }
 

@@ -127,6 +127,24 @@ inline std::string reading(const AccuracyTable& table) {
      << "). Top-k, which keeps exactly k keys in every row and renormalises them, costs " << ppl(top_k)
      << " at a similar V-row reduction.\n\n";
 
+  // Budget-matched against count-matched at every k: the two read different numbers of V rows for one k, so
+  // both coordinates are given.
+  std::string budget_pairs;
+  for (Index each_k : table.ks) {
+    const TableRow* budget =
+        find(table, each_k, {each_k, ThresholdSpace::probability, CalibrationMethod::budget_matched, vmc});
+    const TableRow* count = find(table, each_k, {each_k, ThresholdSpace::probability, count_matched, vmc});
+    if (!budget || !count) continue;
+    budget_pairs += std::string(budget_pairs.empty() ? "" : "; ") + "k = " + std::to_string(each_k) + ": " +
+                    outcome(*budget) + " against " + outcome(*count);
+  }
+  if (!budget_pairs.empty())
+    md << "*Budget-matched* probability thresholds (one θ per layer, at which the layer's calibration rows of every "
+          "head and length keep k on average) spend the same k per row on the largest probabilities wherever they "
+          "are, which leaves out the least mass a split of that budget can: flat heads and long rows keep fewer "
+          "keys, peaked heads more. With VMC, against count-matched: "
+       << budget_pairs << ".\n\n";
+
   const TableRow *raw = row(ThresholdSpace::raw_score, count_matched, none);
   md << "*Raw-score thresholds*: one θ per (head, length) is compared with a_ij = s⟨q_i, k_j⟩, whose scale "
         "changes from query to query (with the head size "
@@ -228,9 +246,11 @@ inline std::string accuracy_markdown(const AccuracyTable& table, const AccuracyR
      << "**Setup.** Model `" << context.model << "`. Thresholds are calibrated per (layer, query head, row-length "
      << "bucket) on " << table.calibration_sequences
      << " calibration sequences, every layer dense, in one pass that feeds a calibrator per (k, space); each "
-        "calibrator gives both methods (mean of the per-row (k+1)-th largest values, the paper's, with σ_add = 0; "
-        "and count-matched, the θ at which the calibration rows keep k on average) and the calibrated denominator "
-        "terms (the mean pruned mass under the table's own θ). Each of the "
+        "calibrator gives every method (mean of the per-row (k+1)-th largest values, the paper's, with σ_add = 0; "
+        "count-matched, the θ at which each (head, length bucket)'s calibration rows keep k on average; and, for "
+        "probabilities, budget-matched, one θ per layer at which the layer's rows of every head and length keep k "
+        "on average) and the calibrated denominator terms (the mean pruned mass under the table's own θ). Each of "
+        "the "
      << table.evaluation_sequences << " evaluation sequences"
      << (table.evaluation_sequences < table.evaluation_sequences_given
              ? " (the first " + std::to_string(table.evaluation_sequences) + " of the " +

@@ -52,10 +52,19 @@ struct CalibratedTable {
   toptheta::ThresholdTable table;
 };
 
+/// The calibration methods of the table's rows in `space`: mean of thresholds and count-matched, and in the
+/// probability space also budget-matched (one θ per layer for the layer's k per row).
+inline std::vector<toptheta::CalibrationMethod> table_methods(toptheta::ThresholdSpace space) {
+  std::vector<toptheta::CalibrationMethod> methods{toptheta::CalibrationMethod::mean_of_thresholds,
+                                                   toptheta::CalibrationMethod::count_matched};
+  if (space == toptheta::ThresholdSpace::probability) methods.push_back(toptheta::CalibrationMethod::budget_matched);
+  return methods;
+}
+
 /// Calibrates, for every k of `ks` and every threshold space, one table per calibration method, all from one
-/// dense pass over `sequences` (one `Calibrator` per (k, space), each giving both methods). Denominator terms are
-/// cut at each table's own θ (`DenominatorTermSource::table_threshold`): the pruned mass the kernel's
-/// calibrated compensation stands for under the threshold it uses.
+/// dense pass over `sequences` (one `Calibrator` per (k, space), each giving every method of `table_methods`).
+/// Denominator terms are cut at each table's own θ (`DenominatorTermSource::table_threshold`): the pruned mass
+/// the kernel's calibrated compensation stands for under the threshold it uses.
 ///
 /// The pass is split into `shards` fixed interleaved parts of the sequences (shard s takes every sequence i with
 /// i mod shards = s), run on up to `threads` threads and merged in shard order, so the tables depend on `shards`
@@ -91,7 +100,7 @@ inline std::vector<CalibratedTable> calibrate_tables(const Model& model, const s
 
   std::vector<CalibratedTable> tables;
   for (const auto& calibrator : calibrators[0])
-    for (auto method : {toptheta::CalibrationMethod::mean_of_thresholds, toptheta::CalibrationMethod::count_matched}) {
+    for (auto method : table_methods(calibrator->options().space)) {
       toptheta::TableOptions options;
       options.method = method;
       options.denominator_terms = toptheta::DenominatorTermSource::table_threshold;
@@ -134,7 +143,7 @@ inline std::vector<TableConfiguration> table_configurations(Index k) {
     configurations.push_back({k, std::nullopt, {}, c});
   for (ThresholdSpace space : {ThresholdSpace::probability, ThresholdSpace::raw_score, ThresholdSpace::score_minus_max,
                                ThresholdSpace::score_over_query_norm})
-    for (auto method : {toptheta::CalibrationMethod::mean_of_thresholds, toptheta::CalibrationMethod::count_matched}) {
+    for (auto method : table_methods(space)) {
       const bool probability = space == ThresholdSpace::probability;
       std::vector<DenominatorCompensation> denominators{DenominatorCompensation::none};
       if (!probability)

@@ -147,7 +147,10 @@ inline CommandLine calibrate_options() {
        {"k", "K", "elements each row should keep", "32"},
        {"k-per-layer", "K,K,...", "one k per layer (overrides --k)", std::nullopt},
        {"space", "SPACE", "raw_score, probability, score_minus_max, score_over_query_norm", "probability"},
-       {"method", "METHOD", "count_matched, mean_of_thresholds or mass_matched (probability space)", "count_matched"},
+       {"method", "METHOD",
+        "count_matched, mean_of_thresholds, or in the probability space mass_matched or budget_matched (one θ per "
+        "layer: its k per row over all heads and lengths)",
+        "count_matched"},
        {"sigma-add", "X", "mean_of_thresholds: θ = mean + σ_add · std", "0"},
        {"pruned-mass", "EPS", "mass_matched: the mean probability mass each row leaves out, in (0, 1)", "0.01"},
        {"sample-fraction", "F", "fraction of the rows used, in (0, 1]", "1"},
@@ -173,7 +176,7 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
   options.seed = std::uint64_t(line.integer("seed", 0));
   toptheta::TableOptions table_options;
   table_options.method = toptheta::calibration_method_from_string(
-      line.choice("method", {"count_matched", "mean_of_thresholds", "mass_matched"}));
+      line.choice("method", {"count_matched", "mean_of_thresholds", "mass_matched", "budget_matched"}));
   table_options.sigma_add = line.real("sigma-add");
   if (table_options.method != toptheta::CalibrationMethod::mean_of_thresholds && table_options.sigma_add != 0)
     throw usage_error(std::string("--sigma-add: expected 0 with --method ") + toptheta::to_string(table_options.method) +
@@ -182,10 +185,10 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
   if (table_options.method == toptheta::CalibrationMethod::mass_matched &&
       !(table_options.pruned_mass > 0 && table_options.pruned_mass < 1))
     throw usage_error("--pruned-mass: expected a probability mass in (0, 1), got " + line.text("pruned-mass"));
-  if (table_options.method == toptheta::CalibrationMethod::mass_matched &&
-      options.space != toptheta::ThresholdSpace::probability)
+  if (toptheta::needs_probability_space(table_options.method) && options.space != toptheta::ThresholdSpace::probability)
     throw usage_error("--method: expected count_matched or mean_of_thresholds with --space " +
-                      std::string(toptheta::to_string(options.space)) + " (mass_matched needs probability)");
+                      std::string(toptheta::to_string(options.space)) + " (" +
+                      toptheta::to_string(table_options.method) + " needs probability)");
   const std::string terms = line.choice("denominator-terms", {"row_threshold", "table_threshold", "none"});
   table_options.denominator_terms = terms == "row_threshold"     ? toptheta::DenominatorTermSource::row_threshold
                                     : terms == "table_threshold" ? toptheta::DenominatorTermSource::table_threshold

@@ -37,7 +37,7 @@ struct CalibratorOptions {
   /// deterministic for a given seed and observation order. Give shards that will be merged different seeds.
   double sample_fraction = 1.0;
   std::uint64_t seed = 0;
-  /// Collect the value histograms that `count_matched` and `mass_matched` thresholds and table-threshold
+  /// Collect the value histograms that count-, mass- and budget-matched thresholds and table-threshold
   /// denominator terms need
   /// (memory: see `Calibrator`). Without them only `mean_of_thresholds` with per-row denominator terms works.
   bool count_summary = true;
@@ -289,7 +289,8 @@ class Calibrator {
     using detail::require;
     const bool count_matched = options.method == CalibrationMethod::count_matched;
     const bool mass_matched = options.method == CalibrationMethod::mass_matched;
-    const bool from_histogram = count_matched || mass_matched;  // θ from the value histogram
+    const bool budget_matched = options.method == CalibrationMethod::budget_matched;
+    const bool from_histogram = count_matched || mass_matched || budget_matched;  // θ from the value histogram
     require(std::isfinite(options.sigma_add), "options.sigma_add", "a finite value", options.sigma_add);
     require(!from_histogram || options.sigma_add == 0, "options.sigma_add",
             std::string("0 for ") + to_string(options.method) + " (σ_add applies to mean_of_thresholds)",
@@ -298,9 +299,10 @@ class Calibrator {
             std::string("mean_of_thresholds (") + to_string(options.method) +
                 " needs CalibratorOptions::count_summary, which is off)",
             to_string(options.method));
-    require(!mass_matched || options_.space == ThresholdSpace::probability, "options.method",
-            "a method other than mass_matched for " + std::string(to_string(options_.space)) +
-                " thresholds (mass_matched needs the probability space, whose values are the masses)",
+    require(!needs_probability_space(options.method) || options_.space == ThresholdSpace::probability,
+            "options.method",
+            "mean_of_thresholds or count_matched for " + std::string(to_string(options_.space)) + " thresholds (" +
+                to_string(options.method) + " needs the probability space, whose values are the masses)",
             to_string(options.method));
     require(!mass_matched || (options.pruned_mass > 0 && options.pruned_mass < 1), "options.pruned_mass",
             "a probability mass in (0, 1)", options.pruned_mass);
@@ -337,6 +339,9 @@ class Calibrator {
         samples.push_back(SampleCounts::Zero(heads, 1));
         continue;
       }
+      // budget_matched: the layer's one θ, from its histograms pooled over heads and buckets.
+      std::optional<detail::ValueHistogram::Crossing> layer_crossing;
+      if (budget_matched) layer_crossing = budget_crossing(l, k);
       const Index columns = Index(used_buckets.size());
       std::vector<Index> lengths;
       for (Index b : used_buckets) lengths.push_back(options_.buckets.representative(b));
@@ -355,7 +360,12 @@ class Calibrator {
           counts(h, c) = s.threshold.count;
           Entry entry{l, h, bucket, s, {}, s.threshold.count};
           if (needs_histogram) pool(entry, cell, known, used_buckets, i, options.min_pooled_rows);
-          theta(h, c) = entry_threshold(entry, k, options, report);
+          if (layer_crossing) {
+            theta(h, c) = layer_crossing->value;
+            if (!layer_crossing->inside_window) note_window_edge(entry, report);
+          } else {
+            theta(h, c) = entry_threshold(entry, k, options, report);
+          }
           if (with_terms) terms(h, c) = entry_denominator_term(entry, theta(h, c), options, report);
         }
         if (known.empty()) {
@@ -607,6 +617,19 @@ class Calibrator {
             : entry.pooled.value_with_count_above(double(k) * double(entry.pooled_rows));
     if (!crossing.inside_window) note_window_edge(entry, report);
     return crossing.value;
+  }
+
+  /// The value above which `k` values per row lie among every calibration row of `layer`, its heads' histograms
+  /// of every bucket pooled.
+  detail::ValueHistogram::Crossing budget_crossing(Index layer, Index k) const {
+    detail::ValueHistogram pooled(grid_, options_.summary_masses);
+    std::uint64_t rows = 0;
+    for (Index h = 0; h < options_.shape.q_heads; ++h)
+      for (const Statistics& s : buckets_[cell_index(layer, h)]) {
+        pooled.merge(s.histogram);
+        rows += s.threshold.count;
+      }
+    return pooled.value_with_count_above(double(k) * double(rows));
   }
 
   double entry_denominator_term(const Entry& entry, double theta, const TableOptions& options,

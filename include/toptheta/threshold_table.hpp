@@ -171,6 +171,12 @@ enum class CalibrationMethod {
   /// P_ij` over the `R` calibration rows equals a target ε (`TableOptions::pruned_mass`). Flat heads then keep
   /// more keys and peaked heads fewer than `k`, for the same mass left out of each row on average.
   mass_matched,
+  /// Probability thresholds only: one θ per layer, for all its heads and lengths, at which the survivors of the
+  /// layer's `R` calibration rows, all heads and lengths pooled, number `k R`. The layer's budget of `k` kept
+  /// keys per row then goes to the largest probabilities wherever they are, which leaves out the least
+  /// probability mass any split of that budget over heads and lengths can: a flat head or a long row keeps
+  /// fewer keys, a peaked head more. The layers' `k` split the model's budget over layers.
+  budget_matched,
 };
 
 inline const char* to_string(CalibrationMethod method) {
@@ -178,17 +184,23 @@ inline const char* to_string(CalibrationMethod method) {
     case CalibrationMethod::mean_of_thresholds: return "mean_of_thresholds";
     case CalibrationMethod::count_matched: return "count_matched";
     case CalibrationMethod::mass_matched: return "mass_matched";
+    case CalibrationMethod::budget_matched: return "budget_matched";
   }
   return "unknown";
+}
+
+/// Whether `method` is defined for probability thresholds only (its θ is a probability mass's cut).
+constexpr bool needs_probability_space(CalibrationMethod method) {
+  return method == CalibrationMethod::mass_matched || method == CalibrationMethod::budget_matched;
 }
 
 /// Parses the names printed by `to_string`; throws naming `argument` for any other text.
 inline CalibrationMethod calibration_method_from_string(const std::string& name,
                                                         const std::string& argument = "method") {
-  for (auto method :
-       {CalibrationMethod::mean_of_thresholds, CalibrationMethod::count_matched, CalibrationMethod::mass_matched})
+  for (auto method : {CalibrationMethod::mean_of_thresholds, CalibrationMethod::count_matched,
+                      CalibrationMethod::mass_matched, CalibrationMethod::budget_matched})
     if (name == to_string(method)) return method;
-  detail::fail(argument, "one of mean_of_thresholds, count_matched, mass_matched", name);
+  detail::fail(argument, "one of mean_of_thresholds, count_matched, mass_matched, budget_matched", name);
 }
 
 /// Calibration rows behind each table entry: `heads x lengths`, like `LayerThresholds::theta()`.
@@ -251,8 +263,9 @@ class ThresholdTable {
       require(method_ == CalibrationMethod::mean_of_thresholds, "sigma_add",
               std::string("none for ") + to_string(method_) + " (σ_add applies to mean_of_thresholds)", *sigma_add_);
     if (sigma_add_) require(std::isfinite(*sigma_add_), "sigma_add", "a finite value", *sigma_add_);
-    require(method_ != CalibrationMethod::mass_matched || space_ == ThresholdSpace::probability, "method",
-            "mass_matched only with probability thresholds", to_string(space_) + std::string(" thresholds"));
+    require(!needs_probability_space(method_) || space_ == ThresholdSpace::probability, "method",
+            std::string(to_string(method_)) + " only with probability thresholds",
+            to_string(space_) + std::string(" thresholds"));
     require(Index(layers_.size()) == shape_.layers, "layers",
             std::to_string(shape_.layers) + " layers (shape.layers)", layers_.size());
     require(samples_.size() == layers_.size(), "samples", "one matrix per layer (" +
