@@ -6,6 +6,7 @@
 #include <toptheta/threshold_io.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -71,6 +72,24 @@ CalibratorOptions one_head(ThresholdSpace space, Index k, LengthBuckets buckets 
   options.k = {k};
   options.buckets = buckets;
   return options;
+}
+
+/// 300 rows of lengths 64..`max_length` for each of two heads of layer 0, observed by `calibrator` and returned:
+/// head 0's flat (normal scores of spread 0.5), head 1's peaked (spread 3).
+std::array<std::vector<Eigen::VectorXd>, 2> observe_flat_and_peaked_rows(Calibrator& calibrator, Index max_length,
+                                                                         unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_int_distribution<Index> length(64, max_length);
+  std::array<std::vector<Eigen::VectorXd>, 2> rows;
+  for (Index head = 0; head < 2; ++head)
+    for (int r = 0; r < 300; ++r) {
+      Eigen::VectorXd row(length(rng));
+      for (Index j = 0; j < row.size(); ++j) row(j) = (head == 0 ? 0.5 : 3.0) * normal(rng);
+      calibrator.observe_row(0, head, row);
+      rows[std::size_t(head)].push_back(row);
+    }
+  return rows;
 }
 
 bool same_table(const ThresholdTable& a, const ThresholdTable& b, double relative) {
@@ -515,17 +534,7 @@ TEST_CASE("mass-matched thresholds leave out the target mass on average, keeping
   CalibratorOptions calibrator_options = one_head(ThresholdSpace::probability, k, one_bucket);
   calibrator_options.shape.q_heads = 2;
   Calibrator calibrator(calibrator_options);
-  std::mt19937 rng(5);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  std::uniform_int_distribution<Index> length(64, 127);
-  std::vector<Eigen::VectorXd> rows[2];
-  for (Index head = 0; head < 2; ++head)
-    for (int r = 0; r < 300; ++r) {
-      Eigen::VectorXd row(length(rng));
-      for (Index j = 0; j < row.size(); ++j) row(j) = (head == 0 ? 0.5 : 3.0) * normal(rng);
-      calibrator.observe_row(0, head, row);
-      rows[head].push_back(row);
-    }
+  const auto rows = observe_flat_and_peaked_rows(calibrator, 127, 5);
   TableOptions options;
   options.method = CalibrationMethod::mass_matched;
   options.pruned_mass = epsilon;
@@ -619,17 +628,7 @@ TEST_CASE("budget-matched thresholds keep k per row over a layer's heads and len
   CalibratorOptions calibrator_options = one_head(ThresholdSpace::probability, k);
   calibrator_options.shape.q_heads = 2;
   Calibrator calibrator(calibrator_options);
-  std::mt19937 rng(9);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  std::uniform_int_distribution<Index> length(64, 511);
-  std::vector<Eigen::VectorXd> rows[2];
-  for (Index head = 0; head < 2; ++head)
-    for (int r = 0; r < 300; ++r) {
-      Eigen::VectorXd row(length(rng));
-      for (Index j = 0; j < row.size(); ++j) row(j) = (head == 0 ? 0.5 : 3.0) * normal(rng);
-      calibrator.observe_row(0, head, row);
-      rows[head].push_back(row);
-    }
+  const auto rows = observe_flat_and_peaked_rows(calibrator, 511, 9);
   TableOptions options;
   options.method = CalibrationMethod::budget_matched;
   const ThresholdTable budget = calibrator.table(options);
