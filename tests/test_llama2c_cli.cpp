@@ -417,4 +417,76 @@ TEST_CASE("stories260K: the accuracy table does not depend on the thread count, 
     CHECK((line.find("✓") != std::string::npos) == row.meets_target());
   }
 }
+
+TEST_CASE("stories260K: splitting the budget over layers keeps its sum, takes only moves that lower the divergence, "
+          "and tables each layer as a calibration with its own k would",
+          "[llama2c][cli][split]") {
+  LLAMA2C_REQUIRE_MODEL();
+  const SerialEigen serial_eigen;
+  // Four calibration sequences cut to 160 tokens, two of them scored: a short search with the real mechanism.
+  auto calibration = model_tokens("calib.tokens");
+  calibration.resize(4);
+  for (auto& tokens : calibration) tokens.resize(std::min<std::size_t>(tokens.size(), 160));
+  toptheta::CalibratorOptions calibrator_options;
+  calibrator_options.shape = llama2c::model_shape(stories260k().config);
+  calibrator_options.space = toptheta::ThresholdSpace::probability;
+  toptheta::TableOptions table_options;
+  table_options.method = toptheta::CalibrationMethod::budget_matched;
+  table_options.denominator_terms = toptheta::DenominatorTermSource::none;
+  toptheta::Compensation compensation;
+  compensation.v_mean = true;
+  llama2c::LayerSplitOptions options;
+  options.k = 16;
+  options.step = 8;
+  options.max_moves = 2;
+  options.scoring_sequences = 2;
+  options.threads = 2;
+  const llama2c::LayerSplit split =
+      llama2c::split_layers(stories260k(), calibration, calibrator_options, table_options, compensation, options);
+  const Index layers = stories260k().config.layers;
+  REQUIRE(Index(split.k.size()) == layers);
+  Index total = 0;
+  for (Index k : split.k) {
+    total += k;
+    CHECK(k >= 8);
+    CHECK(k % 8 == 0);
+  }
+  CHECK(total == 16 * layers);
+  REQUIRE(!split.path.empty());
+  CHECK(split.path.front().k == std::vector<Index>(std::size_t(layers), 16));
+  CHECK(split.path.back().k == split.k);
+  CHECK(Index(split.path.size()) <= 1 + options.max_moves);
+  for (std::size_t step = 1; step < split.path.size(); ++step)
+    CHECK(split.path[step].mean_kl < split.path[step - 1].mean_kl);
+  CHECK(split.path.back().mean_kl == split.mean_kl);
+
+  // Each layer of the table is that layer of a calibration with the layer's k alone, on the same sequences.
+  llama2c::EngineOptions engine_options;
+  engine_options.threads = 1;
+  llama2c::Engine<float> engine(stories260k(), engine_options);
+  for (Index l = 0; l < layers; ++l) {
+    toptheta::CalibratorOptions alone = calibrator_options;
+    alone.k = {split.k[std::size_t(l)]};
+    toptheta::Calibrator calibrator(alone);
+    llama2c::calibrate(engine, calibration, {&calibrator});
+    const toptheta::ThresholdTable expected = calibrator.table(table_options);
+    INFO("layer " << l << ", k = " << split.k[std::size_t(l)]);
+    CHECK(split.table.k(l) == split.k[std::size_t(l)]);
+    CHECK(split.table.layer(l).theta() == expected.layer(l).theta());
+    CHECK(split.table.layer(l).lengths() == expected.layer(l).lengths());
+  }
+  // The divergence it reports is that of its table, evaluated again.
+  auto scored = calibration;
+  scored.resize(2);
+  engine.set_attention(llama2c::dense_plan(layers));
+  const auto reference = llama2c::feed_sequences(engine, scored, options.feed);
+  const auto evaluation = llama2c::evaluate(
+      engine, llama2c::top_theta_plan(llama2c::layer_tables(split.table), compensation), scored, reference, options.feed);
+  CHECK(evaluation.all().mean_kl() == split.mean_kl);
+
+  options.step = 0;
+  CHECK_THROWS_WITH(
+      llama2c::split_layers(stories260k(), calibration, calibrator_options, table_options, compensation, options),
+      mentions("step >= 1"));
+}
 #endif

@@ -6,6 +6,7 @@
 #include "llama2c/accuracy_table.hpp"
 #include "llama2c/calibration.hpp"
 #include "llama2c/evaluation.hpp"
+#include "llama2c/layer_split.hpp"
 #include "llama2c/options.hpp"
 #include "llama2c/tokenizer.hpp"
 #include "llama2c/tokens.hpp"
@@ -156,7 +157,14 @@ inline CommandLine calibrate_options() {
        {"sample-fraction", "F", "fraction of the rows used, in (0, 1]", "1"},
        {"seed", "S", "seed of the row sampling", "0"},
        {"denominator-terms", "SOURCE", "row_threshold, table_threshold or none", "table_threshold"},
-       {"max-sequences", "N", "use only the first N sequences (0: all)", "0"}});
+       {"max-sequences", "N", "use only the first N sequences (0: all)", "0"},
+       {"split-layers", "",
+        "split the budget of --k per row over the layers: move --split-step between layers while that lowers the "
+        "mean KL divergence from dense attention (V-mean compensation) on the first --split-sequences sequences",
+        std::nullopt},
+       {"split-step", "S", "--split-layers: k moved by one move", "4"},
+       {"split-sequences", "N", "--split-layers: sequences the divergence is measured on (0: all)", "8"},
+       {"threads", "N", "--split-layers: candidate splits evaluated at once (0: the hardware's threads)", "0"}});
 }
 
 inline int calibrate_command(const std::vector<std::string>& arguments, std::ostream& out) {
@@ -208,16 +216,41 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
   EngineOptions engine_options;
   engine_options.threads = 1;
   Engine<float> engine(model, engine_options);
-  toptheta::Calibrator calibrator(options);
-  calibrate(engine, sequences, {&calibrator});
   toptheta::TableReport report;
-  const toptheta::ThresholdTable table = calibrator.table(table_options, &report);
+  const toptheta::ThresholdTable table = [&] {
+    if (!line.flag("split-layers")) {
+      toptheta::Calibrator calibrator(options);
+      calibrate(engine, sequences, {&calibrator});
+      toptheta::ThresholdTable calibrated = calibrator.table(table_options, &report);
+      out << "calibrated " << toptheta::to_string(calibrated.space()) << " thresholds ("
+          << toptheta::to_string(calibrated.method()) << ", denominator terms " << terms << ") on "
+          << sequences.size() << " sequences: " << calibrator.rows_used() << " rows used, " << calibrator.rows_dense()
+          << " rows of length <= k left dense\n";
+      return calibrated;
+    }
+    if (line.given("k-per-layer"))
+      throw usage_error("--split-layers: expected --k (the budget it splits), not --k-per-layer");
+    LayerSplitOptions split_options;
+    split_options.k = options.k.front();
+    split_options.step = Index(line.integer("split-step", 1));
+    split_options.scoring_sequences = Index(line.integer("split-sequences", 0));
+    split_options.threads = int(line.integer("threads", 0));
+    if (split_options.threads == 0) split_options.threads = int(std::max(1u, std::thread::hardware_concurrency()));
+    toptheta::Compensation compensation;
+    compensation.v_mean = true;
+    const LayerSplit split = split_layers(model, sequences, options, table_options, compensation, split_options,
+                                          [&](const std::string& text) { out << "  " << text << "\n"; });
+    out << "split " << split_options.k << " x " << config.layers << " kept keys per row over the layers in "
+        << split.path.size() - 1 << " moves: mean KL " << split.path.front().mean_kl << " -> " << split.mean_kl
+        << " on " << std::min<std::size_t>(sequences.size(), split_options.scoring_sequences == 0
+                                                                  ? sequences.size()
+                                                                  : std::size_t(split_options.scoring_sequences))
+        << " sequences\n";
+    return split.table;
+  }();
   toptheta::save_thresholds(table, line.text("out"));
   const KeepCounts counts = keep_counts(engine, table, sequences);
 
-  out << "calibrated " << toptheta::to_string(table.space()) << " thresholds (" << toptheta::to_string(table.method())
-      << ", denominator terms " << terms << ") on " << sequences.size() << " sequences: " << calibrator.rows_used()
-      << " rows used, " << calibrator.rows_dense() << " rows of length <= k left dense\n";
   out << "wrote " << line.text("out") << " in " << fixed(seconds_since(start), 1) << " s\n";
   if (!report.window_edge.empty())
     out << report.window_edge.size() << " entries fell below the count summary's window (θ at its edge)\n";
