@@ -371,6 +371,41 @@ TEST_CASE("accuracy table: the configurations of one k cover top-k and every val
   CHECK(std::count(names.begin(), names.end(), "top-k, SDC exp_threshold, VMC") == 1);
 }
 
+TEST_CASE("accuracy table: perplexity at equal V-row reduction is interpolated in log(reduction) between two k",
+          "[llama2c][cli]") {
+  // One configuration at k = 32 (5x fewer V rows, +1 %) and k = 16 (10x, +3 %), built by hand.
+  llama2c::AccuracyTable table;
+  table.ks = {16, 32};
+  const auto add_row = [&](Index k, double increase, std::uint64_t v_rows_kept) {
+    llama2c::TableRow row;
+    row.configuration = {k, toptheta::ThresholdSpace::probability, toptheta::CalibrationMethod::count_matched,
+                         toptheta::Compensation{toptheta::DenominatorCompensation::none, 1.0, true}};
+    row.evaluation.decode.positions = 1;
+    row.evaluation.decode.nll = std::log1p(increase);
+    toptheta::AttentionStats decode;
+    decode.reset(1, 1);
+    decode.v_rows_kept = {v_rows_kept};
+    decode.v_rows_visible = {100};
+    row.evaluation.stats.decode = {decode};
+    table.rows.push_back(row);
+  };
+  add_row(16, 0.03, 10);
+  add_row(32, 0.01, 20);
+  const std::string name = table.rows.front().name();
+  using llama2c::report::increase_at_reduction;
+  CHECK(increase_at_reduction(table, name, 10).value() == Approx(0.03));
+  CHECK(increase_at_reduction(table, name, 5).value() == Approx(0.01));
+  CHECK(increase_at_reduction(table, name, std::sqrt(50.0)).value() == Approx(0.02));  // halfway in log
+  CHECK_FALSE(increase_at_reduction(table, name, 4).has_value());
+  CHECK_FALSE(increase_at_reduction(table, name, 10.5).has_value());
+  CHECK_FALSE(increase_at_reduction(table, "top-k", 6).has_value());
+  // 6x: t = log(1.2) / log(2); 8x: t = log(1.6) / log(2); 10x: +3 %. 3x and 4x lie outside.
+  const std::string section = llama2c::report::equal_cost_section(table);
+  const double at6 = 0.01 + 0.02 * std::log(1.2) / std::log(2.0), at8 = 0.01 + 0.02 * std::log(1.6) / std::log(2.0);
+  CHECK_THAT(section, mentions("| " + name + " | | | **" + llama2c::report::signed_percent(at6) + "** | **" +
+                               llama2c::report::signed_percent(at8) + "** | **+3.00 %** |"));
+}
+
 TEST_CASE("stories260K: the accuracy table does not depend on the thread count, and its markdown marks the target",
           "[llama2c][cli]") {
   LLAMA2C_REQUIRE_MODEL();

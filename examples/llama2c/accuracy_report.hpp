@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <iterator>
 #include <optional>
@@ -199,6 +200,65 @@ inline std::string reading(const AccuracyTable& table) {
   return md.str();
 }
 
+/// The perplexity increase of the configuration named `name` at `reduction`x fewer decode V rows, interpolated
+/// linearly in log(reduction) between its two rows (of different k) whose reductions bracket it; empty outside
+/// the reductions its rows measured.
+inline std::optional<double> increase_at_reduction(const AccuracyTable& table, const std::string& name,
+                                                   double reduction) {
+  std::vector<const TableRow*> rows;
+  for (const TableRow& row : table.rows)
+    if (row.name() == name && row.decode_v_reduction() > 0) rows.push_back(&row);
+  std::sort(rows.begin(), rows.end(),
+            [](const TableRow* a, const TableRow* b) { return a->decode_v_reduction() < b->decode_v_reduction(); });
+  for (std::size_t i = 1; i < rows.size(); ++i) {
+    const double low = rows[i - 1]->decode_v_reduction(), high = rows[i]->decode_v_reduction();
+    if (reduction < low || reduction > high) continue;
+    const double t = high > low ? std::log(reduction / low) / std::log(high / low) : 0.0;
+    const double first = rows[i - 1]->perplexity_increase(), second = rows[i]->perplexity_increase();
+    return first + t * (second - first);
+  }
+  return std::nullopt;
+}
+
+/// The section that compares configurations at equal cost: each configuration's perplexity increase at a few
+/// decode V-row reductions, interpolated between its k (`increase_at_reduction`).
+inline std::string equal_cost_section(const AccuracyTable& table) {
+  const double reductions[] = {3, 4, 6, 8, 10};
+  constexpr std::size_t columns = std::size(reductions);
+  std::vector<std::string> names;
+  for (const TableRow& row : table.rows)
+    if (std::find(names.begin(), names.end(), row.name()) == names.end()) names.push_back(row.name());
+  std::vector<std::array<std::optional<double>, columns>> increases(names.size());
+  std::array<std::optional<double>, columns> best;
+  for (std::size_t n = 0; n < names.size(); ++n)
+    for (std::size_t i = 0; i < columns; ++i) {
+      const auto increase = increases[n][i] = increase_at_reduction(table, names[n], reductions[i]);
+      if (increase && (!best[i] || *increase < *best[i])) best[i] = increase;
+    }
+  std::ostringstream md;
+  md << "## At equal decode V-row reduction\n\n"
+        "Each configuration's perplexity increase at the same cost, interpolated linearly in log(reduction) "
+        "between the two k whose reductions bracket it (blank: outside the reductions its k reach). The best at "
+        "each reduction is bold.\n\n| config |";
+  for (double r : reductions) md << " " << fixed(r, 0) << "x |";
+  md << "\n|---|";
+  for (std::size_t i = 0; i < columns; ++i) md << "---:|";
+  md << "\n";
+  for (std::size_t n = 0; n < names.size(); ++n) {
+    if (std::none_of(increases[n].begin(), increases[n].end(), [](const auto& v) { return v.has_value(); }))
+      continue;
+    md << "| " << names[n] << " |";
+    for (std::size_t i = 0; i < columns; ++i) {
+      const auto& increase = increases[n][i];
+      const std::string text = increase ? signed_percent(*increase) : std::string();
+      md << (!increase ? " |" : " " + (*increase == *best[i] ? "**" + text + "**" : text) + " |");
+    }
+    md << "\n";
+  }
+  md << "\n";
+  return md.str();
+}
+
 }  // namespace report
 
 /// The table's rows as JSON: per row its k, name, metrics (all, prefill, decode positions), sparsity totals.
@@ -286,7 +346,7 @@ inline std::string accuracy_markdown(const AccuracyTable& table, const AccuracyR
   else
     md << "\nNo configuration meets the target here, so none is recommended.\n\n";
 
-  md << reading(table) << "\n";
+  md << reading(table) << "\n" << equal_cost_section(table);
   for (Index k : table.ks) {
     md << "## k = " << k << "\n\n"
        << "| config | ppl Δ | KL | top-1 | decode kept | decode V rows | reduction | prefill kept | |\n"

@@ -219,7 +219,7 @@ struct AccuracyTable {
 
 /// How `run_accuracy_table` is run.
 struct AccuracyTableOptions {
-  std::vector<Index> ks{16, 32, 64};
+  std::vector<Index> ks{16, 20, 24, 32, 64};
   FeedOptions feed;  ///< how evaluation sequences are fed; `max_sequences` limits them
   Index max_calibration_sequences = 0;  ///< use only the first calibration sequences; 0: all
   int threads = 1;   ///< configurations evaluated at once, each on its own single-threaded engine

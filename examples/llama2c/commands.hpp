@@ -575,7 +575,7 @@ inline CommandLine table_options() {
        {"eval", "FILE", "evaluation token sequences", std::nullopt, true},
        {"out", "FILE", "markdown file to write", std::nullopt, true},
        {"json", "FILE", "also write every row as JSON", std::nullopt},
-       {"k", "K,K,...", "the k values", "16,32,64"},
+       {"k", "K,K,...", "the k values", "16,20,24,32,64"},
        {"prefill-fraction", "F", "fraction of each evaluation sequence fed by prefill", "0.5"},
        {"max-sequences", "N", "evaluate on the first N sequences of --eval only (0: all)", "0"},
        {"max-calib-sequences", "N", "calibrate on the first N sequences of --calib only (0: all)", "0"},
