@@ -404,6 +404,8 @@ TEST_CASE("accuracy table: perplexity at equal V-row reduction is interpolated i
   const double at6 = 0.01 + 0.02 * std::log(1.2) / std::log(2.0), at8 = 0.01 + 0.02 * std::log(1.6) / std::log(2.0);
   CHECK_THAT(section, mentions("| " + name + " | | | **" + llama2c::report::signed_percent(at6) + "** | **" +
                                llama2c::report::signed_percent(at8) + "** | **+3.00 %** |"));
+  table.ks = {16};  // one k: nothing to compare at equal cost
+  CHECK(llama2c::report::equal_cost_section(table).empty());
 }
 
 TEST_CASE("stories260K: the accuracy table does not depend on the thread count, and its markdown marks the target",

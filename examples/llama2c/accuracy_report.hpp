@@ -221,8 +221,9 @@ inline std::optional<double> increase_at_reduction(const AccuracyTable& table, c
 }
 
 /// The section that compares configurations at equal cost: each configuration's perplexity increase at a few
-/// decode V-row reductions, interpolated between its k (`increase_at_reduction`).
+/// decode V-row reductions, interpolated between its k (`increase_at_reduction`); empty for a table of one k.
 inline std::string equal_cost_section(const AccuracyTable& table) {
+  if (table.ks.size() < 2) return {};
   const double reductions[] = {3, 4, 6, 8, 10};
   constexpr std::size_t columns = std::size(reductions);
   std::vector<std::string> names;
