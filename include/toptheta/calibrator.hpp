@@ -313,8 +313,9 @@ class Calibrator {
             "on)",
             "table_threshold");
     const bool with_terms = options.denominator_terms != DenominatorTermSource::none;
+    // Each entry's own (pooled) histogram: for its own θ, or for table-threshold terms under a layer's θ.
     const bool needs_histogram =
-        from_histogram || options.denominator_terms == DenominatorTermSource::table_threshold;
+        count_matched || mass_matched || options.denominator_terms == DenominatorTermSource::table_threshold;
     if (report) *report = {};
     const Index heads = options_.shape.q_heads;
     std::vector<LayerThresholds> layers;
