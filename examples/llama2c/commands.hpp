@@ -241,11 +241,8 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
     const LayerSplit split = split_layers(model, sequences, options, table_options, compensation, split_options,
                                           [&](const std::string& text) { out << "  " << text << "\n"; });
     out << "split " << split_options.k << " x " << config.layers << " kept keys per row over the layers in "
-        << split.path.size() - 1 << " moves: mean KL " << split.path.front().mean_kl << " -> " << split.mean_kl
-        << " on " << std::min<std::size_t>(sequences.size(), split_options.scoring_sequences == 0
-                                                                  ? sequences.size()
-                                                                  : std::size_t(split_options.scoring_sequences))
-        << " sequences\n";
+        << split.path.size() - 1 << " moves: mean KL " << split.path.front().mean_kl << " -> " << split.mean_kl()
+        << " on " << split.scoring_sequences << " sequences\n";
     return split.table;
   }();
   toptheta::save_thresholds(table, line.text("out"));

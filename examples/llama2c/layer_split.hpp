@@ -34,14 +34,16 @@ struct LayerSplitOptions {
 
 /// The split `split_layers` found, and how it got there.
 struct LayerSplit {
-  std::vector<Index> k;  ///< per layer
-  double mean_kl = 0;    ///< mean KL(dense ‖ split) per position on the scoring sequences
   struct Step {
-    std::vector<Index> k;
-    double mean_kl;
+    std::vector<Index> k;  ///< per layer
+    double mean_kl;        ///< mean KL(dense ‖ split) per position on the scoring sequences
   };
-  std::vector<Step> path;  ///< the even split, then each accepted move
+  std::vector<Step> path;  ///< the even split, then each accepted move; the last is the result
+  Index scoring_sequences = 0;  ///< sequences the divergence was measured on
   toptheta::ThresholdTable table;
+
+  const std::vector<Index>& k() const { return path.back().k; }
+  double mean_kl() const { return path.back().mean_kl; }
 };
 
 /// The lowest and highest k a layer may take when `options` splits its budget over `layers`: the budget's k
@@ -140,7 +142,7 @@ inline LayerSplit split_layers(const Model& model, const std::vector<std::vector
   const toptheta::ThresholdTable& first = tables.begin()->second;
   std::vector<toptheta::SampleCounts> samples;
   for (Index l = 0; l < layers; ++l) samples.push_back(tables.at(split[std::size_t(l)]).samples(l));
-  return {split, split_kl, std::move(path),
+  return {std::move(path), Index(scoring.size()),
           toptheta::ThresholdTable(first.shape(), first.space(), first.buckets(), first.method(), first.sigma_add(),
                                    layer_tables_of(split), std::move(samples))};
 }
