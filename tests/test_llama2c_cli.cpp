@@ -21,6 +21,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
@@ -379,7 +380,7 @@ TEST_CASE("accuracy table: perplexity at equal V-row reduction is interpolated i
   const auto add_row = [&](Index k, double increase, std::uint64_t v_rows_kept) {
     llama2c::TableRow row;
     row.configuration = {k, toptheta::ThresholdSpace::probability, toptheta::CalibrationMethod::count_matched,
-                         toptheta::Compensation{toptheta::DenominatorCompensation::none, 1.0, true}};
+                         toptheta::Compensation{toptheta::DenominatorCompensation::none, 1.0, true}, {}};
     row.evaluation.decode.positions = 1;
     row.evaluation.decode.nll = std::log1p(increase);
     toptheta::AttentionStats decode;
@@ -416,6 +417,11 @@ TEST_CASE("stories260K: the accuracy table does not depend on the thread count, 
   options.ks = {16};
   options.feed.max_sequences = 1;
   options.max_calibration_sequences = 1;
+  // One split budget that is not among the k: its row gets a k of its own. One move of 8 keeps the search short.
+  options.split_budgets = {20};
+  options.split.step = 8;
+  options.split.max_moves = 1;
+  options.split.scoring_sequences = 1;
   // The first 160 tokens of each sequence keep the test short; rows up to 160 still exceed k = 16.
   const auto shortened = [](std::vector<std::vector<int>> sequences) {
     for (auto& tokens : sequences) tokens.resize(std::min<std::size_t>(tokens.size(), 160));
@@ -426,8 +432,18 @@ TEST_CASE("stories260K: the accuracy table does not depend on the thread count, 
   const llama2c::AccuracyTable serial = llama2c::run_accuracy_table(stories260k(), calibration, evaluation, options);
   options.threads = 2;
   const llama2c::AccuracyTable parallel = llama2c::run_accuracy_table(stories260k(), calibration, evaluation, options);
-  REQUIRE(serial.rows.size() == llama2c::table_configurations(16).size());
+  REQUIRE(serial.rows.size() == llama2c::table_configurations(16).size() + 1);
   REQUIRE(parallel.rows.size() == serial.rows.size());
+  CHECK(serial.ks == std::vector<Index>{16, 20});
+  const llama2c::TableRow& split = serial.rows.back();
+  REQUIRE(split.configuration.split());
+  CHECK(split.k() == 20);
+  CHECK(split.name() == "top-θ probability, budget_matched, VMC, split over layers");
+  CHECK(split.configuration.layer_k == parallel.rows.back().configuration.layer_k);
+  const Index layers = stories260k().config.layers;
+  REQUIRE(Index(split.configuration.layer_k.size()) == layers);
+  CHECK(std::accumulate(split.configuration.layer_k.begin(), split.configuration.layer_k.end(), Index(0)) == 20 * layers);
+  CHECK(split.decode().v_rows_kept_fraction() > 0);
   for (std::size_t i = 0; i < serial.rows.size(); ++i) {
     const auto &a = serial.rows[i], &b = parallel.rows[i];
     INFO(a.name());
@@ -445,9 +461,15 @@ TEST_CASE("stories260K: the accuracy table does not depend on the thread count, 
   const std::string markdown = llama2c::accuracy_markdown(serial, context);
   CHECK_THAT(markdown, mentions("```sh\nllama2c table --k 16\n```"));
   CHECK_THAT(markdown, mentions("the first 1 of the " + std::to_string(evaluation.size())));
+  CHECK_THAT(markdown, mentions("*Split over layers*"));
+  CHECK_THAT(markdown, mentions("k = 20 as " + split.configuration.layer_k_text() + ": "));
+  const nlohmann::json json = llama2c::accuracy_json(serial);
+  CHECK(json["rows"].back()["layer_k"].get<std::vector<Index>>() == split.configuration.layer_k);
+  CHECK(json["rows"].front()["layer_k"].empty());
   for (const auto& row : serial.rows) {
     INFO(row.name());
-    const std::string cell = "| " + row.name() + " |", bold = "| **" + row.name() + "** |";
+    const std::string name = llama2c::report::split_name(row);
+    const std::string cell = "| " + name + " |", bold = "| **" + name + "** |";
     const auto at = markdown.find(markdown.find(bold) != std::string::npos ? bold : cell);
     REQUIRE(at != std::string::npos);
     const std::string line = markdown.substr(at, markdown.find('\n', at) - at);

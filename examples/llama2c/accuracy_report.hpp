@@ -43,8 +43,12 @@ inline std::string scientific(double x) {
   return out.str();
 }
 
+/// The row's name, with the per-layer k of a split: "..., split over layers (k 24,12,18,10,16)".
+inline std::string split_name(const TableRow& row) {
+  return row.configuration.split() ? row.name() + " (k " + row.configuration.layer_k_text() + ")" : row.name();
+}
 /// The row's name with its k, e.g. "k = 32, top-θ probability, count_matched, VMC".
-inline std::string full_name(const TableRow& row) { return "k = " + std::to_string(row.k()) + ", " + row.name(); }
+inline std::string full_name(const TableRow& row) { return "k = " + std::to_string(row.k()) + ", " + split_name(row); }
 
 /// Among the rows of `k` for which `select(configuration)` holds, the one with the lowest perplexity; null if none.
 inline const TableRow* most_accurate(const AccuracyTable& table, Index k,
@@ -83,7 +87,7 @@ inline std::string reading(const AccuracyTable& table) {
       exp_threshold{DenominatorCompensation::exp_threshold, 1.0, false},
       exp_threshold_vmc{DenominatorCompensation::exp_threshold, 1.0, true};
   const auto row = [&](Space space, CalibrationMethod method, const Compensation& c) {
-    return find(table, k, {k, space, method, c});
+    return find(table, k, {k, space, method, c, {}});
   };
   const auto best_in = [&](Space space) {
     return most_accurate(table, k, [&](const TableConfiguration& c) { return c.space == space; });
@@ -133,8 +137,8 @@ inline std::string reading(const AccuracyTable& table) {
   std::string budget_pairs;
   for (Index each_k : table.ks) {
     const TableRow* budget =
-        find(table, each_k, {each_k, ThresholdSpace::probability, CalibrationMethod::budget_matched, vmc});
-    const TableRow* count = find(table, each_k, {each_k, ThresholdSpace::probability, count_matched, vmc});
+        find(table, each_k, {each_k, ThresholdSpace::probability, CalibrationMethod::budget_matched, vmc, {}});
+    const TableRow* count = find(table, each_k, {each_k, ThresholdSpace::probability, count_matched, vmc, {}});
     if (!budget || !count) continue;
     budget_pairs += std::string(budget_pairs.empty() ? "" : "; ") + "k = " + std::to_string(each_k) + ": " +
                     outcome(*budget) + " against " + outcome(*count);
@@ -145,6 +149,24 @@ inline std::string reading(const AccuracyTable& table) {
           "are, which leaves out the least mass a split of that budget can: flat heads and long rows keep fewer "
           "keys, peaked heads more. With VMC, against count-matched: "
        << budget_pairs << ".\n\n";
+
+  std::string split_pairs;
+  for (const TableRow& split : table.rows) {
+    if (!split.configuration.split()) continue;
+    const TableRow* even =
+        find(table, split.k(), {split.k(), ThresholdSpace::probability, CalibrationMethod::budget_matched, vmc, {}});
+    split_pairs += std::string(split_pairs.empty() ? "" : "; ") + "k = " + std::to_string(split.k()) + " as " +
+                   split.configuration.layer_k_text() + ": " + outcome(split) +
+                   (even ? " against " + outcome(*even) + " with k in every layer" : std::string());
+  }
+  if (!split_pairs.empty())
+    md << "*Split over layers*: the budget of k kept keys per row of every layer, moved " << table.split.step
+       << " at a time from layer to layer while that lowers the mean KL divergence from dense attention on "
+       << (table.split.scoring_sequences > 0 ? "the first " + std::to_string(table.split.scoring_sequences) + " "
+                                             : std::string("all "))
+       << "calibration sequences (budget-matched probability thresholds, VMC). The first layer takes more than its "
+          "share where it is the most sensitive: "
+       << split_pairs << ".\n\n";
 
   const TableRow *raw = row(ThresholdSpace::raw_score, count_matched, none);
   md << "*Raw-score thresholds*: one θ per (head, length) is compared with a_ij = s⟨q_i, k_j⟩, whose scale "
@@ -270,6 +292,7 @@ inline nlohmann::json accuracy_json(const AccuracyTable& table) {
     const auto decode = row.decode(), prefill = row.prefill();
     rows.push_back({{"k", row.k()},
                     {"config", row.name()},
+                    {"layer_k", row.configuration.layer_k},
                     {"perplexity_ratio", all.perplexity_ratio()},
                     {"mean_nll", all.mean_nll()},
                     {"dense_mean_nll", all.reference_mean_nll()},
@@ -337,7 +360,7 @@ inline std::string accuracy_markdown(const AccuracyTable& table, const AccuracyR
   for (Index k : table.ks) {
     md << "- k = " << k << ": ";
     if (const TableRow* best = table.best(k))
-      md << "best **" << best->name() << "**: " << outcome(*best) << ".\n";
+      md << "best **" << split_name(*best) << "**: " << outcome(*best) << ".\n";
     else
       md << "no configuration reaches 3x fewer decode V rows at ≤ 1 % perplexity increase.\n";
   }
@@ -357,7 +380,8 @@ inline std::string accuracy_markdown(const AccuracyTable& table, const AccuracyR
       const PredictionMetrics all = row.evaluation.all();
       const auto decode = row.decode(), prefill = row.prefill();
       const bool best = &row == table.best(k);
-      md << "| " << (best ? "**" + row.name() + "**" : row.name()) << " | " << signed_percent(row.perplexity_increase())
+      const std::string name = split_name(row);
+      md << "| " << (best ? "**" + name + "**" : name) << " | " << signed_percent(row.perplexity_increase())
          << " | " << scientific(all.mean_kl()) << " | " << fixed(100 * all.top1_agreement(), 1) << " % | "
          << fixed(100 * decode.kept_fraction(), 1) << " % | " << fixed(100 * decode.v_rows_kept_fraction(), 1)
          << " % | " << fixed(row.decode_v_reduction(), 2) << "x | " << fixed(100 * prefill.kept_fraction(), 1)

@@ -4,45 +4,22 @@
 
 #include "llama2c/calibration.hpp"
 #include "llama2c/evaluation.hpp"
+#include "llama2c/layer_split.hpp"
+#include "llama2c/parallel_for.hpp"
 
 #include <toptheta/calibrator.hpp>
 
-#include <atomic>
+#include <algorithm>
 #include <chrono>
-#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace llama2c {
-
-/// Runs `work(i)` for i in [0, count) on `threads` threads (at least one), each item on one thread; the first
-/// exception is rethrown after every thread ended. Results that depend only on `i` are deterministic.
-inline void parallel_for(Index count, int threads, const std::function<void(Index)>& work) {
-  std::atomic<Index> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  const auto worker = [&] {
-    for (Index i = next++; i < count; i = next++) {
-      try {
-        work(i);
-      } catch (...) {
-        const std::lock_guard<std::mutex> lock(failure_mutex);
-        if (!failure) failure = std::current_exception();
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& thread : pool) thread.join();
-  if (failure) std::rethrow_exception(failure);
-}
 
 /// A threshold table of the accuracy table's calibration: one per (k, space, method).
 struct CalibratedTable {
@@ -109,22 +86,32 @@ inline std::vector<CalibratedTable> calibrate_tables(const Model& model, const s
   return tables;
 }
 
-/// What one row of the accuracy table runs, in every layer alike: top-k (no `space`) or Top-θ with the table
-/// of (k, space, method), and a compensation.
+/// What one row of the accuracy table runs: top-k (no `space`) or Top-θ with the table of (k, space, method), and
+/// a compensation; k in every layer alike, or a split of the budget k over the layers (`layer_split.hpp`).
 struct TableConfiguration {
-  Index k = 0;
+  Index k = 0;  ///< per row of every layer, or the mean over the layers of `layer_k`
   std::optional<toptheta::ThresholdSpace> space;  ///< empty: top-k
   toptheta::CalibrationMethod method = toptheta::CalibrationMethod::mean_of_thresholds;  ///< Top-θ only
   toptheta::Compensation compensation;
+  std::vector<Index> layer_k;  ///< per layer, summing to layers · k; empty: k in every layer
 
   bool top_k() const { return !space; }
-  /// E.g. "top-k, SDC exp_threshold" or "top-θ probability, count_matched, VMC".
+  bool split() const { return !layer_k.empty(); }
+  /// E.g. "top-k, SDC exp_threshold" or "top-θ probability, count_matched, VMC" (", split over layers" for a
+  /// split): the same for every k, so that the rows of one name form a curve over k.
   std::string name() const {
     std::string text = top_k() ? std::string("top-k")
                                : std::string("top-θ ") + toptheta::to_string(*space) + ", " + toptheta::to_string(method);
     if (compensation.denominator != toptheta::DenominatorCompensation::none)
       text += std::string(", SDC ") + toptheta::to_string(compensation.denominator);
     if (compensation.v_mean) text += ", VMC";
+    if (split()) text += ", split over layers";
+    return text;
+  }
+  /// `layer_k` as "24,12,18,10,16"; empty when not split.
+  std::string layer_k_text() const {
+    std::string text;
+    for (std::size_t l = 0; l < layer_k.size(); ++l) text += (l ? "," : "") + std::to_string(layer_k[l]);
     return text;
   }
 };
@@ -140,7 +127,7 @@ inline std::vector<TableConfiguration> table_configurations(Index k) {
   std::vector<TableConfiguration> configurations;
   for (const Compensation& c : {Compensation{}, Compensation{DenominatorCompensation::exp_threshold, 1.0, false},
                                 Compensation{DenominatorCompensation::exp_threshold, 1.0, true}})
-    configurations.push_back({k, std::nullopt, {}, c});
+    configurations.push_back({k, std::nullopt, {}, c, {}});
   for (ThresholdSpace space : {ThresholdSpace::probability, ThresholdSpace::raw_score, ThresholdSpace::score_minus_max,
                                ThresholdSpace::score_over_query_norm})
     for (auto method : table_methods(space)) {
@@ -152,7 +139,7 @@ inline std::vector<TableConfiguration> table_configurations(Index k) {
       for (DenominatorCompensation denominator : denominators)
         for (bool v_mean : {false, true})
           if (!v_mean || denominator != DenominatorCompensation::none || probability)
-            configurations.push_back({k, space, method, Compensation{denominator, 1.0, v_mean}});
+            configurations.push_back({k, space, method, Compensation{denominator, 1.0, v_mean}, {}});
     }
   return configurations;
 }
@@ -202,6 +189,7 @@ struct AccuracyTable {
   Index calibration_sequences = 0, evaluation_sequences = 0, evaluation_positions = 0;
   Index evaluation_sequences_given = 0;  ///< in the evaluation set, before `max_sequences`
   FeedOptions feed;
+  LayerSplitOptions split;  ///< how the rows "..., split over layers" were searched (`split.k` unused)
   double dense_mean_nll = 0;
   std::vector<TableRow> rows;
 
@@ -224,6 +212,11 @@ struct AccuracyTableOptions {
   Index max_calibration_sequences = 0;  ///< use only the first calibration sequences; 0: all
   int threads = 1;   ///< configurations evaluated at once, each on its own single-threaded engine
   Index calibration_shards = 2;  ///< parts of the calibration pass run in parallel (see `calibrate_tables`)
+  /// Budgets k split over the layers (`split_layers`, budget-matched probability thresholds, VMC): one row
+  /// each, named "..., split over layers"; `split.k` and `split.threads` are replaced by each budget and
+  /// `threads`.
+  std::vector<Index> split_budgets;
+  LayerSplitOptions split;
   /// Called with a line of progress (e.g. to print it); may be empty.
   std::function<void(const std::string&)> progress;
 };
@@ -266,6 +259,7 @@ inline AccuracyTable run_accuracy_table(const Model& model, const std::vector<st
   result.ks = options.ks;
   result.head_dim = model.config.head_dim();
   result.feed = options.feed;
+  result.split = options.split;
   result.calibration_sequences = Index(calibration_set.size());
   result.evaluation_sequences = Index(evaluation_set.size());
   result.evaluation_sequences_given = Index(evaluation.size());
@@ -280,6 +274,33 @@ inline AccuracyTable run_accuracy_table(const Model& model, const std::vector<st
     const std::lock_guard<std::mutex> lock(progress_mutex);
     say("  k=" + std::to_string(row.k()) + " " + row.name());
   });
+
+  // Splits of a budget over the layers: each searched on the calibration sequences, then evaluated like the rows.
+  const toptheta::Compensation vmc{toptheta::DenominatorCompensation::none, 1.0, true};
+  for (Index budget : options.split_budgets) {
+    toptheta::CalibratorOptions calibrator_options;
+    calibrator_options.shape = model_shape(model.config);
+    calibrator_options.space = toptheta::ThresholdSpace::probability;
+    calibrator_options.summary_masses = true;
+    toptheta::TableOptions table_options;
+    table_options.method = toptheta::CalibrationMethod::budget_matched;
+    table_options.denominator_terms = toptheta::DenominatorTermSource::table_threshold;
+    LayerSplitOptions split_options = options.split;
+    split_options.k = budget;
+    split_options.threads = std::max(1, options.threads);
+    say("splitting k = " + std::to_string(budget) + " over the layers");
+    const LayerSplit split = split_layers(model, calibration_set, calibrator_options, table_options, vmc, split_options,
+                                         [&](const std::string& line) { say("  " + line); });
+    TableRow row;
+    row.configuration = {budget, toptheta::ThresholdSpace::probability, table_options.method, vmc, split.k()};
+    row.evaluation = evaluate(engine, top_theta_plan(layer_tables(split.table), vmc), evaluation_set, reference,
+                              options.feed);
+    say("  k=" + std::to_string(budget) + " " + row.name() + " (" + row.configuration.layer_k_text() + ")");
+    result.rows.push_back(std::move(row));
+    if (std::find(result.ks.begin(), result.ks.end(), budget) == result.ks.end()) result.ks.push_back(budget);
+  }
+  std::sort(result.ks.begin(), result.ks.end());
+
   const PredictionMetrics all = result.rows.front().evaluation.all();
   result.evaluation_positions = all.positions;
   result.dense_mean_nll = all.reference_mean_nll();

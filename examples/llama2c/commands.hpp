@@ -66,10 +66,8 @@ inline AttentionPlan attention_plan(const CommandLine& line, const Model& model)
   if (line.given("thresholds") && line.given("top-k"))
     throw usage_error("--top-k: expected either --thresholds or --top-k, got both");
   toptheta::Compensation compensation;
-  const std::string denominator = line.choice("denominator", {"none", "exact", "exp_threshold", "calibrated"});
-  for (auto mode : {DenominatorCompensation::none, DenominatorCompensation::exact,
-                    DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated})
-    if (denominator == toptheta::to_string(mode)) compensation.denominator = mode;
+  compensation.denominator = toptheta::denominator_compensation_from_string(
+      line.choice("denominator", {"none", "exact", "exp_threshold", "calibrated"}), "--denominator");
   compensation.lambda = line.real("lambda", 0.0);
   if (line.flag("v-mean") && line.flag("no-v-mean"))
     throw usage_error("--no-v-mean: expected either --v-mean or --no-v-mean, got both");
@@ -197,10 +195,8 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
     throw usage_error("--method: expected count_matched or mean_of_thresholds with --space " +
                       std::string(toptheta::to_string(options.space)) + " (" +
                       toptheta::to_string(table_options.method) + " needs probability)");
-  const std::string terms = line.choice("denominator-terms", {"row_threshold", "table_threshold", "none"});
-  table_options.denominator_terms = terms == "row_threshold"     ? toptheta::DenominatorTermSource::row_threshold
-                                    : terms == "table_threshold" ? toptheta::DenominatorTermSource::table_threshold
-                                                                 : toptheta::DenominatorTermSource::none;
+  table_options.denominator_terms = toptheta::denominator_term_source_from_string(
+      line.choice("denominator-terms", {"row_threshold", "table_threshold", "none"}), "--denominator-terms");
   options.summary_masses = table_options.denominator_terms == toptheta::DenominatorTermSource::table_threshold;
   FeedOptions feed;
   feed.max_sequences = Index(line.integer("max-sequences", 0));
@@ -576,6 +572,12 @@ inline CommandLine table_options() {
        {"prefill-fraction", "F", "fraction of each evaluation sequence fed by prefill", "0.5"},
        {"max-sequences", "N", "evaluate on the first N sequences of --eval only (0: all)", "0"},
        {"max-calib-sequences", "N", "calibrate on the first N sequences of --calib only (0: all)", "0"},
+       {"split-budgets", "K,K,...",
+        "also a row per budget k split over the layers (budget-matched probability thresholds, VMC; see calibrate "
+        "--split-layers)",
+        std::nullopt},
+       {"split-step", "S", "--split-budgets: k moved by one move", "2"},
+       {"split-sequences", "N", "--split-budgets: calibration sequences the divergence is measured on (0: all)", "8"},
        {"threads", "N", "configurations evaluated at once (0: the hardware's threads)", "0"}});
 }
 
@@ -594,6 +596,9 @@ inline int table_command(const std::vector<std::string>& arguments, std::ostream
   options.feed.prefill_fraction = line.real("prefill-fraction", 0.0, 1.0);
   options.feed.max_sequences = Index(line.integer("max-sequences", 0));
   options.max_calibration_sequences = Index(line.integer("max-calib-sequences", 0));
+  if (line.given("split-budgets")) options.split_budgets = line.integer_list("split-budgets", 1);
+  options.split.step = Index(line.integer("split-step", 1));
+  options.split.scoring_sequences = Index(line.integer("split-sequences", 0));
   const int threads = int(line.integer("threads", 0, 1024));
   options.threads = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
   options.progress = [&out](const std::string& text) { out << text << "\n" << std::flush; };

@@ -2,11 +2,11 @@
 // model's divergence from dense attention on calibration text.
 #pragma once
 
-#include "llama2c/accuracy_table.hpp"
 #include "llama2c/attention_policy.hpp"
 #include "llama2c/calibration.hpp"
 #include "llama2c/engine.hpp"
 #include "llama2c/evaluation.hpp"
+#include "llama2c/parallel_for.hpp"
 
 #include <toptheta/calibrator.hpp>
 #include <toptheta/threshold_table.hpp>

@@ -65,6 +65,24 @@ enum class DenominatorTermSource {
   none,
 };
 
+inline const char* to_string(DenominatorTermSource source) {
+  switch (source) {
+    case DenominatorTermSource::row_threshold: return "row_threshold";
+    case DenominatorTermSource::table_threshold: return "table_threshold";
+    case DenominatorTermSource::none: return "none";
+  }
+  return "unknown";
+}
+
+/// Parses the names printed by `to_string`; throws naming `argument` for any other text.
+inline DenominatorTermSource denominator_term_source_from_string(const std::string& name,
+                                                                 const std::string& argument = "denominator_terms") {
+  for (auto source : {DenominatorTermSource::row_threshold, DenominatorTermSource::table_threshold,
+                      DenominatorTermSource::none})
+    if (name == to_string(source)) return source;
+  detail::fail(argument, "one of row_threshold, table_threshold, none", name);
+}
+
 /// What `Calibrator::table` does with a (layer, head) that saw no calibration row longer than `k`.
 enum class MissingCalibration {
   error,     ///< throw `invalid_argument` naming the layer and head (the default)

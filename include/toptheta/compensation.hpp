@@ -28,6 +28,15 @@ inline const char* to_string(DenominatorCompensation mode) {
   return "unknown";
 }
 
+/// Parses the names printed by `to_string`; throws naming `argument` for any other text.
+inline DenominatorCompensation denominator_compensation_from_string(const std::string& name,
+                                                                    const std::string& argument = "denominator") {
+  for (auto mode : {DenominatorCompensation::none, DenominatorCompensation::exact,
+                    DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated})
+    if (name == to_string(mode)) return mode;
+  detail::fail(argument, "one of none, exact, exp_threshold, calibrated", name);
+}
+
 /// How a sparse kernel compensates for pruned elements.
 struct Compensation {
   DenominatorCompensation denominator = DenominatorCompensation::none;
