@@ -22,17 +22,6 @@ namespace {
 
 using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-/// The value of score `a` of a row in `space`, given the row's max, sum and query norm.
-double value_in_space(ThresholdSpace space, double a, double max, double sum, double query_norm) {
-  switch (space) {
-    case ThresholdSpace::raw_score: return a;
-    case ThresholdSpace::probability: return std::exp(a - max) / sum;
-    case ThresholdSpace::score_minus_max: return a - max;
-    case ThresholdSpace::score_over_query_norm: return a / query_norm;
-  }
-  return a;
-}
-
 /// Per-head thresholds: the mean over causal rows longer than k of each row's (k+1)-th largest value, and the
 /// mean exact denominator term under that threshold (design.md §1, "Calibration"; a full calibrator with
 /// per-length tables is the library's next step).

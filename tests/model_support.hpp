@@ -15,16 +15,6 @@
 #include <string>
 #include <vector>
 
-#if defined(TOPTHETA_CATCH2_V3) && defined(SKIP)  // SKIP exists from Catch2 3.3 on
-#define LLAMA2C_SKIP(message) SKIP(message)
-#else
-#define LLAMA2C_SKIP(message) \
-  do {                        \
-    WARN(message);            \
-    return;                   \
-  } while (false)
-#endif
-
 /// A temporary file, removed at the end of the test, whose name ends in `name` (a random prefix keeps
 /// concurrent test runs apart).
 struct TemporaryFile {
@@ -60,7 +50,7 @@ inline bool model_present() {
 
 #define LLAMA2C_REQUIRE_MODEL()                                                            \
   if (!model_present())                                                                    \
-  LLAMA2C_SKIP("llama2c model test skipped: " +                                            \
+  TOPTHETA_SKIP("llama2c model test skipped: " +                                            \
                (model_directory().empty() ? std::string("TOPTHETA_SHARED_DIR not defined") \
                                           : model_directory() + "/stories260K.bin") +      \
                " not found (the shared models directory is absent, e.g. in a fresh clone)")

@@ -149,6 +149,8 @@ TEST_CASE("a causal call whose past + query rows exceed the keys throws naming k
   REQUIRE_NOTHROW(call(kernel));
   call.attention.past = 3;
   REQUIRE_INVALID(call(kernel), "k.tokens", "past + query rows = 7");
+  call.attention.past = std::numeric_limits<Index>::max() - 2;  // past + query rows overflows: still caught
+  REQUIRE_INVALID(call(kernel), "k.tokens", "past + query rows = " + std::to_string(call.attention.past) + " + 4");
   call.attention.past = -1;
   REQUIRE_INVALID(call(kernel), "options.past", ">= 0");
   call.attention.past = 0;

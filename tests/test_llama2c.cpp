@@ -10,6 +10,7 @@
 
 #if __has_include(<nlohmann/json.hpp>)
 #include <nlohmann/json.hpp>
+#include <toptheta/threshold_io.hpp>
 #define LLAMA2C_HAVE_JSON 1
 #endif
 
@@ -145,7 +146,7 @@ const std::vector<std::int32_t> small_header = {16, 24, 2, 4, 2, 32, 64};  // hs
 TEST_CASE("llama2c dense logits match the float64 reference of stories260K", "[llama2c]") {
   LLAMA2C_REQUIRE_MODEL();
 #ifndef LLAMA2C_HAVE_JSON
-  LLAMA2C_SKIP("llama2c reference-logits test skipped: nlohmann/json.hpp not found");
+  TOPTHETA_SKIP("llama2c reference-logits test skipped: nlohmann/json.hpp not found");
 #else
   const SerialEigen serial_eigen;
   std::ifstream file(model_directory() + "/reference-logits.json");
@@ -468,6 +469,38 @@ TEST_CASE("stories260K: the recommended default (budget-matched probability thre
                         << reduction << "x fewer decode V rows");
   CHECK(top_theta.all().perplexity_ratio() <= 1.005);
   CHECK(reduction >= 5.0);
+}
+
+TEST_CASE("stories260K: 84 kept keys per row split over the layers (docs/thresholds/stories260K-split-84.json) "
+          "cost at most 1 % perplexity at 10x fewer decode V rows or more",
+          "[llama2c]") {
+  LLAMA2C_REQUIRE_MODEL();
+#ifndef LLAMA2C_HAVE_JSON
+  TOPTHETA_SKIP("threshold-file test skipped: nlohmann/json.hpp not found");
+#else
+  const SerialEigen serial_eigen;
+  // The file `llama2c calibrate --split-layers --split-total 84 --split-step 1` wrote from calib.tokens (README);
+  // evaluated here on the held-out eval.tokens with the engine and kernels of this build.
+  const toptheta::ThresholdTable table =
+      toptheta::load_thresholds(std::string(TOPTHETA_DOCS_DIR) + "/thresholds/stories260K-split-84.json");
+  REQUIRE(table.method() == toptheta::CalibrationMethod::budget_matched);
+  Index total = 0;
+  for (Index l = 0; l < table.layers(); ++l) total += table.k(l);
+  CHECK(total == 84);
+  llama2c::Engine<float> engine(stories260k(), one_thread());
+  toptheta::Compensation v_mean;
+  v_mean.v_mean = true;
+  const auto sequences = model_tokens("eval.tokens");
+  const llama2c::FeedOptions feed;
+  const auto reference = llama2c::feed_sequences(engine, sequences, feed);
+  const llama2c::Evaluation top_theta = llama2c::evaluate(
+      engine, llama2c::top_theta_plan(llama2c::layer_tables(table), v_mean), sequences, reference, feed);
+  const double reduction = 1 / llama2c::EngineStats::total(top_theta.stats.decode).v_rows_kept_fraction();
+  INFO(sequences.size() << " sequences: perplexity ratio " << top_theta.all().perplexity_ratio() << " at "
+                        << reduction << "x fewer decode V rows");
+  CHECK(top_theta.all().perplexity_ratio() <= 1.01);
+  CHECK(reduction >= 10.0);
+#endif
 }
 
 TEST_CASE("stories260K with an int8 KV cache: dense within 0.5 % of the f32 cache's perplexity, recommended Top-theta "

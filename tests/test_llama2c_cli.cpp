@@ -542,6 +542,21 @@ TEST_CASE("stories260K: splitting the budget over layers keeps its sum, takes on
       engine, llama2c::top_theta_plan(llama2c::layer_tables(split.table), compensation), scored, reference, options.feed);
   CHECK(evaluation.all().mean_kl() == split.mean_kl());
 
+  // A budget that is no multiple of the layers starts from the most even split and keeps its sum.
+  options.total = 16 * layers + 2;
+  options.max_moves = 1;
+  const llama2c::LayerSplit uneven =
+      llama2c::split_layers(stories260k(), calibration, calibrator_options, table_options, compensation, options);
+  std::vector<Index> start(std::size_t(layers), 16);
+  start[0] = start[1] = 17;
+  CHECK(uneven.path.front().k == start);
+  CHECK(std::accumulate(uneven.k().begin(), uneven.k().end(), Index(0)) == 16 * layers + 2);
+  options.total = layers - 1;
+  CHECK_THROWS_WITH(
+      llama2c::split_layers(stories260k(), calibration, calibrator_options, table_options, compensation, options),
+      mentions("a total of 0 or >= "));
+  options.total = 0;
+
   options.step = 0;
   CHECK_THROWS_WITH(
       llama2c::split_layers(stories260k(), calibration, calibrator_options, table_options, compensation, options),

@@ -151,8 +151,11 @@ inline std::string reading(const AccuracyTable& table) {
        << budget_pairs << ".\n\n";
 
   std::string split_pairs;
+  Index splits = 0, first_layer_denser = 0;
   for (const TableRow& split : table.rows) {
     if (!split.configuration.split()) continue;
+    ++splits;
+    first_layer_denser += split.configuration.layer_k.front() > split.k() ? 1 : 0;
     const TableRow* even =
         find(table, split.k(), {split.k(), ThresholdSpace::probability, CalibrationMethod::budget_matched, vmc, {}});
     split_pairs += std::string(split_pairs.empty() ? "" : "; ") + "k = " + std::to_string(split.k()) + " as " +
@@ -165,8 +168,8 @@ inline std::string reading(const AccuracyTable& table) {
        << (table.split.scoring_sequences > 0 ? "the first " + std::to_string(table.split.scoring_sequences) + " "
                                              : std::string("all "))
        << "calibration sequences (budget-matched probability thresholds, VMC). The first layer takes more than its "
-          "share where it is the most sensitive: "
-       << split_pairs << ".\n\n";
+          "even share in "
+       << first_layer_denser << " of the " << splits << " splits: " << split_pairs << ".\n\n";
 
   const TableRow *raw = row(ThresholdSpace::raw_score, count_matched, none);
   md << "*Raw-score thresholds*: one θ per (head, length) is compared with a_ij = s⟨q_i, k_j⟩, whose scale "

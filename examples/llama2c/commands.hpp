@@ -99,7 +99,7 @@ inline AttentionPlan attention_plan(const CommandLine& line, const Model& model)
                         " layers, " + std::to_string(table.shape().q_heads) + " heads");
     if (table.space() == toptheta::ThresholdSpace::probability && compensation.denominator != DenominatorCompensation::none)
       throw usage_error("--denominator: expected none for a probability-space table (post-softmax keeps the full "
-                        "denominator), got " + denominator);
+                        "denominator), got " + std::string(toptheta::to_string(compensation.denominator)));
     if (compensation.denominator == DenominatorCompensation::calibrated && !table.layer(0).has_denominator_terms())
       throw usage_error("--denominator: calibrated needs a table with denominator terms; calibrate with "
                         "--denominator-terms row_threshold or table_threshold");
@@ -161,6 +161,10 @@ inline CommandLine calibrate_options() {
         "mean KL divergence from dense attention (V-mean compensation) on the first --split-sequences sequences",
         std::nullopt},
        {"split-step", "S", "--split-layers: k moved by one move", "4"},
+       {"split-total", "N",
+        "--split-layers: the budget Σ_l k_l to split, in place of --k x layers (e.g. 84 over 5 layers: 16.8 per "
+        "layer)",
+        "0"},
        {"split-sequences", "N", "--split-layers: sequences the divergence is measured on (0: all)", "8"},
        {"threads", "N", "--split-layers: candidate splits evaluated at once (0: the hardware's threads)", "0"}});
 }
@@ -219,7 +223,7 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
       calibrate(engine, sequences, {&calibrator});
       toptheta::ThresholdTable calibrated = calibrator.table(table_options, &report);
       out << "calibrated " << toptheta::to_string(calibrated.space()) << " thresholds ("
-          << toptheta::to_string(calibrated.method()) << ", denominator terms " << terms << ") on "
+          << toptheta::to_string(calibrated.method()) << ", denominator terms " << toptheta::to_string(table_options.denominator_terms) << ") on "
           << sequences.size() << " sequences: " << calibrator.rows_used() << " rows used, " << calibrator.rows_dense()
           << " rows of length <= k left dense\n";
       return calibrated;
@@ -229,6 +233,7 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
     LayerSplitOptions split_options;
     split_options.k = options.k.front();
     split_options.step = Index(line.integer("split-step", 1));
+    split_options.total = Index(line.integer("split-total", 0));
     split_options.scoring_sequences = Index(line.integer("split-sequences", 0));
     split_options.threads = int(line.integer("threads", 0));
     if (split_options.threads == 0) split_options.threads = int(std::max(1u, std::thread::hardware_concurrency()));
@@ -236,7 +241,7 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
     compensation.v_mean = true;
     const LayerSplit split = split_layers(model, sequences, options, table_options, compensation, split_options,
                                           [&](const std::string& text) { out << "  " << text << "\n"; });
-    out << "split " << split_options.k << " x " << config.layers << " kept keys per row over the layers in "
+    out << "split " << split_total(split_options, config.layers) << " kept keys per row over the layers in "
         << split.path.size() - 1 << " moves: mean KL " << split.path.front().mean_kl << " -> " << split.mean_kl()
         << " on " << split.scoring_sequences << " sequences\n";
     return split.table;

@@ -24,6 +24,9 @@ namespace llama2c {
 /// What `split_layers` searches over.
 struct LayerSplitOptions {
   Index k = 16;     ///< the budget: Σ_l k_l = layers · k, the kept keys per row of every layer together
+  /// The budget Σ_l k_l when > 0 (at least one per layer), in place of layers · k: the search starts from the
+  /// most even split (the first `total mod layers` layers one more).
+  Index total = 0;
   Index step = 4;   ///< k moved from one layer to another by one move, >= 1
   Index max_moves = 32;
   /// Calibration sequences the divergence is measured on: the first this many (0: all).
@@ -38,7 +41,7 @@ struct LayerSplit {
     std::vector<Index> k;  ///< per layer
     double mean_kl;        ///< mean KL(dense ‖ split) per position on the scoring sequences
   };
-  std::vector<Step> path;  ///< the even split, then each accepted move; the last is the result
+  std::vector<Step> path;  ///< the most even split, then each accepted move; the last is the result
   Index scoring_sequences = 0;  ///< sequences the divergence was measured on
   toptheta::ThresholdTable table;
 
@@ -46,43 +49,65 @@ struct LayerSplit {
   double mean_kl() const { return path.back().mean_kl; }
 };
 
-/// The lowest and highest k a layer may take when `options` splits its budget over `layers`: the budget's k
-/// less whole steps, at least 1, up to 4 k (or the whole budget with the other layers at the lowest).
-inline std::pair<Index, Index> layer_k_range(const LayerSplitOptions& options, Index layers) {
-  const Index low = options.k - (options.k - 1) / options.step * options.step;
-  const Index high = std::min(4 * options.k, layers * options.k - (layers - 1) * low);
-  return {low, high};
+/// The budget Σ_l k_l of `options` over `layers`.
+inline Index split_total(const LayerSplitOptions& options, Index layers) {
+  return options.total > 0 ? options.total : layers * options.k;
 }
 
-/// Splits `options.k · layers` kept keys per row over the layers of `model`: from k in every layer, each move
+/// The most even split of `options`' budget: total / layers each, one more in the first total mod layers.
+inline std::vector<Index> even_split(const LayerSplitOptions& options, Index layers) {
+  const Index total = split_total(options, layers);
+  std::vector<Index> split(std::size_t(layers), total / layers);
+  for (Index l = 0; l < total % layers; ++l) ++split[std::size_t(l)];
+  return split;
+}
+
+/// The k a layer may take when `options` splits its budget over `layers`: its even share less or plus whole
+/// steps, at least 1, at most 4 times the largest share (and the whole budget with the other layers at 1).
+inline std::vector<Index> layer_k_values(const LayerSplitOptions& options, Index layers) {
+  const std::vector<Index> start = even_split(options, layers);
+  const Index high = std::min(4 * start.front(), split_total(options, layers) - (layers - 1));
+  std::vector<Index> values;
+  for (Index share : {start.back(), start.front()})
+    for (Index k = share - (share - 1) / options.step * options.step; k <= high; k += options.step)
+      values.push_back(k);
+  std::sort(values.begin(), values.end());
+  values.erase(std::unique(values.begin(), values.end()), values.end());
+  return values;
+}
+
+/// Splits the budget (`options.total`, or `options.k · layers`) of kept keys per row over the layers of `model`:
+/// from the most even split (`even_split`), each move
 /// takes `step` from one layer and gives it to another, the move (of every ordered pair of layers) whose Top-θ
 /// plan gives the lowest mean KL divergence from dense attention on the scoring sequences, while that lowers it.
 /// Each layer's thresholds for each k it may take come from one calibrator per k fed `calibration` in one dense
 /// pass (`calibrator_options` with its k replaced), tabled with `table_options`; the plan uses `compensation`.
 /// The per-layer k then hold the same budget of kept keys per calibration row, while the layers spend it where
 /// the model's output is most sensitive (on stories260K, its first layer). Deterministic for given inputs.
-/// Throws `std::invalid_argument` for a k or step below 1.
+/// Throws `std::invalid_argument` for a k or step below 1, or a total below one per layer.
 inline LayerSplit split_layers(const Model& model, const std::vector<std::vector<int>>& calibration,
                                toptheta::CalibratorOptions calibrator_options,
                                const toptheta::TableOptions& table_options, const toptheta::Compensation& compensation,
                                const LayerSplitOptions& options,
                                const std::function<void(const std::string&)>& say = {}) {
-  if (options.k < 1 || options.step < 1)
-    throw std::invalid_argument("llama2c: split_layers: expected k >= 1 and step >= 1, got k = " +
-                                std::to_string(options.k) + ", step = " + std::to_string(options.step));
   const Index layers = model.config.layers;
-  const auto [low, high] = layer_k_range(options, layers);
+  if (options.k < 1 || options.step < 1 || (options.total != 0 && options.total < layers))
+    throw std::invalid_argument("llama2c: split_layers: expected k >= 1, step >= 1 and a total of 0 or >= " +
+                                std::to_string(layers) + " (one per layer), got k = " + std::to_string(options.k) +
+                                ", step = " + std::to_string(options.step) + ", total = " +
+                                std::to_string(options.total));
+  const std::vector<Index> ks = layer_k_values(options, layers);
   // One calibrator per k a layer may take, all fed in one pass.
   std::map<Index, std::unique_ptr<toptheta::Calibrator>> calibrators;
   std::vector<toptheta::Calibrator*> feeds;
-  for (Index k = low; k <= high; k += options.step) {
+  for (Index k : ks) {
     calibrator_options.k = {k};
     feeds.push_back((calibrators[k] = std::make_unique<toptheta::Calibrator>(calibrator_options)).get());
   }
   EngineOptions engine_options;
   engine_options.threads = 1;
   Engine<float> engine(model, engine_options);
-  if (say) say("calibrating k = " + std::to_string(low) + ".." + std::to_string(high) + " on " +
+  if (say) say("calibrating k = " + std::to_string(ks.front()) + ".." + std::to_string(ks.back()) + " on " +
                std::to_string(calibration.size()) + " sequences");
   calibrate(engine, calibration, feeds);
   std::map<Index, toptheta::ThresholdTable> tables;
@@ -110,7 +135,7 @@ inline LayerSplit split_layers(const Model& model, const std::vector<std::vector
     return text + ": mean KL " + std::to_string(kl);
   };
 
-  std::vector<Index> split(std::size_t(layers), options.k);
+  std::vector<Index> split = even_split(options, layers);
   double split_kl = score(engine, split);
   std::vector<LayerSplit::Step> path{{split, split_kl}};
   if (say) say(describe(split, split_kl));
@@ -118,7 +143,8 @@ inline LayerSplit split_layers(const Model& model, const std::vector<std::vector
     std::vector<std::vector<Index>> candidates;
     for (Index to = 0; to < layers; ++to)
       for (Index from = 0; from < layers; ++from) {
-        if (to == from || split[std::size_t(from)] - options.step < low || split[std::size_t(to)] + options.step > high)
+        if (to == from || !tables.count(split[std::size_t(from)] - options.step) ||
+            !tables.count(split[std::size_t(to)] + options.step))
           continue;
         std::vector<Index> candidate = split;
         candidate[std::size_t(from)] -= options.step;

@@ -25,18 +25,30 @@ std::string shape_text(const py::array& array) {
   return text + (array.ndim() == 1 ? ",)" : ")");
 }
 
-/// `array` (`[tokens, heads, head_dim]` of T) as a `TensorView` over its own memory when its head_dim values are
-/// contiguous and its other strides whole elements; else over a C-contiguous copy kept in `keep`. Throws
-/// `toptheta::invalid_argument` naming `name` for another rank.
+/// Whether `array`'s strides fit a `TensorView` of T: head_dim values contiguous, the other strides whole
+/// non-negative elements.
+template <class T>
+bool viewable(const py::array& array) {
+  const auto element = py::ssize_t(sizeof(T));
+  return (array.shape(2) <= 1 || array.strides(2) == element) && array.strides(0) >= 0 && array.strides(1) >= 0 &&
+         array.strides(0) % element == 0 && array.strides(1) % element == 0;
+}
+
+/// `array` (`[tokens, heads, head_dim]` of T) as a `TensorView` over its own memory when `viewable`; else over a
+/// C-contiguous copy kept in `keep`. Throws `toptheta::invalid_argument` naming `name` for another rank or values
+/// that are not real numbers.
 template <class T>
 toptheta::TensorView<const T> input_view(const py::array& array, const char* name, py::array& keep) {
   toptheta::detail::require(array.ndim() == 3, name, "a [tokens, heads, head_dim] array", shape_text(array));
-  const auto element = py::ssize_t(sizeof(T));
-  const bool in_place = array.dtype().is(py::dtype::of<T>()) && (array.shape(2) <= 1 || array.strides(2) == element) &&
-                        array.strides(0) % element == 0 && array.strides(1) % element == 0;
+  const char kind = array.dtype().kind();
+  toptheta::detail::require(kind == 'f' || kind == 'i' || kind == 'u' || kind == 'b', name,
+                            "an array of real numbers", std::string(py::str(array.dtype())));
+  const bool in_place = array.dtype().is(py::dtype::of<T>()) && viewable<T>(array);
   keep = in_place ? array : py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(array);
+  if (!keep) toptheta::detail::fail(name, "an array convertible to " + std::string(py::str(py::dtype::of<T>())),
+                                    std::string(py::str(array.dtype())));
   return {static_cast<const T*>(keep.data()), Index(keep.shape(0)), Index(keep.shape(1)), Index(keep.shape(2)),
-          Index(keep.strides(0) / element), Index(keep.strides(1) / element)};
+          Index(keep.strides(0) / py::ssize_t(sizeof(T))), Index(keep.strides(1) / py::ssize_t(sizeof(T)))};
 }
 
 /// The output array: `out` when given (writable, of T, head_dim values contiguous), else a new C-contiguous one
@@ -49,10 +61,8 @@ py::array_t<T> output_array(const std::optional<py::array>& out, Index tokens, I
                             std::string(py::str(given.dtype())));
   toptheta::detail::require(given.ndim() == 3, "out", "a [tokens, heads, head_dim] array", shape_text(given));
   toptheta::detail::require(given.writeable(), "out", "a writable array", "a read-only one");
-  const auto element = py::ssize_t(sizeof(T));
-  toptheta::detail::require((given.shape(2) <= 1 || given.strides(2) == element) && given.strides(0) % element == 0 &&
-                                given.strides(1) % element == 0,
-                            "out", "head_dim values contiguous in memory", "strides that are not");
+  toptheta::detail::require(viewable<T>(given), "out",
+                            "head_dim values contiguous in memory and non-negative strides", "strides that are not");
   return py::reinterpret_borrow<py::array_t<T>>(given);
 }
 
@@ -71,19 +81,23 @@ toptheta::AttentionOptions attention_options(bool causal, Index past, std::optio
   return options;
 }
 
-/// The options the sparse kernels share; `value_prefix_sum` (`[kv_heads, head_dim]` float64, Σ_{j<past} v_j) is
-/// checked and kept alive by `keep`.
+using PrefixSum = std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>>;
+
+/// The options the sparse kernels share, for K of `k`'s shape; `prefix` (`value_prefix_sum`, `[kv_heads,
+/// head_dim]` float64, Σ_{j<past} v_j) is checked against it.
 template <class Options>
 Options sparse_options(bool causal, Index past, std::optional<double> scale, const toptheta::Compensation& compensation,
-                       const std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>>& prefix,
-                       Index kv_heads, Index head_dim) {
+                       const PrefixSum& prefix, const py::array& k) {
   Options options;
   options.attention = attention_options(causal, past, scale);
   options.compensation = compensation;
   if (prefix) {
-    toptheta::detail::require(prefix->size() == kv_heads * head_dim, "value_prefix_sum",
-                              "kv_heads x head_dim = " + std::to_string(kv_heads * head_dim) + " values",
-                              prefix->size());
+    toptheta::detail::require(k.ndim() == 3, "k", "a [tokens, heads, head_dim] array", shape_text(k));
+    toptheta::detail::require(prefix->ndim() == 2 && prefix->shape(0) == k.shape(1) && prefix->shape(1) == k.shape(2),
+                              "value_prefix_sum",
+                              "a [kv_heads, head_dim] = (" + std::to_string(k.shape(1)) + ", " +
+                                  std::to_string(k.shape(2)) + ") array",
+                              shape_text(*prefix));
     options.value_prefix_sum = prefix->data();
   }
   return options;
@@ -94,6 +108,8 @@ Options sparse_options(bool causal, Index past, std::optional<double> scale, con
 template <class Kernel>
 py::array run_kernel(const py::array& q, const py::array& k, const py::array& v, const std::optional<py::array>& out,
                      int threads, const Kernel& kernel) {
+  toptheta::detail::require(threads >= 0 && threads <= 1024, "threads", "a thread count in [0, 1024] (0: OpenMP's default)",
+                            threads);
   const auto run = [&](auto tag) -> py::array {
     using T = decltype(tag);
     py::array keep_q, keep_k, keep_v;
@@ -108,8 +124,9 @@ py::array run_kernel(const py::array& q, const py::array& k, const py::array& v,
     }
     return std::move(result);
   };
-  if (q.dtype().is(py::dtype::of<float>())) return run(float{});
-  if (q.dtype().is(py::dtype::of<double>())) return run(double{});
+  // q's type chooses the stored type (of any byte order; inputs of another type are converted).
+  if (q.dtype().kind() == 'f' && q.dtype().itemsize() == 4) return run(float{});
+  if (q.dtype().kind() == 'f' && q.dtype().itemsize() == 8) return run(double{});
   toptheta::detail::fail("q", "a float32 or float64 array", std::string(py::str(q.dtype())));
 }
 
@@ -122,8 +139,6 @@ toptheta::Compensation compensation_of(const std::string& denominator, double la
   compensation.v_mean_of_pruned = v_mean_of_pruned;
   return compensation;
 }
-
-using PrefixSum = std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>>;
 
 }  // namespace
 
@@ -163,15 +178,18 @@ PYBIND11_MODULE(toptheta, m) {
            py::arg("denominator_terms") = Eigen::MatrixXd())
       .def_static(
           "uniform",
-          [](Index k, const std::string& space, const std::vector<double>& theta) {
-            return toptheta::LayerThresholds::uniform(k, toptheta::threshold_space_from_string(space), theta);
+          [](Index k, const std::string& space, const std::vector<double>& theta, const std::vector<double>& terms) {
+            return toptheta::LayerThresholds::uniform(k, toptheta::threshold_space_from_string(space), theta, terms);
           },
-          py::arg("k"), py::arg("space"), py::arg("theta_per_head"), "The same θ_h for every row length.")
+          py::arg("k"), py::arg("space"), py::arg("theta_per_head"),
+          py::arg("denominator_term_per_head") = std::vector<double>{},
+          "The same θ_h (and calibrated denominator term c_h) for every row length.")
       .def_property_readonly("k", &toptheta::LayerThresholds::k)
       .def_property_readonly("space", [](const toptheta::LayerThresholds& t) { return toptheta::to_string(t.space()); })
       .def_property_readonly("heads", &toptheta::LayerThresholds::heads)
       .def_property_readonly("lengths", &toptheta::LayerThresholds::lengths)
-      .def_property_readonly("theta", &toptheta::LayerThresholds::theta);
+      .def_property_readonly("theta", &toptheta::LayerThresholds::theta)
+      .def_property_readonly("denominator_terms", &toptheta::LayerThresholds::denominator_terms);
 
   py::class_<toptheta::ThresholdTable>(m, "ThresholdTable", "Thresholds of every layer: what C++ engines load.")
       .def_property_readonly("layers", &toptheta::ThresholdTable::layers)
@@ -217,9 +235,12 @@ PYBIND11_MODULE(toptheta, m) {
       .def(
           "observe_rows",
           [](toptheta::Calibrator& c, Index layer, Index head,
-             const Eigen::Ref<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>& scores,
+             const py::array_t<double, py::array::c_style | py::array::forcecast>& scores,
              const std::vector<Index>& lengths, const std::vector<double>& query_norms) {
-            c.observe_rows(layer, head, scores, lengths, query_norms);
+            toptheta::detail::require(scores.ndim() == 2, "scores", "a 2-d array of score rows", shape_text(scores));
+            using Rows = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+            c.observe_rows(layer, head, Eigen::Map<const Rows>(scores.data(), scores.shape(0), scores.shape(1)),
+                           lengths, query_norms);
           },
           py::arg("layer"), py::arg("head"), py::arg("scores"), py::arg("lengths") = std::vector<Index>{},
           py::arg("query_norms") = std::vector<double>{},
@@ -263,8 +284,7 @@ PYBIND11_MODULE(toptheta, m) {
          bool v_mean_of_pruned, const std::string& denominator, double lambda, bool cap_k,
          const PrefixSum& value_prefix_sum, toptheta::AttentionStats* stats, int threads) {
         auto options = sparse_options<toptheta::TopThetaOptions>(
-            causal, past, scale, compensation_of(denominator, lambda, v_mean, v_mean_of_pruned), value_prefix_sum,
-            Index(k.ndim() == 3 ? k.shape(1) : 0), Index(k.ndim() == 3 ? k.shape(2) : 0));
+            causal, past, scale, compensation_of(denominator, lambda, v_mean, v_mean_of_pruned), value_prefix_sum, k);
         options.cap_k = cap_k;
         return run_kernel(q, k, v, out, threads, [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov,
                                                      const auto& executor) {
@@ -282,11 +302,12 @@ PYBIND11_MODULE(toptheta, m) {
       "top_k_attention",
       [](const py::array& q, const py::array& k, const py::array& v, Index keep, std::optional<py::array> out,
          bool causal, Index past, std::optional<double> scale, bool v_mean, const std::string& denominator,
-         double lambda, const PrefixSum& value_prefix_sum, toptheta::AttentionStats* stats, int threads) {
+         double lambda, const toptheta::LayerThresholds* thresholds, const PrefixSum& value_prefix_sum,
+         toptheta::AttentionStats* stats, int threads) {
         auto options = sparse_options<toptheta::TopKOptions>(
-            causal, past, scale, compensation_of(denominator, lambda, v_mean, false), value_prefix_sum,
-            Index(k.ndim() == 3 ? k.shape(1) : 0), Index(k.ndim() == 3 ? k.shape(2) : 0));
+            causal, past, scale, compensation_of(denominator, lambda, v_mean, false), value_prefix_sum, k);
         options.k = keep;
+        options.thresholds = thresholds;
         return run_kernel(q, k, v, out, threads, [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov,
                                                      const auto& executor) {
           toptheta::top_k_attention(qv, kv, vv, ov, options, stats, executor);
@@ -294,9 +315,10 @@ PYBIND11_MODULE(toptheta, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("keep"), py::arg("out") = py::none(), py::kw_only(),
       py::arg("causal") = true, py::arg("past") = 0, py::arg("scale") = py::none(), py::arg("v_mean") = false,
-      py::arg("denominator") = "none", py::arg("compensation_scale") = 1.0, py::arg("value_prefix_sum") = py::none(),
-      py::arg("stats") = nullptr, py::arg("threads") = 0,
-      "Top-k attention: the keep largest scores of each row (ties: the larger position). Shapes as dense_attention.");
+      py::arg("denominator") = "none", py::arg("compensation_scale") = 1.0, py::arg("thresholds") = nullptr,
+      py::arg("value_prefix_sum") = py::none(), py::arg("stats") = nullptr, py::arg("threads") = 0,
+      "Top-k attention: the keep largest scores of each row (ties: the larger position). Shapes as dense_attention; "
+      "thresholds (LayerThresholds) only for their calibrated denominator terms (denominator='calibrated').");
 
   m.def(
       "_seconds_per_cpp_call",
@@ -305,8 +327,7 @@ PYBIND11_MODULE(toptheta, m) {
         // The C++ side of the binding-overhead benchmark (benchmarks/python_overhead.py): the call
         // top_theta_attention makes, on the same arrays, `repeats` times, timed in C++.
         auto options = sparse_options<toptheta::TopThetaOptions>(
-            true, past, std::nullopt, compensation_of("none", 1.0, true, false), value_prefix_sum,
-            Index(k.ndim() == 3 ? k.shape(1) : 0), Index(k.ndim() == 3 ? k.shape(2) : 0));
+            true, past, std::nullopt, compensation_of("none", 1.0, true, false), value_prefix_sum, k);
         double seconds = 0;
         run_kernel(q, k, v, std::nullopt, threads, [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov,
                                                       const auto& executor) {

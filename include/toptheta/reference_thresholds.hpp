@@ -3,7 +3,8 @@
 
 #include <toptheta/detail/require.hpp>
 #include <toptheta/length_buckets.hpp>
-#include <toptheta/threshold_file_error.hpp>
+#include <toptheta/detail/file_text.hpp>
+#include <toptheta/errors.hpp>
 #include <toptheta/threshold_space.hpp>
 #include <toptheta/threshold_table.hpp>
 

@@ -40,6 +40,20 @@ constexpr bool needs_row_statistics(ThresholdSpace space) {
   return space == ThresholdSpace::probability || space == ThresholdSpace::score_minus_max;
 }
 
+/// The value of score `a_ij` compared with θ in `space` (design.md §1, Threshold spaces): `a_ij`,
+/// `P_ij = exp(a_ij - m_i) / Z_i`, `a_ij - m_i` or `a_ij / ||q_i||`, given the row's max `m_i`, its sum
+/// `Z_i = Σ_j exp(a_ij - m_i)` and the query norm.
+template <class Acc>
+Acc value_in_space(ThresholdSpace space, Acc score, Acc row_max, Acc row_sum, Acc query_norm) {
+  switch (space) {
+    case ThresholdSpace::raw_score: return score;
+    case ThresholdSpace::probability: return std::exp(score - row_max) / row_sum;
+    case ThresholdSpace::score_minus_max: return score - row_max;
+    case ThresholdSpace::score_over_query_norm: return score / query_norm;
+  }
+  return score;
+}
+
 /// The score threshold `τ_i` with `value(a_ij) > θ  ⇔  a_ij > τ_i` for the monotone map of `space`:
 /// `θ`, `m_i + log(θ Z_i)` (`Z_i = Σ_j exp(a_ij - m_i)`), `m_i + θ`, `θ ||q_i||`. A probability threshold
 /// `θ <= 0` keeps every element (`τ = -inf`). A zero query (`||q_i|| = 0`, every score 0) has the value 0 in

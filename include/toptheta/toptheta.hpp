@@ -10,6 +10,7 @@
 #include <toptheta/calibrator.hpp>
 #include <toptheta/compensation.hpp>
 #include <toptheta/dense_attention.hpp>
+#include <toptheta/errors.hpp>
 #include <toptheta/executor.hpp>
 #include <toptheta/kv_cache.hpp>
 #include <toptheta/length_buckets.hpp>
@@ -24,7 +25,6 @@
 #include <toptheta/selection.hpp>
 #include <toptheta/sparse_options.hpp>
 #include <toptheta/stats.hpp>
-#include <toptheta/threshold_file_error.hpp>
 #include <toptheta/threshold_space.hpp>
 #include <toptheta/threshold_table.hpp>
 #include <toptheta/thresholded_softmax.hpp>

@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -127,8 +128,14 @@ AttentionShape attention_shape(const TensorView<Q>& q, const KView& k, const VVi
   shape.causal = options.causal;
   shape.past = options.past;
   if (options.causal) {
-    require(options.past + q.tokens() <= k.tokens(), "k.tokens",
-            "at least past + query rows = " + std::to_string(options.past + q.tokens()) + " for causal attention",
+    // past + q.tokens() may overflow: compared as past <= k.tokens() - q.tokens(), and written as a sum only
+    // when it has a value.
+    const bool sum_fits = options.past <= std::numeric_limits<Index>::max() - q.tokens();
+    require(options.past <= k.tokens() - q.tokens(), "k.tokens",
+            "at least past + query rows = " +
+                (sum_fits ? std::to_string(options.past + q.tokens())
+                          : std::to_string(options.past) + " + " + std::to_string(q.tokens())) +
+                " for causal attention",
             k.tokens());
   } else {
     require(q.tokens() == 0 || k.tokens() >= 1, "k.tokens", "at least 1 key for non-causal attention",

@@ -159,6 +159,32 @@ def test_strided_arrays_are_read_in_place_and_out_is_written_in_place():
     np.testing.assert_array_equal(fortran, out)
 
 
+def test_reversed_and_foreign_byte_order_arrays_are_converted_not_refused():
+    rng = np.random.default_rng(10)
+    q, k, v = random_layer(rng, 6, 6, 2, 1, 8, np.float64)
+    expected = reference_dense(q[::-1], k[::-1], v)
+    np.testing.assert_allclose(tt.dense_attention(q[::-1], k[::-1], v), expected, atol=1e-12, rtol=0)
+    swapped = q[::-1].astype(q.dtype.newbyteorder(">"))
+    np.testing.assert_allclose(tt.dense_attention(swapped, k[::-1], v), expected, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="toptheta: out: expected head_dim values contiguous"):
+        tt.dense_attention(q, k, v, np.zeros_like(q)[::-1])
+
+
+def test_top_k_takes_calibrated_denominator_terms_from_thresholds():
+    rng = np.random.default_rng(11)
+    q, k, v = random_layer(rng, 1, 64, 2, 2, 8, np.float64)
+    terms = tt.LayerThresholds.uniform(4, "raw_score", [0.0, 0.0], denominator_term_per_head=[0.5, 2.0])
+    out = tt.top_k_attention(q, k, v, 4, past=63, denominator="calibrated", thresholds=terms)
+    for h, c in enumerate([0.5, 2.0]):  # o = Σ_kept exp(a - m) v / (Σ_kept exp(a - m) + c)
+        a, _ = score_rows(q, k, h, 63, True)
+        row = a[0]
+        kept = np.argsort(-row, kind="stable")[:4]
+        weights = np.exp(row[kept] - row.max())
+        np.testing.assert_allclose(out[0, h], weights @ v[kept, h] / (weights.sum() + c), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="options.thresholds"):
+        tt.top_k_attention(q, k, v, 4, past=63, denominator="calibrated")
+
+
 def test_bad_input_raises_value_error_naming_the_argument():
     rng = np.random.default_rng(6)
     q, k, v = random_layer(rng, 4, 8, 4, 2, 16, np.float32)
@@ -178,6 +204,21 @@ def test_bad_input_raises_value_error_naming_the_argument():
         tt.LayerThresholds.uniform(4, "probabilities", [0.1] * 4)
     with pytest.raises(ValueError, match="toptheta: denominator"):
         tt.top_k_attention(q, k, v, 2, denominator="exactly")
+    with pytest.raises(ValueError, match="toptheta: k: expected an array of real numbers"):
+        tt.dense_attention(q, np.full(k.shape, "x"), v)
+    with pytest.raises(ValueError, match="toptheta: v: expected an array of real numbers"):
+        tt.dense_attention(q, k, v.astype(np.complex64))
+    with pytest.raises(ValueError, match="toptheta: threads"):
+        tt.dense_attention(q, k, v, threads=2**31 - 1)
+    with pytest.raises(ValueError, match="toptheta: k.tokens"):
+        tt.dense_attention(q, k, v, past=2**63 - 2)  # past + rows would overflow
+    prefix = v.sum(axis=0, dtype=np.float64)
+    with pytest.raises(ValueError, match="toptheta: value_prefix_sum: expected a \\[kv_heads, head_dim\\]"):
+        tt.top_theta_attention(q, k, v, tt.LayerThresholds.uniform(4, "probability", [0.1] * 4), past=4,
+                               value_prefix_sum=prefix.T.copy())
+    calibrator = tt.Calibrator(layers=1, q_heads=1, kv_heads=1, head_dim=16, space="raw_score", k=[4])
+    with pytest.raises(ValueError, match="toptheta: scores: expected a 2-d array"):
+        calibrator.observe_rows(0, 0, np.zeros(10))
 
 
 def test_a_row_without_a_softmax_comes_out_nan():

@@ -1,18 +1,12 @@
 // Argument checks that throw with a message naming the argument and what was expected.
 #pragma once
 
+#include <toptheta/errors.hpp>
+
 #include <sstream>
-#include <stdexcept>
 #include <string>
 
 namespace toptheta {
-
-/// Thrown for every invalid argument; what() reads "toptheta: <argument>: expected <what>, got <value>".
-class invalid_argument : public std::invalid_argument {
- public:
-  using std::invalid_argument::invalid_argument;
-};
-
 namespace detail {
 
 template <class Got>

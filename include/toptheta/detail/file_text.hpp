@@ -1,32 +1,14 @@
-// The exception for a missing, unreadable or invalid threshold file.
+// Reading a threshold file's text, and quoting it in messages.
 #pragma once
 
-#include <toptheta/detail/require.hpp>
+#include <toptheta/errors.hpp>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
 
-namespace toptheta {
-
-/// Thrown for a threshold file that cannot be read or is invalid; what() reads
-/// "toptheta: <file>: <location>: <problem>", the location being a line ("line 12") or a JSON field
-/// ("/layers/3/theta/1/7"). A subclass of `invalid_argument`, so one handler catches every bad input.
-class threshold_file_error : public invalid_argument {
- public:
-  threshold_file_error(const std::string& file, const std::string& location, const std::string& problem)
-      : invalid_argument("toptheta: " + file + (location.empty() ? "" : ": " + location) + ": " + problem),
-        file_(file), location_(location) {}
-
-  const std::string& file() const { return file_; }
-  const std::string& location() const { return location_; }
-
- private:
-  std::string file_, location_;
-};
-
-namespace detail {
+namespace toptheta::detail {
 
 /// The whole content of `path`; throws `threshold_file_error` when it cannot be opened or read.
 inline std::string read_file(const std::string& path) {
@@ -48,5 +30,4 @@ inline std::string excerpt(const std::string& text, std::size_t limit = 60) {
   return "\"" + shown + (text.size() > limit ? "...\"" : "\"");
 }
 
-}  // namespace detail
-}  // namespace toptheta
+}  // namespace toptheta::detail
