@@ -15,6 +15,7 @@ packages=(
   nlohmann-json3-dev                  # reference data in tests/examples
   python3 python3-matplotlib          # benchmarks/report: markdown table and PNG plot
   python3-dev pybind11-dev python3-numpy python3-pytest  # the Python module and its tests
+  libopenmpi-dev openmpi-bin          # the sharded-decode example on MPI
 )
 
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then

@@ -149,6 +149,24 @@ struct RowState {
     return {own, theirs};
   }
 
+  /// Steps 4–6 of design.md §1 on `output` = the row's kept numerator `Σ_{j∈S_i} exp(a_ij - m_S) v_j`: divides
+  /// it by the compensated softmax denominator and adds V-mean compensation. `mean()` gives vbar(L_i) and
+  /// `kept_value_sum()` Σ_{j∈S_i} v_j; each is asked for only when the compensation uses it.
+  template <class Output, class Mean, class KeptValueSum>
+  void normalise(Output&& output, const Compensation& compensation, bool post_softmax, const Mean& mean,
+                 const KeptValueSum& kept_value_sum) const {
+    const Acc denominator =
+        softmax_denominator(mass, compensation, post_softmax, selection.pruned_bound, selection.calibrated_term);
+    output /= denominator;
+    if (!compensation.v_mean) return;
+    const Acc weight = v_mean_weight(mass, denominator);
+    if (weight == Acc(0)) return;
+    if (!compensation.v_mean_of_pruned)
+      output += weight * mean();
+    else if (const Index pruned = mass.length - mass.kept; pruned > 0)  // (Σ_{j<L} v_j - Σ_{S_i} v_j) / pruned
+      output += (weight / Acc(pruned)) * (Acc(mass.length) * mean() - kept_value_sum());
+  }
+
   /// A row is never empty: when nothing survived, its max-score key joins `S_i` with weight
   /// `exp(a - m_S) = 1`. Returns whether it did.
   bool keep_best_if_empty() {
@@ -267,6 +285,7 @@ class TopKSelection {
   bool needs_row_scores() const { return true; }
   bool has_running_threshold() const { return false; }
   bool caps_rows() const { return false; }
+  Index k() const { return k_; }
   void require_query_head(Index head, const std::string& argument) const {
     if (thresholds_) detail::require_head(head, thresholds_->heads(), argument);
   }

@@ -12,12 +12,15 @@
 #include <toptheta/dense_attention.hpp>
 #include <toptheta/errors.hpp>
 #include <toptheta/executor.hpp>
+#include <toptheta/key_range_attention.hpp>
 #include <toptheta/kv_cache.hpp>
 #include <toptheta/length_buckets.hpp>
 #include <toptheta/online_softmax.hpp>
 #include <toptheta/page_pool.hpp>
 #include <toptheta/paged_kv_cache.hpp>
 #include <toptheta/paged_view.hpp>
+#include <toptheta/partial_attention.hpp>
+#include <toptheta/partial_encoding.hpp>
 #include <toptheta/q8_block.hpp>
 #include <toptheta/reference_attention.hpp>
 #include <toptheta/reference_thresholds.hpp>

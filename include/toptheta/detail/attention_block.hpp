@@ -656,18 +656,9 @@ struct AttentionBlock {
           if (call->collect_stats) call->kept_rows.mark(kv_head, row.best_position);
         }
       }
-      const Acc denominator =
-          softmax_denominator(row.mass, compensation, call->selection.post_softmax(), row.selection.pruned_bound,
-                              row.selection.calibrated_term);
-      output.row(r) /= denominator;
-      if (compensation.v_mean)
-        if (const Acc weight = v_mean_weight(row.mass, denominator); weight != Acc(0)) {
-          const auto mean = call->value_means->mean(kv_head, row.length);
-          if (!compensation.v_mean_of_pruned)
-            output.row(r) += weight * mean;
-          else if (const Index pruned = row.length - row.mass.kept; pruned > 0)  // (Σ_{j<L} v_j - Σ_{S_i} v_j) / pruned
-            output.row(r) += (weight / Acc(pruned)) * (Acc(row.length) * mean - kept_value_sums.row(r));
-        }
+      row.normalise(output.row(r), compensation, call->selection.post_softmax(),
+                    [&] { return call->value_means->mean(kv_head, row.length); },
+                    [&] { return kept_value_sums.row(r); });
       // x · 0 is 0 for a finite x and NaN otherwise: one vectorised sum (Eigen's allFinite tests each element).
       if (!call->careful_values && !((output.row(r).array() * Acc(0)).sum() == Acc(0)))
         call->non_finite_output = true;
