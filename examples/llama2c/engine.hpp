@@ -9,6 +9,7 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -69,6 +70,12 @@ class Engine {
  public:
   using Matrix = RowMatrix<Real>;
   using Vector = ColumnVector<Real>;
+  /// The kernels' Q and output type: the cache's stored type, or `Real` for int8 blocks.
+  using KernelScalar = std::conditional_t<toptheta::is_q8_block_v<KvScalar>, Real, KvScalar>;
+  /// Sees each layer's attention call once its new K and V rows are cached, before the kernel runs: the layer,
+  /// the kernel's queries `[n, heads, head_dim]`, the layer's cache and `past` (the rows cached before the call).
+  using CallObserver = std::function<void(Index layer, const toptheta::TensorView<const KernelScalar>& queries,
+                                          const toptheta::KvCache<KvScalar>& cache, Index past)>;
 
   explicit Engine(const Model& model, const EngineOptions& options = {})
       : model_(model), options_(options), executor_{options.threads}, plan_(dense_plan(model.config.layers)) {
@@ -106,6 +113,8 @@ class Engine {
 
   /// Sets (or, with an empty function, removes) the observer that sees every attention score row.
   void set_observer(AttentionObserver observer) { observer_ = std::move(observer); }
+  /// Sets (or removes) the observer that sees every attention call's queries and cache.
+  void set_call_observer(CallObserver observer) { call_observer_ = std::move(observer); }
 
   /// Forgets the sequence: empties the caches. Statistics are kept (see `reset_stats`).
   void reset() {
@@ -129,8 +138,6 @@ class Engine {
   Vector decode(int token) { return forward({token}, /*decode=*/true, LogitRows::last).row(0).transpose(); }
 
  private:
-  /// The kernels' Q and output type: the cache's stored type, or `Real` for int8 blocks.
-  using KernelScalar = std::conditional_t<toptheta::is_q8_block_v<KvScalar>, Real, KvScalar>;
   using KvMatrix = RowMatrix<KernelScalar>;
   static constexpr bool kv_is_real = std::is_same_v<KernelScalar, Real>;
 
@@ -197,6 +204,7 @@ class Engine {
     const toptheta::TensorView<const KernelScalar> queries(q_data, n, c.heads, hs);
     const toptheta::TensorView<KernelScalar> output(out_data, n, c.heads, hs);
     if (observer_) observe(layer, queries, cache, past, decode);
+    if (call_observer_) call_observer_(layer, queries, cache, past);
 
     toptheta::AttentionOptions placement;
     placement.causal = true;
@@ -349,6 +357,7 @@ class Engine {
   toptheta::OpenMPExecutor executor_;
   AttentionPlan plan_;
   AttentionObserver observer_;
+  CallObserver call_observer_;
   std::vector<toptheta::KvCache<KvScalar>> caches_;
   Index capacity_ = 0, position_ = 0;
   Matrix cos_, sin_;  // [capacity, hs / 2]

@@ -1,16 +1,33 @@
-// Sharded decode over MPI: each rank holds one contiguous shard of a long KV cache (a synthetic Llama-3-8B layer:
-// 32 query heads, 8 KV heads, head_dim 128), attends the decode step's query over its shard with
-// `KeyRangeAttention`, and the partials meet through MPI collectives:
+// Calibration and sharded decode over MPI.
+// Calibration: each rank feeds its own texts to a `Calibrator`; the calibrators' states (calibrator_state.hpp)
+// meet through MPI_Allgatherv and merge on every rank into the table one process would build.
+// Decode: each rank holds one contiguous shard of a long KV cache (a synthetic Llama-3-8B layer: 32 query heads,
+// 8 KV heads, head_dim 128), attends the decode step's query over its shard with `KeyRangeAttention`, and the
+// partials meet through MPI collectives:
 //   round 1 (row statistics; only for the rules that need them: row-relative spaces, caps, top-k)
 //            MPI_Allgather of the byte counts, MPI_Allgatherv of the encoded statistics; every rank merges them;
 //   round 2  MPI_Gather of the byte counts, MPI_Gatherv of the encoded partial outputs to rank 0, which merges
 //            and finishes o_i.
 // No K or V row leaves its rank. Rank 0 also runs the library's kernel over the whole cache and checks that the
-// sharded result equals it; the exit status is 1 when any rule differs by more than the float tolerance.
+// sharded result equals it (in double, to 1e-12, every rule); the exit status is 1 when any differs.
+// With a llama2.c model directory and its threshold file it also checks a real model: stories260K decodes the
+// first sequence of eval.tokens on every rank, and at its last step each layer's cache is sharded and attended
+// with the layer's thresholds (probability space, V-mean compensation), checked against the kernel in float.
 //
 //   mpirun -np 2 build/examples/mpi/toptheta_sharded_decode [tokens (default 16384)]
+//          [model directory (<dir>/stories260K.bin, <dir>/eval.tokens) thresholds.json]
 #include <mpi.h>
 
+#if TOPTHETA_HAVE_NLOHMANN_JSON
+#include "llama2c/engine.hpp"
+#include "llama2c/tokens.hpp"
+
+#include <toptheta/threshold_io.hpp>
+
+#include <filesystem>
+#endif
+
+#include <toptheta/calibrator_state.hpp>
 #include <toptheta/key_range_attention.hpp>
 #include <toptheta/partial_attention.hpp>
 #include <toptheta/partial_encoding.hpp>
@@ -122,27 +139,79 @@ Traffic sharded_step(const TensorView<const Scalar>& q, const TensorView<const S
   return traffic;
 }
 
-/// Per-head thresholds of `space` for `k_budget` kept keys: the library's Calibrator over every causal row of a
-/// calibration layer (the same heads, another text), mean of the rows' (k+1)-th largest values.
-LayerThresholds calibrate(const SyntheticAttention<float>& layer, ThresholdSpace space) {
-  const Index n = layer.shape.tokens, d = layer.shape.head_dim, heads = layer.shape.q_heads;
-  const Index group = heads / layer.shape.kv_heads;
-  CalibratorOptions options;
-  options.shape = {1, heads, layer.shape.kv_heads, d};
-  options.space = space;
-  options.k = {k_budget};
-  Calibrator calibrator(options);
+/// Feeds `calibrator` every causal score row of every query head of one synthetic text.
+void observe(Calibrator& calibrator, const SyntheticAttention<float>& text) {
+  const Index n = text.shape.tokens, d = text.shape.head_dim, heads = text.shape.q_heads;
+  const Index group = heads / text.shape.kv_heads;
   std::vector<Index> lengths(static_cast<std::size_t>(n));
   for (Index i = 0; i < n; ++i) lengths[std::size_t(i)] = i + 1;
   for (Index h = 0; h < heads; ++h) {
-    const Eigen::MatrixXd queries = layer.queries().head(h).cast<double>();
+    const Eigen::MatrixXd queries = text.queries().head(h).cast<double>();
     const Eigen::MatrixXd scores =
-        queries * layer.keys().head(h / group).cast<double>().transpose() / std::sqrt(double(d));
+        queries * text.keys().head(h / group).cast<double>().transpose() / std::sqrt(double(d));
     std::vector<double> norms(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) norms[std::size_t(i)] = queries.row(i).norm();
     calibrator.observe_rows(0, h, scores, lengths, norms);
   }
-  return calibrator.table().layer(0);
+}
+
+/// How a calibration split over the ranks compared with one process.
+struct CalibrationCheck {
+  std::uint64_t most_bytes = 0;   // the largest state a rank sent
+  bool same_as_merged_in_process = false;  // bit for bit
+  bool counts_as_one_calibrator = false;   // rows and values of every bucket
+  double difference = 0;  // largest relative difference of a θ from one calibrator fed every text
+};
+
+/// Per-head thresholds of `space` for `k_budget` kept keys (budget- or count-matched), calibrated in parallel: rank r
+/// observes texts r, r + ranks, ... of `texts` synthetic texts through the layer's heads, the calibrators' states
+/// meet on every rank (MPI_Allgatherv) and merge in rank order. Rank 0 checks the result against the same
+/// calibrators merged in one process and against one calibrator fed every text.
+LayerThresholds calibrate_in_parallel(const SyntheticAttentionOptions& shape, ThresholdSpace space, int texts,
+                                      int rank, int ranks, CalibrationCheck& check) {
+  CalibratorOptions options;
+  options.shape = {1, shape.q_heads, shape.kv_heads, shape.head_dim};
+  options.space = space;
+  options.k = {k_budget};
+  options.summary_masses = true;
+  const auto text = [&](int t) {
+    SyntheticAttentionOptions text_shape = shape;
+    text_shape.seed = 100 + unsigned(t);  // the same heads (model seed), another text
+    return SyntheticAttention<float>(text_shape);
+  };
+  const auto rank_calibrator = [&](int r) {
+    Calibrator calibrator(options);
+    for (int t = r; t < texts; t += ranks) observe(calibrator, text(t));
+    return calibrator;
+  };
+  Traffic traffic;
+  Calibrator merged(options);
+  for (const auto& bytes : all_gather(encode_calibrator_state(rank_calibrator(rank)), traffic))
+    merge_calibrator_state(merged, bytes.data(), bytes.size());
+  check.most_bytes = traffic.bytes;
+  MPI_Reduce(rank == 0 ? MPI_IN_PLACE : &check.most_bytes, &check.most_bytes, 1, MPI_UINT64_T, MPI_MAX, 0,
+             MPI_COMM_WORLD);
+  TableOptions table_options;  // budget-matched where the values are masses (probability), else count-matched
+  table_options.method = space == ThresholdSpace::probability ? CalibrationMethod::budget_matched
+                                                             : CalibrationMethod::count_matched;
+  const ThresholdTable table = merged.table(table_options);
+  if (rank == 0) {
+    Calibrator in_process(options), whole(options);
+    for (int r = 0; r < ranks; ++r) in_process.merge(rank_calibrator(r));
+    for (int t = 0; t < texts; ++t) observe(whole, text(t));
+    check.same_as_merged_in_process = encode_calibrator_state(in_process) == encode_calibrator_state(merged);
+    check.counts_as_one_calibrator = merged.rows_used() == whole.rows_used();
+    const Index buckets = options.buckets.bucket(shape.tokens) + 1;
+    for (Index h = 0; h < shape.q_heads; ++h)
+      for (Index b = 0; b < buckets; ++b)
+        check.counts_as_one_calibrator = check.counts_as_one_calibrator &&
+                                         merged.statistics(0, h, b).rows == whole.statistics(0, h, b).rows &&
+                                         merged.statistics(0, h, b).values == whole.statistics(0, h, b).values;
+    const ThresholdTable whole_table = whole.table(table_options);
+    const Eigen::MatrixXd &theta = table.layer(0).theta(), &expected = whole_table.layer(0).theta();
+    check.difference = ((theta - expected).array().abs() / expected.array().abs().max(1e-300)).maxCoeff();
+  }
+  return table.layer(0);
 }
 
 /// The thresholds of every space, calibrated once.
@@ -247,6 +316,95 @@ std::vector<Result> decode_step(SyntheticAttentionOptions shape, const Tables& t
   return results;
 }
 
+#if TOPTHETA_HAVE_NLOHMANN_JSON
+/// The real-model check (see the top of this file). Returns whether every layer's sharded step equals the
+/// kernel's on rank 0 (float, rows of at most 512 keys: the test suite's float tolerance, 1e-5).
+bool real_model_check(const std::string& model_dir, const std::string& thresholds_path, int rank, int ranks) {
+  const llama2c::Model model = llama2c::load_model(model_dir + "/stories260K.bin");
+  const std::vector<int> sequence =
+      llama2c::read_token_file(model_dir + "/eval.tokens", model.config.vocab_size).front();
+  const ThresholdTable table = load_thresholds(thresholds_path);
+  llama2c::EngineOptions options;
+  options.threads = 1;
+  options.collect_stats = false;
+  llama2c::Engine<float> engine(model, options);
+  const Index tokens = Index(sequence.size());
+  engine.prefill(std::vector<int>(sequence.begin(), sequence.end() - 1), llama2c::LogitRows::last);
+  struct Call {  // one layer's decode step: its query and cache, copied
+    std::vector<float> q, k, v;
+    Index past = 0;
+  };
+  std::vector<Call> calls(std::size_t(model.config.layers));
+  engine.set_call_observer([&](Index layer, const TensorView<const float>& queries, const KvCache<float>& cache,
+                               Index past) {
+    Call& call = calls[std::size_t(layer)];
+    call.past = past;
+    const auto copy = [](const TensorView<const float>& view, std::vector<float>& into) {
+      into.resize(std::size_t(view.tokens() * view.heads() * view.head_dim()));
+      for (Index t = 0; t < view.tokens(); ++t)
+        for (Index h = 0; h < view.heads(); ++h)
+          std::copy_n(view.row(t, h), view.head_dim(), into.data() + (t * view.heads() + h) * view.head_dim());
+    };
+    copy(queries, call.q);
+    copy(cache.keys(), call.k);
+    copy(cache.values(), call.v);
+  });
+  engine.decode(sequence.back());
+  const Index heads = model.config.heads, kv_heads = model.config.kv_heads, d = model.config.head_dim();
+  const Index first = tokens * rank / ranks, end = tokens * (rank + 1) / ranks;
+  Compensation vmc;
+  vmc.v_mean = true;
+  if (rank == 0)
+    std::printf("\n# Real model: stories260K, decode step %lld of eval.tokens' first sequence, each layer's cache "
+                "sharded over %d ranks; thresholds %s (probability, V-mean compensation)\n\n"
+                "| Layer | k | rounds | bytes sent per rank (max) | V rows read, all ranks | V rows read, one process "
+                "| error vs one process, float |\n|---|---:|---:|---:|---:|---:|---:|\n",
+                static_cast<long long>(tokens), ranks, std::filesystem::path(thresholds_path).filename().c_str());
+  bool every_equal = true;
+  for (Index l = 0; l < model.config.layers; ++l) {
+    const Call& call = calls[std::size_t(l)];
+    const TensorView<const float> q(call.q.data(), 1, heads, d), k(call.k.data(), tokens, kv_heads, d),
+        v(call.v.data(), tokens, kv_heads, d);
+    const auto shard = [&](const TensorView<const float>& whole) {
+      return TensorView<const float>(whole.row(first, 0), end - first, kv_heads, d);
+    };
+    std::vector<double> value_sum(std::size_t(kv_heads * d), 0.0);
+    for (Index t = first; t < end; ++t)
+      for (Index h = 0; h < kv_heads; ++h)
+        for (Index c = 0; c < d; ++c) value_sum[std::size_t(h * d + c)] += double(v.row(t, h)[c]);
+    AttentionOptions attention;
+    attention.past = call.past;
+    const TopThetaSelection rule(table.layer(l), vmc, false, Passes::automatic);
+    std::vector<float> sharded(std::size_t(heads * d)), whole(sharded.size());
+    std::uint64_t read = 0;
+    const Traffic traffic = sharded_step(q, shard(k), shard(v), KeyRange{first, tokens}, attention, rule,
+                                         value_sum.data(), rank, TensorView<float>(sharded.data(), 1, heads, d), read);
+    std::uint64_t most_bytes = traffic.bytes;
+    MPI_Reduce(rank == 0 ? MPI_IN_PLACE : &most_bytes, &most_bytes, 1, MPI_UINT64_T, MPI_MAX, 0, MPI_COMM_WORLD);
+    if (rank != 0) continue;
+    TopThetaOptions kernel_options;
+    kernel_options.attention = attention;
+    kernel_options.compensation = vmc;
+    AttentionStats stats;
+    top_theta_attention(q, k, v, TensorView<float>(whole.data(), 1, heads, d), table.layer(l), kernel_options,
+                        &stats);
+    double error = 0, scale = 0;
+    for (std::size_t t = 0; t < whole.size(); ++t) {
+      error = std::max(error, std::abs(double(sharded[t]) - double(whole[t])));
+      scale = std::max(scale, std::abs(double(whole[t])));
+    }
+    const bool equal = error <= 1e-5 * scale && read == AttentionStats::total(stats.v_rows_read);
+    every_equal = every_equal && equal;
+    std::printf("| %lld | %lld | %d | %llu | %llu | %llu | %.1e%s |\n", static_cast<long long>(l),
+                static_cast<long long>(table.layer(l).k()), traffic.messages / 2,
+                static_cast<unsigned long long>(most_bytes), static_cast<unsigned long long>(read),
+                static_cast<unsigned long long>(AttentionStats::total(stats.v_rows_read)), error / scale,
+                equal ? "" : " FAILED");
+  }
+  return every_equal;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -265,14 +423,35 @@ int main(int argc, char** argv) {
     shape.kv_heads = 8;
     shape.head_dim = 128;
     shape.model_seed = 7;
+    // Calibration on 4 other texts of 512 tokens through the same heads, split over the ranks.
     SyntheticAttentionOptions calibration_shape = shape;
-    calibration_shape.tokens = std::min<Index>(tokens, 1024);
-    calibration_shape.seed = 2;
-    const SyntheticAttention<float> calibration(calibration_shape);
-    const Tables tables{calibrate(calibration, ThresholdSpace::probability),
-                        calibrate(calibration, ThresholdSpace::raw_score),
-                        calibrate(calibration, ThresholdSpace::score_minus_max),
-                        calibrate(calibration, ThresholdSpace::score_over_query_norm)};
+    calibration_shape.tokens = 512;
+    const ThresholdSpace spaces[] = {ThresholdSpace::probability, ThresholdSpace::raw_score,
+                                     ThresholdSpace::score_minus_max, ThresholdSpace::score_over_query_norm};
+    std::vector<LayerThresholds> calibrated;
+    std::vector<CalibrationCheck> checks(4);
+    for (int s = 0; s < 4; ++s)
+      calibrated.push_back(calibrate_in_parallel(calibration_shape, spaces[s], 4, rank, ranks, checks[std::size_t(s)]));
+    if (rank == 0) {
+      std::printf("# Calibration split over %d ranks: 4 texts of 512 tokens, budget-matched (probability) and count-matched "
+                  "thresholds for k = %lld\n\n"
+                  "| Space | state bytes sent per rank (max) | equals the calibrators merged in one process | "
+                  "row and value counts of one calibrator fed every text | θ vs that calibrator |\n"
+                  "|---|---:|---|---|---:|\n",
+                  ranks, static_cast<long long>(k_budget));
+      for (int s = 0; s < 4; ++s) {
+        const CalibrationCheck& check = checks[std::size_t(s)];
+        const bool equal = check.same_as_merged_in_process && check.counts_as_one_calibrator &&
+                           check.difference <= 1e-12;
+        std::printf("| %s | %llu | %s | %s | %.1e%s |\n", to_string(spaces[s]),
+                    static_cast<unsigned long long>(check.most_bytes),
+                    check.same_as_merged_in_process ? "bit for bit" : "NO", check.counts_as_one_calibrator ? "equal" : "NO",
+                    check.difference, equal ? "" : " FAILED");
+        if (!equal) status = 1;
+      }
+      std::printf("\n");
+    }
+    const Tables tables{calibrated[0], calibrated[1], calibrated[2], calibrated[3]};
     const std::vector<Result> in_float = decode_step<float>(shape, tables, rank, ranks);
     const std::vector<Result> in_double = decode_step<double>(shape, tables, rank, ranks);
     if (rank == 0) {
@@ -295,9 +474,21 @@ int main(int argc, char** argv) {
         if (!equal) status = 1;
       }
       std::printf("\nA round is two collectives (the byte counts, then the bytes). Checked: in double, every rule's "
-                  "output within 1e-12 of the one-process kernel's, and as many V rows read.\n%s\n",
-                  status == 0 ? "Every rule equals the one-process kernel." : "Some rule differs: see FAILED.");
+                  "output within 1e-12 of the one-process kernel's, and as many V rows read.\n");
     }
+    if (argc > 3) {
+#if TOPTHETA_HAVE_NLOHMANN_JSON
+      if (std::filesystem::exists(std::string(argv[2]) + "/stories260K.bin")) {
+        if (!real_model_check(argv[2], argv[3], rank, ranks) && rank == 0) status = 1;
+      } else if (rank == 0) {
+        std::printf("\nReal-model check skipped: no %s/stories260K.bin.\n", argv[2]);
+      }
+#else
+      if (rank == 0) std::printf("\nReal-model check skipped: built without nlohmann/json (threshold files).\n");
+#endif
+    }
+    if (rank == 0)
+      std::printf("%s\n", status == 0 ? "Every rule equals the one-process kernel." : "Some rule differs: see FAILED.");
   } catch (const std::exception& error) {
     std::fprintf(stderr, "rank %d: %s\n", rank, error.what());
     MPI_Abort(MPI_COMM_WORLD, 2);

@@ -125,6 +125,10 @@ struct TableReport {
   std::vector<Entry> window_edge;
 };
 
+namespace detail {
+class CalibratorState;  // calibrator_state.hpp: the state as bytes
+}  // namespace detail
+
 /// What one (layer, head, length bucket) has collected.
 struct BucketStatistics {
   std::uint64_t rows = 0;          ///< calibration rows R
@@ -164,7 +168,8 @@ struct BucketStatistics {
 ///
 /// Not thread-safe: give each thread (process, machine) its own calibrator and `merge` them. Two calibrators fed
 /// disjoint rows, merged, give the table one calibrator fed all rows gives: sample counts and histogram counts
-/// exactly, means and standard deviations to rounding (Chan's merge).
+/// exactly, means and standard deviations to rounding (Chan's merge). Across processes, a calibrator's state
+/// travels as bytes (calibrator_state.hpp).
 class Calibrator {
  public:
   explicit Calibrator(const CalibratorOptions& options) : options_(options) {
@@ -408,6 +413,8 @@ class Calibrator {
   }
 
  private:
+  friend class detail::CalibratorState;
+
   /// The statistics of one (layer, head, bucket).
   struct Statistics {
     detail::RunningMoments threshold, denominator;

@@ -16,6 +16,7 @@
 // unknown flag bits, counts beyond the bytes given, trailing bytes.
 #pragma once
 
+#include <toptheta/detail/byte_codec.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/partial_attention.hpp>
 #include <toptheta/scalar_traits.hpp>
@@ -38,114 +39,33 @@ namespace detail {
 
 enum class PartialKind : std::uint8_t { statistics = 1, output = 2 };
 
-class PartialWriter {
- public:
-  template <class Acc>
-  void header(PartialKind kind, Index query_rows, Index q_heads) {
-    for (char c : {'T', 'T', 'P', 'A'}) unsigned_integer(std::uint8_t(c), 1);
-    unsigned_integer(partial_encoding_version, 1);
-    unsigned_integer(std::uint8_t(kind), 1);
-    unsigned_integer(sizeof(Acc), 1);
-    unsigned_integer(0, 1);
-    count(query_rows, "query_rows");
-    count(q_heads, "q_heads");
-  }
-  void unsigned_integer(std::uint64_t value, int bytes) {
-    for (int b = 0; b < bytes; ++b) bytes_.push_back(std::uint8_t(value >> (8 * b)));
-  }
-  void count(Index value, const char* argument) {
-    require(value >= 0 && std::uint64_t(value) <= std::numeric_limits<std::uint32_t>::max(), argument,
-            "a count in [0, 2^32)", value);
-    unsigned_integer(std::uint64_t(value), 4);
-  }
-  void integer(Index value) { unsigned_integer(std::uint64_t(std::int64_t(value)), 8); }
-  template <class Acc>
-  void real(Acc value) {
-    using Bits = std::conditional_t<sizeof(Acc) == 4, std::uint32_t, std::uint64_t>;
-    Bits bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    unsigned_integer(bits, int(sizeof bits));
-  }
-  template <class Vector>
-  void reals(const Vector& values) {
-    for (Index d = 0; d < values.size(); ++d) real(values[d]);
-  }
-  std::vector<std::uint8_t> take() { return std::move(bytes_); }
+template <class Acc>
+void write_partial_header(ByteWriter& out, PartialKind kind, Index query_rows, Index q_heads) {
+  out.magic("TTPA");
+  out.unsigned_integer(partial_encoding_version, 1);
+  out.unsigned_integer(std::uint8_t(kind), 1);
+  out.unsigned_integer(sizeof(Acc), 1);
+  out.unsigned_integer(0, 1);
+  out.count(query_rows, "query_rows");
+  out.count(q_heads, "q_heads");
+}
 
- private:
-  std::vector<std::uint8_t> bytes_;
-};
-
-class PartialReader {
- public:
-  PartialReader(const std::uint8_t* bytes, std::size_t size) : bytes_(bytes), size_(size) {
-    require(bytes != nullptr || size == 0, "bytes", "a non-null pointer", "nullptr");
-  }
-
-  /// Reads the header of `kind` and returns (query_rows, q_heads).
-  template <class Acc>
-  std::pair<Index, Index> header(PartialKind kind) {
-    need(4);
-    require(std::memcmp(bytes_, "TTPA", 4) == 0, "bytes", "a partial attention encoding (magic \"TTPA\")",
-            "other bytes");
-    offset_ = 4;
-    const auto version = unsigned_integer(1);
-    require(version == partial_encoding_version, "bytes",
-            "encoding version " + std::to_string(partial_encoding_version), version);
-    const auto found = unsigned_integer(1);
-    require(found == std::uint64_t(kind), "bytes",
-            kind == PartialKind::statistics ? "row statistics (kind 1)" : "a partial output (kind 2)", found);
-    const auto acc_bytes = unsigned_integer(1);
-    require(acc_bytes == sizeof(Acc), "bytes", "values of " + std::to_string(sizeof(Acc)) + " bytes", acc_bytes);
-    require(unsigned_integer(1) == 0, "bytes", "a zero reserved byte", "another value");
-    const Index query_rows = count(), q_heads = count();
-    return {query_rows, q_heads};
-  }
-  std::uint64_t unsigned_integer(int bytes) {
-    need(std::size_t(bytes));
-    std::uint64_t value = 0;
-    for (int b = 0; b < bytes; ++b) value |= std::uint64_t(bytes_[offset_ + std::size_t(b)]) << (8 * b);
-    offset_ += std::size_t(bytes);
-    return value;
-  }
-  Index count() { return Index(unsigned_integer(4)); }
-  Index integer() { return Index(std::int64_t(unsigned_integer(8))); }
-  std::uint8_t flags(std::uint8_t known, const char* what) {
-    const auto value = std::uint8_t(unsigned_integer(1));
-    require((value & ~known) == 0, "bytes", std::string(what) + " without unknown bits", int(value));
-    return value;
-  }
-  template <class Acc>
-  Acc real() {
-    using Bits = std::conditional_t<sizeof(Acc) == 4, std::uint32_t, std::uint64_t>;
-    const auto bits = Bits(unsigned_integer(int(sizeof(Bits))));
-    Acc value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
-  }
-  template <class Vector>
-  void reals(Vector& values, Index size) {
-    need(std::size_t(size) * sizeof(typename Vector::Scalar));
-    values.resize(size);
-    for (Index d = 0; d < size; ++d) values[d] = real<typename Vector::Scalar>();
-  }
-  /// Requires `rows` rows of at least `bytes_per_row` bytes each to remain (before anything is allocated).
-  void need_rows(std::uint64_t rows, std::size_t bytes_per_row) {
-    require(rows <= (size_ - offset_) / bytes_per_row, "bytes",
-            std::to_string(rows) + " rows of at least " + std::to_string(bytes_per_row) + " bytes after offset " +
-                std::to_string(offset_),
-            std::to_string(size_ - offset_) + " bytes");
-  }
-  void need(std::size_t bytes) {
-    require(size_ - offset_ >= bytes, "bytes",
-            std::to_string(bytes) + " more bytes at offset " + std::to_string(offset_), "the end");
-  }
-  void finish() { require(offset_ == size_, "bytes", "the end at offset " + std::to_string(offset_), size_); }
-
- private:
-  const std::uint8_t* bytes_;
-  std::size_t size_, offset_ = 0;
-};
+/// Reads the header of `kind` and returns (query_rows, q_heads).
+template <class Acc>
+std::pair<Index, Index> read_partial_header(ByteReader& in, PartialKind kind) {
+  in.magic("TTPA", "a partial attention encoding");
+  const auto version = in.unsigned_integer(1);
+  require(version == partial_encoding_version, "bytes", "encoding version " + std::to_string(partial_encoding_version),
+          version);
+  const auto found = in.unsigned_integer(1);
+  require(found == std::uint64_t(kind), "bytes",
+          kind == PartialKind::statistics ? "row statistics (kind 1)" : "a partial output (kind 2)", found);
+  const auto acc_bytes = in.unsigned_integer(1);
+  require(acc_bytes == sizeof(Acc), "bytes", "values of " + std::to_string(sizeof(Acc)) + " bytes", acc_bytes);
+  require(in.unsigned_integer(1) == 0, "bytes", "a zero reserved byte", "another value");
+  const Index query_rows = in.count(), q_heads = in.count();
+  return {query_rows, q_heads};
+}
 
 }  // namespace detail
 
@@ -155,8 +75,8 @@ template <class Acc>
 std::vector<std::uint8_t> encode_partial(const PartialStatistics<Acc>& statistics) {
   detail::require(Index(statistics.rows.size()) == statistics.query_rows * statistics.q_heads, "statistics.rows",
                   "query_rows x q_heads rows", statistics.rows.size());
-  detail::PartialWriter out;
-  out.header<Acc>(detail::PartialKind::statistics, statistics.query_rows, statistics.q_heads);
+  detail::ByteWriter out;
+  detail::write_partial_header<Acc>(out, detail::PartialKind::statistics, statistics.query_rows, statistics.q_heads);
   out.unsigned_integer(std::uint8_t(statistics.list), 1);
   out.unsigned_integer(statistics.needed, 1);
   out.count(statistics.list_limit, "statistics.list_limit");
@@ -184,8 +104,8 @@ std::vector<std::uint8_t> encode_partial(const PartialOutput<Acc>& partial) {
                   "query_rows x q_heads rows", partial.rows.size());
   const bool kept_sums = !partial.rows.empty() && partial.rows.front().kept_value_sum.size() > 0;
   const bool value_sums = !partial.rows.empty() && partial.rows.front().value_sum.size() > 0;
-  detail::PartialWriter out;
-  out.header<Acc>(detail::PartialKind::output, partial.query_rows, partial.q_heads);
+  detail::ByteWriter out;
+  detail::write_partial_header<Acc>(out, detail::PartialKind::output, partial.query_rows, partial.q_heads);
   out.count(partial.kv_heads, "partial.kv_heads");
   out.count(partial.head_dim, "partial.head_dim");
   out.unsigned_integer((kept_sums ? 1 : 0) | (value_sums ? 2 : 0), 1);
@@ -230,9 +150,10 @@ std::vector<std::uint8_t> encode_partial(const PartialOutput<Acc>& partial) {
 /// \throws invalid_argument naming `bytes` and what was expected for anything but one whole valid encoding.
 template <class Acc>
 PartialStatistics<Acc> decode_partial_statistics(const std::uint8_t* bytes, std::size_t size) {
-  detail::PartialReader in(bytes, size);
+  detail::ByteReader in(bytes, size);
   PartialStatistics<Acc> statistics;
-  std::tie(statistics.query_rows, statistics.q_heads) = in.header<Acc>(detail::PartialKind::statistics);
+  std::tie(statistics.query_rows, statistics.q_heads) =
+      detail::read_partial_header<Acc>(in, detail::PartialKind::statistics);
   const auto list = in.unsigned_integer(1);
   detail::require(list <= std::uint64_t(CandidateList::above_running_threshold), "bytes", "a candidate list 0-3",
                   list);
@@ -269,13 +190,14 @@ PartialStatistics<Acc> decode_partial_statistics(const std::uint8_t* bytes, std:
 /// \throws invalid_argument naming `bytes` and what was expected for anything but one whole valid encoding.
 template <class Acc>
 PartialOutput<Acc> decode_partial_output(const std::uint8_t* bytes, std::size_t size) {
-  detail::PartialReader in(bytes, size);
+  detail::ByteReader in(bytes, size);
   PartialOutput<Acc> partial;
-  std::tie(partial.query_rows, partial.q_heads) = in.header<Acc>(detail::PartialKind::output);
+  std::tie(partial.query_rows, partial.q_heads) = detail::read_partial_header<Acc>(in, detail::PartialKind::output);
   partial.kv_heads = in.count();
   detail::require(partial.kv_heads >= 1 && partial.q_heads % partial.kv_heads == 0, "bytes",
                   "KV heads that divide the " + std::to_string(partial.q_heads) + " query heads", partial.kv_heads);
   partial.head_dim = in.count();
+  detail::require(partial.head_dim >= 1, "bytes", "a head_dim >= 1", partial.head_dim);
   const std::uint8_t sums = in.flags(3, "V sum flags");
   detail::require(sums == 0 || std::uint64_t(partial.query_rows) * std::uint64_t(partial.q_heads) > 0, "bytes",
                   "no V sum flags for a partial without rows", int(sums));

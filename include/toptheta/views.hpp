@@ -36,7 +36,7 @@ class TensorView {
 
   TensorView() = default;
   TensorView(Scalar* data, Index tokens, Index heads, Index head_dim)
-      : TensorView(data, tokens, heads, head_dim, heads * elements_of<Scalar>(head_dim), elements_of<Scalar>(head_dim)) {}
+      : TensorView(data, tokens, heads, head_dim, dense_token_stride(heads, head_dim), elements_of<Scalar>(head_dim)) {}
   TensorView(Scalar* data, Index tokens, Index heads, Index head_dim, Index token_stride, Index head_stride)
       : data_(data), tokens_(tokens), heads_(heads), head_dim_(head_dim), token_stride_(token_stride),
         head_stride_(head_stride) {
@@ -72,6 +72,17 @@ class TensorView {
   Index contiguous_from(Index t) const { return tokens_ - t; }
 
  private:
+  /// `heads * head_dim` stored elements; 0 for counts the constructor refuses, and a product `Index` cannot hold
+  /// is refused here.
+  static Index dense_token_stride(Index heads, Index head_dim) {
+    const Index elements = head_dim >= 1 ? elements_of<Scalar>(head_dim) : 0;
+    if (heads < 1 || elements < 1) return 0;
+    detail::require(heads <= std::numeric_limits<Index>::max() / elements, "heads",
+                    "a count whose product with head_dim fits in an index",
+                    std::to_string(heads) + " x " + std::to_string(head_dim));
+    return heads * elements;
+  }
+
   Scalar* data_ = nullptr;
   Index tokens_ = 0, heads_ = 1, head_dim_ = 1, token_stride_ = 0, head_stride_ = 0;
 };

@@ -292,3 +292,30 @@ def test_the_readme_example_writes_a_file_the_library_loads(tmp_path):
     assert table.layers == 2 and table.method == "budget_matched" and table.space == "probability"
     theta = table.layer(0).theta
     assert np.all(theta == theta[0, 0]) and 0 < theta[0, 0] < 1  # one θ for the layer, a probability
+
+
+@pytest.mark.parametrize("kind, parameter", [("dense", 0), ("top_theta", 0.01), ("top_k", 12)])
+def test_the_module_gives_the_bits_of_the_same_call_made_from_cpp(tmp_path, kind, parameter):
+    """examples/python/kernel_reference.cpp calls the kernel from C++ on the same arrays (from files)."""
+    import os
+    import subprocess
+
+    reference = os.environ.get("TOPTHETA_KERNEL_REFERENCE")
+    if not reference:
+        pytest.skip("TOPTHETA_KERNEL_REFERENCE (the toptheta_kernel_reference program) is not set; CTest sets it")
+    rng = np.random.default_rng(7)
+    n_q, n_kv, q_heads, kv_heads, d, past = 5, 200, 8, 2, 64, 195
+    q, k, v = random_layer(rng, n_q, n_kv, q_heads, kv_heads, d, np.float32)
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        array.astype("<f4").tofile(tmp_path / f"{name}.f32")
+    (tmp_path / "shape.txt").write_text(f"{n_q} {n_kv} {q_heads} {kv_heads} {d} {past} {parameter}\n")
+    subprocess.run([reference, kind, str(tmp_path)], check=True)
+    from_cpp = np.fromfile(tmp_path / "out.f32", dtype="<f4").reshape(q.shape)
+    if kind == "dense":
+        out = tt.dense_attention(q, k, v, past=past, threads=1)
+    elif kind == "top_theta":
+        thresholds = tt.LayerThresholds.uniform(16, "probability", [parameter] * q_heads)
+        out = tt.top_theta_attention(q, k, v, thresholds, past=past, threads=1)
+    else:
+        out = tt.top_k_attention(q, k, v, parameter, past=past, v_mean=True, threads=1)
+    assert np.array_equal(out, from_cpp)

@@ -313,6 +313,8 @@ class ValueHistogram {
   }
 
  private:
+  friend class CalibratorState;  // calibrator_state.hpp
+
   std::int64_t high() const { return low_ + std::int64_t(counts_.size()) - 1; }
   double mass(std::size_t bin) const { return with_masses_ ? masses_[bin] : 0.0; }
 
