@@ -46,14 +46,14 @@ class DecodeBatch {
     for (std::size_t i = 0; i < sequences_.size(); ++i) {
       Sequence& s = sequences_[i];
       const Index last = s.start + s.length - 1;
-      result.push_back({TensorView<const float>(layer_.q.data() + last * LayerShape::q_heads * dim, 1,
-                                                LayerShape::q_heads, dim),
-                        TensorView<const float>(layer_.k.data() + s.start * LayerShape::kv_heads * dim, s.length,
-                                                LayerShape::kv_heads, dim),
-                        TensorView<const float>(layer_.v.data() + s.start * LayerShape::kv_heads * dim, s.length,
-                                                LayerShape::kv_heads, dim),
-                        TensorView<float>(s.out.data(), 1, LayerShape::q_heads, dim), s.length - 1, s.sum.data(),
-                        stats ? &(*stats)[i] : nullptr});
+      result.push_back(
+          {TensorView<const float>(layer_.q.data() + last * LayerShape::q_heads * dim, 1, LayerShape::q_heads, dim),
+           TensorView<const float>(layer_.k.data() + s.start * LayerShape::kv_heads * dim, s.length,
+                                   LayerShape::kv_heads, dim),
+           TensorView<const float>(layer_.v.data() + s.start * LayerShape::kv_heads * dim, s.length,
+                                   LayerShape::kv_heads, dim),
+           TensorView<float>(s.out.data(), 1, LayerShape::q_heads, dim), s.length - 1, s.sum.data(),
+           stats ? &(*stats)[i] : nullptr});
     }
     return result;
   }
@@ -109,8 +109,8 @@ void attend(const std::string& kernel, const std::vector<SequenceViews<float>>& 
 }
 
 void register_batch_case(const std::string& kernel, const std::string& variant, int threads) {
-  const std::string name = "decode_batch/" + kernel + "/b:" + std::to_string(batch_size) +
-                           "/kv:" + std::to_string(mean_length) + variant;
+  const std::string name =
+      "decode_batch/" + kernel + "/b:" + std::to_string(batch_size) + "/kv:" + std::to_string(mean_length) + variant;
   auto summary = std::make_shared<std::optional<CallSummary>>();
   register_case(name, false, [kernel, variant, threads, summary](benchmark::State& state) {
     DecodeBatch& batch = decode_batch();

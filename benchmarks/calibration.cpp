@@ -11,8 +11,8 @@
 
 #include <Eigen/Core>
 
-#include <ctime>
 #include <cmath>
+#include <ctime>
 #include <string>
 
 namespace toptheta::bench {

@@ -151,8 +151,14 @@ class PagedKvRotation {
 
   std::size_t pool(Index slot) const { return std::size_t(slot) * pool_size_; }
   PagedTensorView<const Stored> view(Index slot) const {
-    return {data_.data() + pool(slot), pages_, paged_page_size, block_table_.data(), tokens_, LayerShape::kv_heads,
-            LayerShape::head_dim, PageLayout::token_major};
+    return {data_.data() + pool(slot),
+            pages_,
+            paged_page_size,
+            block_table_.data(),
+            tokens_,
+            LayerShape::kv_heads,
+            LayerShape::head_dim,
+            PageLayout::token_major};
   }
 
   Index tokens_, pages_;
@@ -191,11 +197,10 @@ AttentionCall<Scalar> decode_call(Index tokens, AlignedVector<Scalar>& out) {
   const Layer<Scalar>& layer = measured_layer<Scalar>(tokens);
   constexpr Index row_size = LayerShape::q_heads * LayerShape::head_dim;
   out.assign(std::size_t(row_size), Scalar(0));
-  AttentionCall<Scalar> call{TensorView<const Scalar>(layer.q.data() + (tokens - 1) * row_size, 1,
-                                                      LayerShape::q_heads, LayerShape::head_dim),
-                             layer.keys(), layer.values(),
-                             TensorView<Scalar>(out.data(), 1, LayerShape::q_heads, LayerShape::head_dim),
-                             AttentionOptions{}};
+  AttentionCall<Scalar> call{
+      TensorView<const Scalar>(layer.q.data() + (tokens - 1) * row_size, 1, LayerShape::q_heads, LayerShape::head_dim),
+      layer.keys(), layer.values(), TensorView<Scalar>(out.data(), 1, LayerShape::q_heads, LayerShape::head_dim),
+      AttentionOptions{}};
   call.attention.causal = true;
   call.attention.past = tokens - 1;
   call.value_prefix_sum = decode_value_prefix_sum<Scalar>(tokens).data();
@@ -208,8 +213,7 @@ const AlignedVector<Scalar>& dense_decode_output(Index tokens) {
   auto found = cache.find(tokens);
   if (found == cache.end()) {
     AlignedVector<Scalar> out;
-    kernel<Scalar>("dense").attend(decode_call(tokens, out), nullptr, OpenMPExecutor{settings().threads},
-                                   nullptr);
+    kernel<Scalar>("dense").attend(decode_call(tokens, out), nullptr, OpenMPExecutor{settings().threads}, nullptr);
     found = cache.emplace(tokens, std::move(out)).first;
   }
   return found->second;
@@ -223,8 +227,8 @@ template <class Scalar, class KvView>
 void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens) {
   using Stored = typename KvView::value_type;
   constexpr bool paged = detail::is_paged_view_v<KvView>;
-  const std::string name = std::string(paged ? "decode_paged/" : "decode/") + entry.name + "/kv:" +
-                           std::to_string(tokens) + "/" + type_name<Stored>();
+  const std::string name = std::string(paged ? "decode_paged/" : "decode/") + entry.name +
+                           "/kv:" + std::to_string(tokens) + "/" + type_name<Stored>();
   auto summary = std::make_shared<std::optional<CallSummary>>();  // set by the case's first run
   register_case(name, tokens == quick_context_length, [&entry, tokens, summary](benchmark::State& state) {
     const OpenMPExecutor executor{settings().threads};
@@ -232,13 +236,15 @@ void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens) {
     AlignedVector<Scalar> out;
     const AttentionCall<Scalar> step = decode_call<Scalar>(tokens, out);
     const auto& rotation = [&]() -> const auto& {
-      if constexpr (paged) return rotation_of<PagedKvRotation, Stored>(tokens);
-      else return rotation_of<KvRotation, Stored>(tokens);
-    }();
-    AttentionCall<Scalar, KvView> call{step.q, rotation.keys(0), rotation.values(0), step.out, step.attention,
-                                       decode_value_prefix_sum<Stored>(tokens).data()};
-    if (!*summary)
-      *summary = summarize_call(entry, call, thresholds, executor, dense_decode_output<Scalar>(tokens));
+      if constexpr (paged)
+        return rotation_of<PagedKvRotation, Stored>(tokens);
+      else
+        return rotation_of<KvRotation, Stored>(tokens);
+    }
+    ();
+    AttentionCall<Scalar, KvView> call{step.q,   rotation.keys(0), rotation.values(0),
+                                       step.out, step.attention,   decode_value_prefix_sum<Stored>(tokens).data()};
+    if (!*summary) *summary = summarize_call(entry, call, thresholds, executor, dense_decode_output<Scalar>(tokens));
     Index copy = 0;
     const double seconds = timed_loop(state, [&] {
       call.k = rotation.keys(copy);
@@ -255,8 +261,7 @@ void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens) {
 void register_decode_benchmarks() {
   for (Index tokens : context_lengths) {
     for (const Kernel<float>& entry : kernels<float>()) register_decode_case(entry, tokens);
-    for (const Kernel<Eigen::bfloat16>& entry : kernels<Eigen::bfloat16>())
-      register_decode_case(entry, tokens);
+    for (const Kernel<Eigen::bfloat16>& entry : kernels<Eigen::bfloat16>()) register_decode_case(entry, tokens);
   }
   for (Index tokens : paged_context_lengths) {
     for (const auto& entry : cache_kernels<float, PagedTensorView<const float>>()) register_decode_case(entry, tokens);

@@ -34,15 +34,9 @@ struct Layer {
   Index tokens = 0;
   AlignedVector<Scalar> q, k, v;
 
-  TensorView<const Scalar> queries() const {
-    return {q.data(), tokens, LayerShape::q_heads, LayerShape::head_dim};
-  }
-  TensorView<const Scalar> keys() const {
-    return {k.data(), tokens, LayerShape::kv_heads, LayerShape::head_dim};
-  }
-  TensorView<const Scalar> values() const {
-    return {v.data(), tokens, LayerShape::kv_heads, LayerShape::head_dim};
-  }
+  TensorView<const Scalar> queries() const { return {q.data(), tokens, LayerShape::q_heads, LayerShape::head_dim}; }
+  TensorView<const Scalar> keys() const { return {k.data(), tokens, LayerShape::kv_heads, LayerShape::head_dim}; }
+  TensorView<const Scalar> values() const { return {v.data(), tokens, LayerShape::kv_heads, LayerShape::head_dim}; }
 };
 
 inline Layer<float> generate_layer(Index tokens, unsigned seed) {
@@ -68,16 +62,15 @@ AlignedVector<To> converted(const AlignedVector<From>& values) {
 /// (generating 65536 tokens takes seconds). Other stored types are the float layer rounded.
 template <class Scalar>
 const Layer<Scalar>& measured_layer(Index tokens) {
-  static std::map<Index, std::unique_ptr<const Layer<Scalar>>>
-      cache;  // one map per Scalar: key (n, type, seed)
+  static std::map<Index, std::unique_ptr<const Layer<Scalar>>> cache;  // one map per Scalar: key (n, type, seed)
   auto& entry = cache[tokens];
   if (!entry) {
     if constexpr (std::is_same_v<Scalar, float>) {
       entry = std::make_unique<const Layer<float>>(generate_layer(tokens, measured_seed));
     } else {
       const Layer<float>& source = measured_layer<float>(tokens);
-      entry = std::make_unique<const Layer<Scalar>>(Layer<Scalar>{
-          tokens, converted<Scalar>(source.q), converted<Scalar>(source.k), converted<Scalar>(source.v)});
+      entry = std::make_unique<const Layer<Scalar>>(
+          Layer<Scalar>{tokens, converted<Scalar>(source.q), converted<Scalar>(source.k), converted<Scalar>(source.v)});
     }
   }
   return *entry;

@@ -4,9 +4,9 @@
 //                  --benchmark_out_format=json --benchmark_filter=decode/.*/kv:16384]
 //
 // --quick (or TOPTHETA_BENCH_QUICK=1): only decode kv:16384, prefill n:2048, calibration in two spaces and the
-// probes (under two minutes on a 2-core machine, data generation included). --threads=N (or TOPTHETA_BENCH_THREADS=N): threads of every
-// kernel and probe; default all cores. benchmarks/report turns the JSON output into a markdown table and a
-// plot.
+// probes (under two minutes on a 2-core machine, data generation included). --threads=N (or TOPTHETA_BENCH_THREADS=N):
+// threads of every kernel and probe; default all cores. benchmarks/report turns the JSON output into a markdown table
+// and a plot.
 #include "suite.hpp"
 
 #include <Eigen/Core>
@@ -23,8 +23,7 @@ namespace {
 int parse_threads(const char* text) {
   const int threads = std::atoi(text);
   if (threads < 1) {
-    std::fprintf(stderr, "toptheta_bench: --threads (or TOPTHETA_BENCH_THREADS) must be >= 1, got '%s'\n",
-                 text);
+    std::fprintf(stderr, "toptheta_bench: --threads (or TOPTHETA_BENCH_THREADS) must be >= 1, got '%s'\n", text);
     std::exit(2);
   }
   return threads;
@@ -70,8 +69,7 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(count, arguments.data())) return 2;
   benchmark::AddCustomContext("toptheta_threads", std::to_string(settings.threads));
   benchmark::AddCustomContext("toptheta_mode", settings.quick ? "quick" : "full");
-  benchmark::AddCustomContext("toptheta_layer",
-                              "Llama-3-8B: 32 query heads, 8 KV heads, head_dim 128; k = 64");
+  benchmark::AddCustomContext("toptheta_layer", "Llama-3-8B: 32 query heads, 8 KV heads, head_dim 128; k = 64");
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -36,8 +36,7 @@ double sum_probe_array() {
   const float* data = probe_array();
   std::vector<double> partial(std::size_t(probe_floats / probe_block));
   OpenMPExecutor{settings().threads}.parallel_for(Index(partial.size()), [&](Index block) {
-    partial[std::size_t(block)] =
-        Eigen::Map<const Eigen::ArrayXf>(data + block * probe_block, probe_block).sum();
+    partial[std::size_t(block)] = Eigen::Map<const Eigen::ArrayXf>(data + block * probe_block, probe_block).sum();
   });
   double sum = 0;
   for (double value : partial) sum += value;
@@ -45,8 +44,7 @@ double sum_probe_array() {
 }
 
 struct GemmOperands {
-  Eigen::MatrixXf a = Eigen::MatrixXf::Random(gemm_size, gemm_size),
-                  b = Eigen::MatrixXf::Random(gemm_size, gemm_size);
+  Eigen::MatrixXf a = Eigen::MatrixXf::Random(gemm_size, gemm_size), b = Eigen::MatrixXf::Random(gemm_size, gemm_size);
   Eigen::MatrixXf c = Eigen::MatrixXf::Zero(gemm_size, gemm_size);
 };
 
@@ -80,8 +78,7 @@ double best_seconds(int repeats, Work&& work) {
 const ReferenceRates& reference_rates() {
   static const ReferenceRates rates = [] {
     ReferenceRates measured;
-    measured.read_bytes_per_second =
-        probe_bytes / best_seconds(5, [] { benchmark::DoNotOptimize(sum_probe_array()); });
+    measured.read_bytes_per_second = probe_bytes / best_seconds(5, [] { benchmark::DoNotOptimize(sum_probe_array()); });
     GemmOperands operands;
     measured.gemm_flops_per_second = gemm_flops / best_seconds(3, [&] { multiply(operands); });
     return measured;

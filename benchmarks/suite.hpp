@@ -42,9 +42,7 @@ inline Settings& settings() {
 template <class Body>
 void register_case(const std::string& name, bool in_quick_suite, Body&& body) {
   if (settings().quick && !in_quick_suite) return;
-  benchmark::RegisterBenchmark(name.c_str(), std::forward<Body>(body))
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark(name.c_str(), std::forward<Body>(body))->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
 /// Memory and compute rates measured once per run by the probes (probes.cpp), the 100% of the % counters.
@@ -82,9 +80,8 @@ struct CallSummary {
 inline void report_call_counters(benchmark::State& state, const CallSummary& call, double seconds_per_call,
                                  int threads) {
   const AttentionStats& stats = call.stats;
-  const double bytes =
-      double(AttentionStats::total(stats.k_rows_read) + AttentionStats::total(stats.v_rows_read)) *
-      call.bytes_per_k_or_v_row;
+  const double bytes = double(AttentionStats::total(stats.k_rows_read) + AttentionStats::total(stats.v_rows_read)) *
+                       call.bytes_per_k_or_v_row;
   const double visible = double(AttentionStats::total(stats.v_rows_visible));
   state.counters["bytes"] = bytes;
   state.counters["GB/s"] = bytes / seconds_per_call * 1e-9;

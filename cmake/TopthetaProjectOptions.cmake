@@ -52,3 +52,21 @@ if(nlohmann_json_FOUND)
   target_link_libraries(toptheta_project_options INTERFACE nlohmann_json::nlohmann_json)
   target_compile_definitions(toptheta_project_options INTERFACE TOPTHETA_HAVE_NLOHMANN_JSON=1)
 endif()
+
+# The kernel instantiations own programs share (cmake/kernel_instances.hpp), compiled once here with the same
+# settings: a program that links toptheta_shared_kernels gets the header force-included (explicit instantiation
+# declarations: its calls to those kernels compile to calls) and these objects linked in. The fuzz targets do
+# not use it: libFuzzer must instrument the kernels they call.
+file(GLOB _toptheta_kernel_instance_sources CONFIGURE_DEPENDS
+     "${CMAKE_CURRENT_LIST_DIR}/kernel_instances_*.cpp")
+add_library(toptheta_kernel_instances OBJECT ${_toptheta_kernel_instance_sources})
+target_link_libraries(toptheta_kernel_instances PRIVATE toptheta::toptheta toptheta_project_options)
+set_target_properties(toptheta_kernel_instances PROPERTIES POSITION_INDEPENDENT_CODE ON)  # also in the Python module
+add_library(toptheta_shared_kernels INTERFACE)
+set(_toptheta_kernel_instances_header "${CMAKE_CURRENT_LIST_DIR}/kernel_instances.hpp")
+if(MSVC)
+  target_compile_options(toptheta_shared_kernels INTERFACE "/FI${_toptheta_kernel_instances_header}")
+else()
+  target_compile_options(toptheta_shared_kernels INTERFACE "SHELL:-include ${_toptheta_kernel_instances_header}")
+endif()
+target_sources(toptheta_shared_kernels INTERFACE $<TARGET_OBJECTS:toptheta_kernel_instances>)

@@ -10,6 +10,7 @@ set -euo pipefail
 
 packages=(
   cmake make g++ clang libomp-dev     # toolchains (libomp-dev: OpenMP for clang)
+  clang-format                        # the format check of .ci/run (.clang-format)
   libeigen3-dev                       # the library's one dependency
   catch2 libbenchmark-dev             # tests and benchmarks
   nlohmann-json3-dev                  # reference data in tests/examples

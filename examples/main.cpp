@@ -41,8 +41,8 @@ LayerThresholds calibrate(const SyntheticAttention<float>& layer, ThresholdSpace
       sums[std::size_t(i)] = (row.array() - maxes[std::size_t(i)]).exp().sum();
       values.resize(std::size_t(i + 1));
       for (Index j = 0; j <= i; ++j)
-        values[std::size_t(j)] = value_in_space(space, row(j), maxes[std::size_t(i)], sums[std::size_t(i)],
-                                                queries.row(i).norm());
+        values[std::size_t(j)] =
+            value_in_space(space, row(j), maxes[std::size_t(i)], sums[std::size_t(i)], queries.row(i).norm());
       std::nth_element(values.begin(), values.begin() + k, values.end(), std::greater<double>());
       theta_sum += values[std::size_t(k)];
     }
@@ -62,9 +62,8 @@ LayerThresholds calibrate(const SyntheticAttention<float>& layer, ThresholdSpace
 
 struct Method {
   std::string name;
-  std::function<void(const TensorView<const float>&, const TensorView<const float>&,
-                     const TensorView<const float>&, const TensorView<float>&, const SparseAttentionOptions&,
-                     AttentionStats*)>
+  std::function<void(const TensorView<const float>&, const TensorView<const float>&, const TensorView<const float>&,
+                     const TensorView<float>&, const SparseAttentionOptions&, AttentionStats*)>
       attend;
 };
 
@@ -85,9 +84,12 @@ int main(int argc, char** argv) {
   Index k = 64;
   int threads = 0;
   for (int a = 1; a + 1 < argc; a += 2) {
-    if (!std::strcmp(argv[a], "--tokens")) shape.tokens = std::atol(argv[a + 1]);
-    else if (!std::strcmp(argv[a], "--k")) k = std::atol(argv[a + 1]);
-    else if (!std::strcmp(argv[a], "--threads")) threads = std::atoi(argv[a + 1]);
+    if (!std::strcmp(argv[a], "--tokens"))
+      shape.tokens = std::atol(argv[a + 1]);
+    else if (!std::strcmp(argv[a], "--k"))
+      k = std::atol(argv[a + 1]);
+    else if (!std::strcmp(argv[a], "--threads"))
+      threads = std::atoi(argv[a + 1]);
     else {
       std::fprintf(stderr, "usage: %s [--tokens N] [--k K] [--threads T]\n", argv[0]);
       return 2;

@@ -62,11 +62,11 @@ int main() {
       const Index past = cache.length();
       cache.append(TensorView<const float>(k.data() + past * kv_heads * head_dim, 1, kv_heads, head_dim),
                    TensorView<const float>(v.data() + past * kv_heads * head_dim, 1, kv_heads, head_dim));  // new token
-      paged_batch.push_back({TensorView<const float>(q.data() + past * q_heads * head_dim, 1, q_heads, head_dim),
-                             cache.keys(), cache.values(),
-                             TensorView<float>(paged_out.data() + paged_batch.size() * q_heads * head_dim, 1,
-                                               q_heads, head_dim),
-                             past, cache.value_sum_before(past)});
+      paged_batch.push_back(
+          {TensorView<const float>(q.data() + past * q_heads * head_dim, 1, q_heads, head_dim), cache.keys(),
+           cache.values(),
+           TensorView<float>(paged_out.data() + paged_batch.size() * q_heads * head_dim, 1, q_heads, head_dim), past,
+           cache.value_sum_before(past)});
     }
     top_theta_attention(paged_batch, thresholds, options);
     return paged_out;

@@ -24,15 +24,15 @@ inline int toptheta_test_skip_code() {
 #if defined(TOPTHETA_CATCH2_V3) && defined(SKIP)
 #define TOPTHETA_SKIP(message) SKIP(message)
 #else
-#define TOPTHETA_SKIP(message)                                                 \
-  do {                                                                         \
-    const std::string toptheta_skip_message = (message);                       \
-    if (const int code = toptheta_test_skip_code(); code != 0) {               \
-      std::fprintf(stderr, "SKIPPED: %s\n", toptheta_skip_message.c_str());    \
-      std::fflush(nullptr);                                                    \
-      std::_Exit(code);                                                        \
-    }                                                                          \
-    WARN(toptheta_skip_message);                                               \
-    return;                                                                    \
+#define TOPTHETA_SKIP(message)                                              \
+  do {                                                                      \
+    const std::string toptheta_skip_message = (message);                    \
+    if (const int code = toptheta_test_skip_code(); code != 0) {            \
+      std::fprintf(stderr, "SKIPPED: %s\n", toptheta_skip_message.c_str()); \
+      std::fflush(nullptr);                                                 \
+      std::_Exit(code);                                                     \
+    }                                                                       \
+    WARN(toptheta_skip_message);                                            \
+    return;                                                                 \
   } while (false)
 #endif

@@ -48,12 +48,12 @@ inline bool model_present() {
          std::filesystem::exists(directory + "/calib.tokens") && std::filesystem::exists(directory + "/eval.tokens");
 }
 
-#define LLAMA2C_REQUIRE_MODEL()                                                            \
-  if (!model_present())                                                                    \
+#define LLAMA2C_REQUIRE_MODEL()                                                             \
+  if (!model_present())                                                                     \
   TOPTHETA_SKIP("llama2c model test skipped: " +                                            \
-               (model_directory().empty() ? std::string("TOPTHETA_SHARED_DIR not defined") \
-                                          : model_directory() + "/stories260K.bin") +      \
-               " not found (the shared models directory is absent, e.g. in a fresh clone)")
+                (model_directory().empty() ? std::string("TOPTHETA_SHARED_DIR not defined") \
+                                           : model_directory() + "/stories260K.bin") +      \
+                " not found (the shared models directory is absent, e.g. in a fresh clone)")
 
 inline const llama2c::Model& stories260k() {
   static const llama2c::Model model = llama2c::load_model(model_directory() + "/stories260K.bin");
@@ -83,4 +83,3 @@ inline llama2c::EngineOptions one_thread() {
   options.threads = 1;
   return options;
 }
-

@@ -28,8 +28,7 @@ const char* name(Kernel kernel) {
 void attend(Kernel kernel, const TensorView<const float>& q, const TensorView<const float>& k,
             const TensorView<const float>& v, const TensorView<float>& out, const AttentionOptions& attention,
             Index table_heads) {
-  const auto table =
-      LayerThresholds::uniform(2, ThresholdSpace::raw_score, std::vector<double>(table_heads, 0.0));
+  const auto table = LayerThresholds::uniform(2, ThresholdSpace::raw_score, std::vector<double>(table_heads, 0.0));
   switch (kernel) {
     case Kernel::dense:
       dense_attention(q, k, v, out, attention);
@@ -71,8 +70,7 @@ double max_abs_dot(const Problem<Scalar>& problem) {
     for (Index i = 0; i < problem.query_rows; ++i)
       for (Index j = 0; j < problem.key_rows; ++j) {
         double dot = 0;
-        for (Index d = 0; d < problem.head_dim; ++d)
-          dot += double(q.row(i, h)[d]) * double(k.row(j, h / group)[d]);
+        for (Index d = 0; d < problem.head_dim; ++d) dot += double(q.row(i, h)[d]) * double(k.row(j, h / group)[d]);
         largest = std::max(largest, std::abs(dot));
       }
   return largest;
@@ -170,8 +168,7 @@ TEST_CASE("a NaN, zero, negative or infinite scale throws naming options.scale",
   REQUIRE_INVALID(call(kernel), "options.scale", "a finite value > 0");
 }
 
-TEST_CASE("a tensor view with a negative size, no heads, no head_dim or no data throws naming it",
-          "[bad_input]") {
+TEST_CASE("a tensor view with a negative size, no heads, no head_dim or no data throws naming it", "[bad_input]") {
   std::vector<float> data(64);
   REQUIRE_INVALID(TensorView<float>(data.data(), -1, 2, 8), "tokens", ">= 0");
   REQUIRE_INVALID(TensorView<float>(data.data(), 4, 0, 8), "heads", ">= 1");
@@ -190,14 +187,11 @@ TEST_CASE("a threshold table with the wrong number of heads throws naming the ta
   options.k = 2;
   options.thresholds = &three_heads;
   options.compensation.denominator = DenominatorCompensation::calibrated;
-  REQUIRE_INVALID(
-      top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options),
-      "options.thresholds", "one row per query head (4)");
-  options.compensation.denominator =
-      DenominatorCompensation::none;  // a table given is checked even if unused
-  REQUIRE_INVALID(
-      top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options),
-      "options.thresholds", "one row per query head (4)");
+  REQUIRE_INVALID(top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options),
+                  "options.thresholds", "one row per query head (4)");
+  options.compensation.denominator = DenominatorCompensation::none;  // a table given is checked even if unused
+  REQUIRE_INVALID(top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options),
+                  "options.thresholds", "one row per query head (4)");
 }
 
 TEST_CASE("k < 1 throws naming k, in a threshold table and in top-k options", "[bad_input]") {
@@ -210,9 +204,8 @@ TEST_CASE("k < 1 throws naming k, in a threshold table and in top-k options", "[
   Problem<float> problem(4, 6, 4, 2, 8, 1);
   TopKOptions options;
   options.k = k;
-  REQUIRE_INVALID(
-      top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options), "k",
-      "k >= 1");
+  REQUIRE_INVALID(top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), options), "k",
+                  "k >= 1");
   REQUIRE_INVALID(TopKSelection(k, {}), "k", "k >= 1");
 }
 
@@ -223,8 +216,8 @@ TEST_CASE("a NaN or infinite threshold throws naming its head and length", "[bad
   theta << 0.1, 0.2, 0.3,  //
       0.4, 0.5, 0.6;
   theta(1, 2) = bad;
-  REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {8, 16, 32}, theta),
-                  "theta(head 1, length 32)", "a finite threshold");
+  REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {8, 16, 32}, theta), "theta(head 1, length 32)",
+                  "a finite threshold");
   REQUIRE_INVALID(LayerThresholds::uniform(4, ThresholdSpace::probability, {0.1, bad}), "theta(head 1",
                   "a finite threshold");
 }
@@ -241,16 +234,14 @@ TEST_CASE("a NaN, infinite or negative denominator term throws naming its head a
                   "denominator_terms(head 0", "a finite value >= 0");
 }
 
-TEST_CASE("malformed calibrated lengths and table shapes throw naming the argument",
-          "[bad_input][threshold_table]") {
+TEST_CASE("malformed calibrated lengths and table shapes throw naming the argument", "[bad_input][threshold_table]") {
   const Eigen::MatrixXd theta = Eigen::MatrixXd::Zero(2, 3);
   // Not increasing.
   REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {8, 8, 32}, theta), "lengths[1]",
                   "increasing order, > 8");
   REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {8, 16, 12}, theta), "lengths[2]",
                   "increasing order, > 16");
-  REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {0, 16, 32}, theta), "lengths[0]",
-                  "a row length >= 1");
+  REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {0, 16, 32}, theta), "lengths[0]", "a row length >= 1");
   // Column count != number of lengths.
   REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {8, 16}, theta), "theta",
                   "2 columns (one per calibrated length)");
@@ -260,110 +251,99 @@ TEST_CASE("malformed calibrated lengths and table shapes throw naming the argume
                   "at least one calibrated row length");
   REQUIRE_INVALID(LayerThresholds::uniform(4, ThresholdSpace::raw_score, {}), "theta", "at least one head");
   // Denominator terms of another shape.
-  REQUIRE_INVALID(
-      LayerThresholds(4, ThresholdSpace::raw_score, {8, 16, 32}, theta, Eigen::MatrixXd::Zero(2, 2)),
-      "denominator_terms", "the shape of theta");
-  REQUIRE_INVALID(LayerThresholds::uniform(4, ThresholdSpace::raw_score, {0.0, 0.0}, {0.5}),
+  REQUIRE_INVALID(LayerThresholds(4, ThresholdSpace::raw_score, {8, 16, 32}, theta, Eigen::MatrixXd::Zero(2, 2)),
                   "denominator_terms", "the shape of theta");
+  REQUIRE_INVALID(LayerThresholds::uniform(4, ThresholdSpace::raw_score, {0.0, 0.0}, {0.5}), "denominator_terms",
+                  "the shape of theta");
 }
 
-TEST_CASE("a negative, NaN or infinite compensation scale λ throws naming options.compensation.lambda",
-          "[bad_input]") {
+TEST_CASE("a negative, NaN or infinite compensation scale λ throws naming options.compensation.lambda", "[bad_input]") {
   const double lambda = GENERATE(as<double>{}, -0.5, not_a_number, infinity);
   INFO("lambda " << lambda);
   Problem<float> problem(4, 6, 4, 2, 8, 1);
   const auto table = LayerThresholds::uniform(2, ThresholdSpace::raw_score, {0, 0, 0, 0});
   TopThetaOptions top_theta;
   top_theta.compensation = {DenominatorCompensation::exact, lambda, false};
-  REQUIRE_INVALID(top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                      table, top_theta),
-                  "options.compensation.lambda", "a finite value >= 0");
+  REQUIRE_INVALID(
+      top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, top_theta),
+      "options.compensation.lambda", "a finite value >= 0");
   TopKOptions top_k;
   top_k.k = 2;
   top_k.compensation = {DenominatorCompensation::exact, lambda, false};
-  REQUIRE_INVALID(
-      top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), top_k),
-      "options.compensation.lambda", "a finite value >= 0");
-  REQUIRE_INVALID((Compensation{DenominatorCompensation::none, lambda, false}.validate()),
-                  "compensation.lambda", "a finite value >= 0");
+  REQUIRE_INVALID(top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), top_k),
+                  "options.compensation.lambda", "a finite value >= 0");
+  REQUIRE_INVALID((Compensation{DenominatorCompensation::none, lambda, false}.validate()), "compensation.lambda",
+                  "a finite value >= 0");
 }
 
-TEST_CASE(
-    "denominator compensation with the probability space throws naming options.compensation.denominator",
-    "[bad_input]") {
-  const DenominatorCompensation mode =
-      GENERATE(DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
-               DenominatorCompensation::calibrated);
+TEST_CASE("denominator compensation with the probability space throws naming options.compensation.denominator",
+          "[bad_input]") {
+  const DenominatorCompensation mode = GENERATE(DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+                                                DenominatorCompensation::calibrated);
   INFO(to_string(mode));
   Problem<float> problem(4, 6, 4, 2, 8, 1);
-  const auto table =
-      LayerThresholds::uniform(2, ThresholdSpace::probability, {0.1, 0.1, 0.1, 0.1}, {1, 1, 1, 1});
+  const auto table = LayerThresholds::uniform(2, ThresholdSpace::probability, {0.1, 0.1, 0.1, 0.1}, {1, 1, 1, 1});
   TopThetaOptions options;
   options.compensation = {mode, 1.0, true};
-  REQUIRE_INVALID(top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                      table, options),
-                  "options.compensation.denominator", std::string("got ") + to_string(mode));
+  REQUIRE_INVALID(
+      top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options),
+      "options.compensation.denominator", std::string("got ") + to_string(mode));
 }
 
-TEST_CASE("calibrated compensation without calibrated denominator terms throws naming the table",
-          "[bad_input]") {
+TEST_CASE("calibrated compensation without calibrated denominator terms throws naming the table", "[bad_input]") {
   Problem<float> problem(4, 6, 4, 2, 8, 1);
   const auto no_terms = LayerThresholds::uniform(2, ThresholdSpace::raw_score, {0, 0, 0, 0});
   TopThetaOptions top_theta;
   top_theta.compensation.denominator = DenominatorCompensation::calibrated;
-  REQUIRE_INVALID(top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                      no_terms, top_theta),
-                  "thresholds", "calibrated denominator terms");
+  REQUIRE_INVALID(
+      top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), no_terms, top_theta),
+      "thresholds", "calibrated denominator terms");
 
   TopKOptions top_k;
   top_k.k = 2;
   top_k.compensation.denominator = DenominatorCompensation::calibrated;
-  REQUIRE_INVALID(
-      top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), top_k),
-      "options.thresholds", "calibrated denominator terms");
+  REQUIRE_INVALID(top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), top_k),
+                  "options.thresholds", "calibrated denominator terms");
   top_k.thresholds = &no_terms;
-  REQUIRE_INVALID(
-      top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), top_k),
-      "options.thresholds", "calibrated denominator terms");
+  REQUIRE_INVALID(top_k_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), top_k),
+                  "options.thresholds", "calibrated denominator terms");
 }
 
 TEST_CASE("KvCache rejects appends beyond its capacity, of the wrong shape, or with unequal K and V tokens",
           "[bad_input][kv_cache]") {
   KvCache<float> cache(2, 8, 4);
   std::vector<float> keys(5 * 2 * 8, 1.0f), values(5 * 2 * 8, 2.0f);
-  REQUIRE_INVALID(cache.append(TensorView<const float>(keys.data(), 5, 2, 8),
-                               TensorView<const float>(values.data(), 5, 2, 8)),
-                  "keys.tokens", "at most 4 (free capacity)");
-  REQUIRE_NOTHROW(cache.append(TensorView<const float>(keys.data(), 3, 2, 8),
-                               TensorView<const float>(values.data(), 3, 2, 8)));
-  REQUIRE_INVALID(cache.append(TensorView<const float>(keys.data(), 2, 2, 8),
-                               TensorView<const float>(values.data(), 2, 2, 8)),
-                  "keys.tokens", "at most 1 (free capacity)");
-  REQUIRE_INVALID(cache.append(TensorView<const float>(keys.data(), 1, 1, 8),
-                               TensorView<const float>(values.data(), 1, 1, 8)),
-                  "keys", "[tokens, 2, 8] like the cache");
-  REQUIRE_INVALID(cache.append(TensorView<const float>(keys.data(), 1, 2, 4),
-                               TensorView<const float>(values.data(), 1, 2, 4)),
-                  "keys", "[tokens, 2, 8] like the cache");
-  REQUIRE_INVALID(cache.append(TensorView<const float>(keys.data(), 1, 2, 8),
-                               TensorView<const float>(values.data(), 1, 1, 8)),
-                  "values", "the shape of keys, [1, 2, 8]");
-  REQUIRE_INVALID(cache.append(TensorView<const float>(keys.data(), 1, 2, 8),
-                               TensorView<const float>(values.data(), 2, 2, 8)),
-                  "values", "the shape of keys, [1, 2, 8]");
+  REQUIRE_INVALID(
+      cache.append(TensorView<const float>(keys.data(), 5, 2, 8), TensorView<const float>(values.data(), 5, 2, 8)),
+      "keys.tokens", "at most 4 (free capacity)");
+  REQUIRE_NOTHROW(
+      cache.append(TensorView<const float>(keys.data(), 3, 2, 8), TensorView<const float>(values.data(), 3, 2, 8)));
+  REQUIRE_INVALID(
+      cache.append(TensorView<const float>(keys.data(), 2, 2, 8), TensorView<const float>(values.data(), 2, 2, 8)),
+      "keys.tokens", "at most 1 (free capacity)");
+  REQUIRE_INVALID(
+      cache.append(TensorView<const float>(keys.data(), 1, 1, 8), TensorView<const float>(values.data(), 1, 1, 8)),
+      "keys", "[tokens, 2, 8] like the cache");
+  REQUIRE_INVALID(
+      cache.append(TensorView<const float>(keys.data(), 1, 2, 4), TensorView<const float>(values.data(), 1, 2, 4)),
+      "keys", "[tokens, 2, 8] like the cache");
+  REQUIRE_INVALID(
+      cache.append(TensorView<const float>(keys.data(), 1, 2, 8), TensorView<const float>(values.data(), 1, 1, 8)),
+      "values", "the shape of keys, [1, 2, 8]");
+  REQUIRE_INVALID(
+      cache.append(TensorView<const float>(keys.data(), 1, 2, 8), TensorView<const float>(values.data(), 2, 2, 8)),
+      "values", "the shape of keys, [1, 2, 8]");
   CHECK(cache.length() == 3);  // failed appends change nothing
   REQUIRE_INVALID(KvCache<float>(0, 8, 4), "kv_heads", ">= 1");
   REQUIRE_INVALID(KvCache<float>(2, 0, 4), "head_dim", ">= 1");
   REQUIRE_INVALID(KvCache<float>(2, 8, 0), "capacity", ">= 1");
 }
 
-TEST_CASE("KvCache::value_sum_before accepts only the length or the latest append start",
-          "[bad_input][kv_cache]") {
+TEST_CASE("KvCache::value_sum_before accepts only the length or the latest append start", "[bad_input][kv_cache]") {
   KvCache<double> cache(1, 2, 8);
   std::vector<double> keys(8 * 2, 0.0), values(8 * 2);
   for (std::size_t t = 0; t < values.size(); ++t) values[t] = double(t);  // v_j = [2j, 2j + 1]
-  cache.append(TensorView<const double>(keys.data(), 3, 1, 2),
-               TensorView<const double>(values.data(), 3, 1, 2));
+  cache.append(TensorView<const double>(keys.data(), 3, 1, 2), TensorView<const double>(values.data(), 3, 1, 2));
   cache.append(TensorView<const double>(keys.data() + 6, 2, 1, 2),
                TensorView<const double>(values.data() + 6, 2, 1, 2));
   // Σ_{j<3} v_j = [0 + 2 + 4, 1 + 3 + 5]; Σ_{j<5} v_j = [0 + 2 + 4 + 6 + 8, 1 + 3 + 5 + 7 + 9].
@@ -384,16 +364,14 @@ TEST_CASE("thresholded_softmax rejects row lengths and query norms of the wrong 
   const TopThetaSelection selection(table, {}, false, Passes::automatic);
   ScoreRows rows;
   rows.lengths = {4, 4};
-  REQUIRE_INVALID(thresholded_softmax(scores, selection, rows), "rows.lengths",
-                  "one length per score row (3)");
+  REQUIRE_INVALID(thresholded_softmax(scores, selection, rows), "rows.lengths", "one length per score row (3)");
   rows.lengths = {4, 0, 4};
   REQUIRE_INVALID(thresholded_softmax(scores, selection, rows), "rows.lengths[1]", "a length in [1, 4]");
   rows.lengths = {4, 4, 5};
   REQUIRE_INVALID(thresholded_softmax(scores, selection, rows), "rows.lengths[2]", "a length in [1, 4]");
   rows.lengths.clear();
   rows.query_norms = {1.0, 1.0, 1.0, 1.0};
-  REQUIRE_INVALID(thresholded_softmax(scores, selection, rows), "rows.query_norms",
-                  "one norm per score row (3)");
+  REQUIRE_INVALID(thresholded_softmax(scores, selection, rows), "rows.query_norms", "one norm per score row (3)");
 
   const auto over_norm = LayerThresholds::uniform(1, ThresholdSpace::score_over_query_norm, {0.5});
   const TopThetaSelection needs_norms(over_norm, {}, false, Passes::automatic);
@@ -404,8 +382,7 @@ TEST_CASE("thresholded_softmax rejects row lengths and query norms of the wrong 
   REQUIRE_NOTHROW(thresholded_softmax(scores, needs_norms, with_norms));
 }
 
-TEST_CASE("thresholded_softmax rejects a query head the threshold table does not have",
-          "[bad_input]") {
+TEST_CASE("thresholded_softmax rejects a query head the threshold table does not have", "[bad_input]") {
   const Eigen::MatrixXd scores = Eigen::MatrixXd::Zero(2, 4);
   const auto table = LayerThresholds::uniform(1, ThresholdSpace::raw_score, {0.5});
   const TopThetaSelection selection(table, {}, false, Passes::automatic);
@@ -416,9 +393,8 @@ TEST_CASE("thresholded_softmax rejects a query head the threshold table does not
   REQUIRE_INVALID(thresholded_softmax(scores, selection, rows), "rows.query_head", "1");
 }
 
-TEST_CASE(
-    "threshold_space_from_string parses every space name and rejects any other text naming the argument",
-    "[bad_input]") {
+TEST_CASE("threshold_space_from_string parses every space name and rejects any other text naming the argument",
+          "[bad_input]") {
   for (auto space : {ThresholdSpace::raw_score, ThresholdSpace::probability, ThresholdSpace::score_minus_max,
                      ThresholdSpace::score_over_query_norm})
     CHECK(threshold_space_from_string(to_string(space)) == space);
@@ -430,9 +406,8 @@ TEST_CASE(
 
 // ---- large and all-equal scores ----
 
-TEMPLATE_TEST_CASE(
-    "scores of ±1e4 give finite outputs bounded by the V rows for every kernel and compensation",
-    "[bad_input][numerics]", float, double) {
+TEMPLATE_TEST_CASE("scores of ±1e4 give finite outputs bounded by the V rows for every kernel and compensation",
+                   "[bad_input][numerics]", float, double) {
   // Normal q and k, scale chosen so the largest |a_ij| is 1e4: rows spread over ±1e4, so exp(a - m)
   // underflows for most keys and θ in score units sits far from m.
   Problem<TestType> problem(24, 24, 4, 2, 16, 29);
@@ -444,8 +419,7 @@ TEMPLATE_TEST_CASE(
   INFO(type_name<TestType>());
   {
     INFO("dense");
-    dense_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                 attention);
+    dense_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), attention);
     check_finite_and_bounded(problem);
   }
 
@@ -469,17 +443,16 @@ TEMPLATE_TEST_CASE(
     for (const double theta : thresholds.levels)
       for (const auto mode : modes)
         for (const bool v_mean : {false, true}) {
-          if (thresholds.space == ThresholdSpace::probability && mode != DenominatorCompensation::none)
-            continue;
+          if (thresholds.space == ThresholdSpace::probability && mode != DenominatorCompensation::none) continue;
           const auto table = LayerThresholds::uniform(3, thresholds.space, std::vector<double>(4, theta));
           TopThetaOptions options;
           options.attention = attention;
           options.compensation = {mode, 1.0, v_mean};
           AttentionStats stats;
-          top_theta_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(),
-                                           problem.output(), table, options, &stats);
-          INFO("Top-θ " << to_string(thresholds.space) << " θ " << theta << " " << to_string(mode)
-                        << " v_mean " << v_mean << " kept fraction " << stats.kept_fraction());
+          top_theta_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                           options, &stats);
+          INFO("Top-θ " << to_string(thresholds.space) << " θ " << theta << " " << to_string(mode) << " v_mean "
+                        << v_mean << " kept fraction " << stats.kept_fraction());
           check_finite_and_bounded(problem);
         }
 
@@ -489,22 +462,19 @@ TEMPLATE_TEST_CASE(
       options.attention = attention;
       options.k = 3;
       options.compensation = {mode, 1.0, v_mean};
-      top_k_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   options);
+      top_k_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options);
       INFO("top-k " << to_string(mode) << " v_mean " << v_mean);
       check_finite_and_bounded(problem);
     }
 }
 
-TEMPLATE_TEST_CASE(
-    "cap_k with scores of ±1e4 gives a finite output (the kept keys are far below the row max)",
-    "[bad_input][numerics]", float, double) {
+TEMPLATE_TEST_CASE("cap_k with scores of ±1e4 gives a finite output (the kept keys are far below the row max)",
+                   "[bad_input][numerics]", float, double) {
   // One head, head_dim 1, scale 1, q = [1], keys a = {1e4, -1e4, -1e4}, θ = -2e4, k = 1, cap_k: all three
   // survive, the cap keeps the largest position {2}. With no denominator compensation design.md §1 step 5
   // gives p_2 = e^(a_2 - m) / e^(a_2 - m) = 1, so o = v_2; with exact compensation p_2 = e^-2e4 / (e^-2e4 + 1
   // + e^-2e4), i.e. o = 0 (+ vbar under V-mean compensation).
-  const DenominatorCompensation mode =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact);
+  const DenominatorCompensation mode = GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact);
   Problem<TestType> problem(1, 3, 1, 1, 1, 1);
   problem.q = {TestType(1)};
   problem.k = {TestType(1e4), TestType(-1e4), TestType(-1e4)};
@@ -547,13 +517,11 @@ TEMPLATE_TEST_CASE("all-equal score rows: dense attention outputs the mean of th
   Problem<TestType> problem(20, 20, 4, 2, 16, 31);
   for (Index j = 0; j < 20; ++j)
     for (Index d = 0; d < 16 * 2; ++d) problem.k[std::size_t(j * 32 + d)] = TestType(d % 16 == 0 ? 1 : 0);
-  for (Index i = 0; i < 20 * 4; ++i)
-    problem.q[std::size_t(i * 16)] = TestType(i % 2 == 0 ? magnitude : -magnitude);
+  for (Index i = 0; i < 20 * 4; ++i) problem.q[std::size_t(i * 16)] = TestType(i % 2 == 0 ? magnitude : -magnitude);
   AttentionOptions attention;
   attention.causal = causal;
   attention.scale = 1.0;
-  dense_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                               attention);
+  dense_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), attention);
 
   Eigen::MatrixXd expected(20, 4 * 16);
   for (Index i = 0; i < 20; ++i) {
@@ -579,14 +547,13 @@ TEMPLATE_TEST_CASE("all-equal score rows give finite Top-θ and top-k outputs: a
   // keeps only the max-score key with the largest position, L - 1 (o = v_{L-1}, or P v_{L-1} = v_{L-1} / L
   // post-softmax); top-k keeps the k largest positions.
   const double magnitude = GENERATE(1.0, 1e4);
-  const DenominatorCompensation mode = GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-                                                DenominatorCompensation::exp_threshold);
+  const DenominatorCompensation mode =
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold);
   const bool v_mean = GENERATE(false, true);
   Problem<TestType> problem(20, 20, 2, 1, 8, 37);
   for (Index j = 0; j < 20; ++j)
     for (Index d = 0; d < 8; ++d) problem.k[std::size_t(j * 8 + d)] = TestType(d == 0 ? 1 : 0);
-  for (Index i = 0; i < 20 * 2; ++i)
-    problem.q[std::size_t(i * 8)] = TestType(i % 2 == 0 ? magnitude : -magnitude);
+  for (Index i = 0; i < 20 * 2; ++i) problem.q[std::size_t(i * 8)] = TestType(i % 2 == 0 ? magnitude : -magnitude);
   const Index k = 3;
   auto value = [&](Index j, Index d) { return double(problem.v[std::size_t(j * 8 + d)]); };
   auto check_rows = [&](const std::function<double(Index L, Index d)>& expected) {
@@ -617,8 +584,8 @@ TEMPLATE_TEST_CASE("all-equal score rows give finite Top-θ and top-k outputs: a
       TopThetaOptions options;
       options.attention.scale = 1.0;
       options.compensation = {mode, 1.0, v_mean};
-      top_theta_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                       table, options);
+      top_theta_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                       options);
       INFO("keep all " << keep_all);
       check_rows([&](Index L, Index d) {
         if (keep_all || L <= k) return mean_of(0, L, d);
@@ -633,15 +600,14 @@ TEMPLATE_TEST_CASE("all-equal score rows give finite Top-θ and top-k outputs: a
     TopThetaOptions options;
     options.attention.scale = 1.0;
     options.compensation = {mode, 1.0, v_mean};
-    top_theta_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                     table, options);
+    top_theta_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                     options);
     REQUIRE(problem.output_matrix().allFinite());
   }
   TopKOptions options;
   options.attention.scale = 1.0;
   options.k = k;
   options.compensation = {mode, 1.0, v_mean};
-  top_k_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                               options);
+  top_k_attention<Tiles<8, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options);
   check_rows([&](Index L, Index d) { return mean_of(std::max(Index(0), L - k), L, d); });
 }

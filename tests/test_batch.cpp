@@ -67,13 +67,20 @@ const Kind every_kind[] = {Kind::dense,
                            Kind::top_theta_raw_pruned_mean};
 const char* name(Kind kind) {
   switch (kind) {
-    case Kind::dense: return "dense";
-    case Kind::top_k: return "top_k";
-    case Kind::top_theta_probability: return "top_theta probability, V mean";
-    case Kind::top_theta_raw: return "top_theta raw_score";
-    case Kind::top_theta_two_pass: return "top_theta probability, two passes";
-    case Kind::top_theta_probability_pruned_mean: return "top_theta probability, V mean of the pruned rows";
-    case Kind::top_theta_raw_pruned_mean: return "top_theta raw_score, V mean of the pruned rows";
+    case Kind::dense:
+      return "dense";
+    case Kind::top_k:
+      return "top_k";
+    case Kind::top_theta_probability:
+      return "top_theta probability, V mean";
+    case Kind::top_theta_raw:
+      return "top_theta raw_score";
+    case Kind::top_theta_two_pass:
+      return "top_theta probability, two passes";
+    case Kind::top_theta_probability_pruned_mean:
+      return "top_theta probability, V mean of the pruned rows";
+    case Kind::top_theta_raw_pruned_mean:
+      return "top_theta raw_score, V mean of the pruned rows";
   }
   return "";
 }
@@ -140,13 +147,12 @@ bool same_stats(const AttentionStats& a, const AttentionStats& b) {
 
 // float only: batching changes which items run together, not how a call computes (the single-call tests cover
 // the stored types), and every further type costs CI a full instantiation of the kernels.
-TEMPLATE_TEST_CASE("a batched call gives every sequence its own call's output and statistics, bit for bit",
-                   "[batch]", float) {
+TEMPLATE_TEST_CASE("a batched call gives every sequence its own call's output and statistics, bit for bit", "[batch]",
+                   float) {
   const Kind kind = GENERATE(from_range(std::begin(every_kind), std::end(every_kind)));
   const int threads = GENERATE(1, 2, 3);
   const bool prefix_sums = GENERATE(false, true);
-  INFO(name(kind) << ", " << type_name<TestType>() << ", " << threads << " threads, V prefix sums "
-                  << prefix_sums);
+  INFO(name(kind) << ", " << type_name<TestType>() << ", " << threads << " threads, V prefix sums " << prefix_sums);
   const Index q_heads = 6, kv_heads = 2, dim = 24;
   Batch<TestType> batched(q_heads, kv_heads, dim, 17), alone(q_heads, kv_heads, dim, 17);
   std::vector<AttentionStats> batched_stats, alone_stats;
@@ -162,8 +168,7 @@ TEMPLATE_TEST_CASE("a batched call gives every sequence its own call's output an
   CHECK(batched_stats[4].rows == std::uint64_t(70 * q_heads));
 }
 
-TEST_CASE("a batch of many decode steps, some collecting statistics and some not, gives each its own bits",
-          "[batch]") {
+TEST_CASE("a batch of many decode steps, some collecting statistics and some not, gives each its own bits", "[batch]") {
   // 24 sequences of 700 keys: 3 key ranges each, so the first calls fill a group of work items whose merges run
   // while the later calls' ranges start, on blocks the merges gave back.
   const Kind kind = GENERATE(Kind::top_theta_probability, Kind::top_theta_raw_pruned_mean);

@@ -23,7 +23,7 @@ const ThresholdSpace all_spaces[] = {ThresholdSpace::raw_score, ThresholdSpace::
 /// `scores[h]` is query row `rows[r]`, of length `rows[r] + 1`.
 struct SampledRows {
   std::vector<Index> rows, lengths;
-  std::vector<RowMatrixF> scores;               ///< per query head
+  std::vector<RowMatrixF> scores;                ///< per query head
   std::vector<std::vector<double>> query_norms;  ///< per query head, per row
 
   SampledRows(const SyntheticAttention<float>& layer, Index first, Index stride) {
@@ -54,8 +54,7 @@ struct SurvivorCounts {
   std::vector<std::vector<double>> kept, rows;  ///< per table, per head
 
   SurvivorCounts(std::vector<const ThresholdTable*> tables_, Index heads)
-      : tables(std::move(tables_)), kept(tables.size(), std::vector<double>(std::size_t(heads))),
-        rows(kept) {}
+      : tables(std::move(tables_)), kept(tables.size(), std::vector<double>(std::size_t(heads))), rows(kept) {}
 
   void add(const SampledRows& data) {
     const ThresholdSpace space = tables.front()->space();
@@ -66,9 +65,15 @@ struct SurvivorCounts {
         const Eigen::ArrayXd row = data.scores[h].row(Index(r)).head(length).cast<double>().transpose();
         const double max = row.maxCoeff();
         switch (space) {
-          case ThresholdSpace::raw_score: values = row; break;
-          case ThresholdSpace::score_minus_max: values = row - max; break;
-          case ThresholdSpace::score_over_query_norm: values = row / data.query_norms[h][r]; break;
+          case ThresholdSpace::raw_score:
+            values = row;
+            break;
+          case ThresholdSpace::score_minus_max:
+            values = row - max;
+            break;
+          case ThresholdSpace::score_over_query_norm:
+            values = row / data.query_norms[h][r];
+            break;
           case ThresholdSpace::probability:
             values = (row - max).exp();
             values /= values.sum();
@@ -122,8 +127,7 @@ TEST_CASE("count-matched thresholds keep k ± 10 % per head on held-out syntheti
     const SampledRows data(SyntheticAttention<float>(shape), Index(s) % stride, stride);
     for (Calibrator& calibrator : calibrators)
       for (Index h = 0; h < shape.q_heads; ++h)
-        calibrator.observe_rows(0, h, data.scores[std::size_t(h)], data.lengths,
-                                data.query_norms[std::size_t(h)]);
+        calibrator.observe_rows(0, h, data.scores[std::size_t(h)], data.lengths, data.query_norms[std::size_t(h)]);
   }
 
   std::vector<ThresholdTable> by_mean, by_count;  // per (k, space)
@@ -136,9 +140,9 @@ TEST_CASE("count-matched thresholds keep k ± 10 % per head on held-out syntheti
   std::vector<SurvivorCounts> counts;  // per space: tables k = 16 mean, k = 16 count, k = 64 mean, k = 64 count
   const std::size_t spaces = std::size(all_spaces);
   for (std::size_t sp = 0; sp < spaces; ++sp)
-    counts.emplace_back(std::vector<const ThresholdTable*>{&by_mean[sp], &by_count[sp], &by_mean[spaces + sp],
-                                                           &by_count[spaces + sp]},
-                        shape.q_heads);
+    counts.emplace_back(
+        std::vector<const ThresholdTable*>{&by_mean[sp], &by_count[sp], &by_mean[spaces + sp], &by_count[spaces + sp]},
+        shape.q_heads);
   for (int s = 0; s < evaluation_sequences; ++s) {
     shape.seed = unsigned(500000 + s);
     const SampledRows data(SyntheticAttention<float>(shape), (7 * Index(s) + 3) % stride, stride);

@@ -46,10 +46,14 @@ struct RandomRows {
 double value_in(ThresholdSpace space, double a, const Eigen::VectorXd& row, double norm) {
   const double max = row.maxCoeff(), sum = (row.array() - max).exp().sum();
   switch (space) {
-    case ThresholdSpace::raw_score: return a;
-    case ThresholdSpace::probability: return std::exp(a - max) / sum;
-    case ThresholdSpace::score_minus_max: return a - max;
-    case ThresholdSpace::score_over_query_norm: return a / norm;
+    case ThresholdSpace::raw_score:
+      return a;
+    case ThresholdSpace::probability:
+      return std::exp(a - max) / sum;
+    case ThresholdSpace::score_minus_max:
+      return a - max;
+    case ThresholdSpace::score_over_query_norm:
+      return a / norm;
   }
   return a;
 }
@@ -102,8 +106,7 @@ bool same_table(const ThresholdTable& a, const ThresholdTable& b, double relativ
     if (x.has_denominator_terms() != y.has_denominator_terms()) return false;
     if (x.has_denominator_terms()) {
       const double term_scale = std::max(1e-300, y.denominator_terms().cwiseAbs().maxCoeff());
-      if ((x.denominator_terms() - y.denominator_terms()).cwiseAbs().maxCoeff() > relative * term_scale)
-        return false;
+      if ((x.denominator_terms() - y.denominator_terms()).cwiseAbs().maxCoeff() > relative * term_scale) return false;
     }
   }
   return true;
@@ -128,8 +131,7 @@ TEST_CASE("length buckets: exact lengths up to the limit, then log-linear bucket
     const Index representative = buckets.representative(b);
     REQUIRE(representative >= buckets.first_length(b));
     REQUIRE(representative <= buckets.last_length(b));
-    if (b >= 64)
-      REQUIRE(double(buckets.last_length(b) + 1) <= (1 + 1.0 / 16) * double(buckets.first_length(b)) + 1e-9);
+    if (b >= 64) REQUIRE(double(buckets.last_length(b) + 1) <= (1 + 1.0 / 16) * double(buckets.first_length(b)) + 1e-9);
   }
   CHECK(buckets.first_length(64) == 65);
   // Bounded: 64 exact lengths plus 16 buckets per doubling (2^e starts a new doubling).
@@ -213,8 +215,7 @@ TEST_CASE("long rows (sampled selection floor) contribute their exact (k+1)-th l
       const Eigen::VectorXf row_float = row.cast<float>();
       floats.observe_row(0, 0, row_float.data(), length, rows.norms[r]);
       const auto [threshold, term] = sample_threshold(space, row, rows.norms[r], k);
-      const auto [threshold_float, term_float] =
-          sample_threshold(space, row_float.cast<double>(), rows.norms[r], k);
+      const auto [threshold_float, term_float] = sample_threshold(space, row_float.cast<double>(), rows.norms[r], k);
       INFO(to_string(space) << ", k " << k << ", length " << length);
       const BucketStatistics d = doubles.statistics(0, 0, exact.bucket(length));
       const BucketStatistics f = floats.statistics(0, 0, exact.bucket(length));
@@ -321,8 +322,7 @@ TEST_CASE("a tie of the top k+1 scores cuts every element, and C_i leaves out th
   CHECK(statistics.denominator_mean == Approx(2 + std::exp(-2.0) + std::exp(-3.0) + std::exp(-4.0)).epsilon(1e-14));
 }
 
-TEST_CASE("observing a block of rows equals observing them one by one, for float and double scores",
-          "[calibration]") {
+TEST_CASE("observing a block of rows equals observing them one by one, for float and double scores", "[calibration]") {
   const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_over_query_norm);
   const Index k = 4;
   const Index rows = 50, columns = 70;
@@ -386,7 +386,7 @@ TEST_CASE("two calibrators fed disjoint rows, merged, give the table of one cali
       INFO(to_string(method) << ", denominator terms " << int(terms));
       CHECK(same_table(got, expected, 1e-12));
       for (Index l = 0; l < 2; ++l) CHECK(got.samples(l) == expected.samples(l));  // bitwise
-      if (method == CalibrationMethod::count_matched)  // from exact histogram counts
+      if (method == CalibrationMethod::count_matched)                              // from exact histogram counts
         for (Index l = 0; l < 2; ++l) CHECK(got.layer(l).theta() == expected.layer(l).theta());
     }
 }
@@ -547,8 +547,10 @@ TEST_CASE("mass-matched thresholds leave out the target mass on average, keeping
     for (const Eigen::VectorXd& row : rows[head])
       for (Index j = 0; j < row.size(); ++j) {
         const double p = value_in(ThresholdSpace::probability, row(j), row, 0);
-        if (p <= theta) pruned += p;
-        else kept += 1;
+        if (p <= theta)
+          pruned += p;
+        else
+          kept += 1;
       }
     const double mean_pruned = pruned / double(rows[head].size());
     mean_kept[head] = kept / double(rows[head].size());
@@ -619,9 +621,10 @@ TEST_CASE("a budget-matched layer spends its k per row where the probabilities a
   CHECK(thresholds_from_json(thresholds_to_json(table)).method() == CalibrationMethod::budget_matched);
 }
 
-TEST_CASE("budget-matched thresholds keep k per row over a layer's heads and lengths, leaving out less mass than "
-          "count-matched ones",
-          "[calibration][budget_matched]") {
+TEST_CASE(
+    "budget-matched thresholds keep k per row over a layer's heads and lengths, leaving out less mass than "
+    "count-matched ones",
+    "[calibration][budget_matched]") {
   // Head 0 sees flat rows, head 1 peaked ones, of lengths 64..511 in several buckets. Survivors and pruned
   // masses are counted exactly from the rows at each table's θ.
   const Index k = 8;
@@ -643,8 +646,10 @@ TEST_CASE("budget-matched thresholds keep k per row over a layer's heads and len
       const double row_theta = table.layer(0).lookup(head, row.size()).theta;
       for (Index j = 0; j < row.size(); ++j) {
         const double p = value_in(ThresholdSpace::probability, row(j), row, 0);
-        if (p > row_theta) kept += 1;
-        else pruned += p;
+        if (p > row_theta)
+          kept += 1;
+        else
+          pruned += p;
       }
     }
     return std::pair<double, double>(kept, pruned);
@@ -748,9 +753,15 @@ TEST_CASE("histogram keys are monotone and equal for a float and its double", "[
     const detail::HistogramGrid grid{6, min_exponent, 24};
     const detail::HistogramKeys key(grid);
     REQUIRE(detail::HistogramKeys::float_exact(grid));
-    std::vector<float> values = {0.0f, -0.0f, 1e-45f, -1e-45f, std::ldexp(1.0f, min_exponent),
-                                 -std::ldexp(1.0f, min_exponent), std::nextafter(std::ldexp(1.0f, min_exponent), 0.0f),
-                                 std::numeric_limits<float>::max(), std::numeric_limits<float>::lowest()};
+    std::vector<float> values = {0.0f,
+                                 -0.0f,
+                                 1e-45f,
+                                 -1e-45f,
+                                 std::ldexp(1.0f, min_exponent),
+                                 -std::ldexp(1.0f, min_exponent),
+                                 std::nextafter(std::ldexp(1.0f, min_exponent), 0.0f),
+                                 std::numeric_limits<float>::max(),
+                                 std::numeric_limits<float>::lowest()};
     while (values.size() < 20000) {
       const std::uint32_t pattern = bits(rng);
       float value;

@@ -66,8 +66,8 @@ double table_difference(const ThresholdTable& a, const ThresholdTable& b) {
 
 TEST_CASE("calibrator state: merged through bytes equals merged in one process, bit for bit", "[calibration][state]") {
   for (ThresholdSpace space : {ThresholdSpace::raw_score, ThresholdSpace::probability}) {
-    const CalibrationMethod histogram_method = space == ThresholdSpace::probability ? CalibrationMethod::budget_matched
-                                                                                    : CalibrationMethod::count_matched;
+    const CalibrationMethod histogram_method =
+        space == ThresholdSpace::probability ? CalibrationMethod::budget_matched : CalibrationMethod::count_matched;
     for (CalibrationMethod method : {CalibrationMethod::mean_of_thresholds, histogram_method}) {
       INFO(to_string(space) << ", " << to_string(method));
       CalibratorOptions options = state_options(space);

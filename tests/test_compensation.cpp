@@ -51,11 +51,11 @@ double abs_tolerance() {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("each softmax-denominator compensation of raw-score Top-θ matches its formula",
-                   "[compensation]", float, double) {
+TEMPLATE_TEST_CASE("each softmax-denominator compensation of raw-score Top-θ matches its formula", "[compensation]",
+                   float, double) {
   const DenominatorCompensation mode =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-               DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+               DenominatorCompensation::calibrated);
   const double lambda = GENERATE(0.5, 1.0);
   const bool v_mean = GENERATE(false, true);
   const Passes passes = GENERATE(Passes::one, Passes::two);
@@ -84,11 +84,10 @@ TEMPLATE_TEST_CASE("each softmax-denominator compensation of raw-score Top-θ ma
   options.compensation = {mode, lambda, v_mean};
   options.passes = passes;
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
 
-  INFO(type_name<TestType>() << " " << to_string(mode) << " lambda " << lambda << " v_mean " << v_mean
-                             << " passes " << (passes == Passes::one ? "one" : "two"));
+  INFO(type_name<TestType>() << " " << to_string(mode) << " lambda " << lambda << " v_mean " << v_mean << " passes "
+                             << (passes == Passes::one ? "one" : "two"));
   CHECK(first_output(problem) == Approx(expected).margin(abs_tolerance<TestType>()).epsilon(0));
   CHECK(stats.elements_kept == std::vector<std::uint64_t>{2});
   CHECK(stats.v_rows_kept == std::vector<std::uint64_t>{2});
@@ -99,8 +98,8 @@ TEMPLATE_TEST_CASE("the exp-threshold compensation converts θ back to score uni
   // score_minus_max: a - m > θ = -1.2  ⇔  a > 1.8, C = 2 e^((m + θ) - m).
   // score_over_query_norm: q = [2], scale 0.5 (so a_j = j again), ||q|| = 2, a / ||q|| > θ = 0.8  ⇔  a > 1.6,
   //   C = 2 e^(θ ||q|| - m).
-  const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_minus_max,
-                                        ThresholdSpace::score_over_query_norm);
+  const ThresholdSpace space =
+      GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_minus_max, ThresholdSpace::score_over_query_norm);
   const bool v_mean = GENERATE(false, true);
   double theta = 0, query = 1, scale = 1, C = 0;
   switch (space) {
@@ -127,12 +126,10 @@ TEMPLATE_TEST_CASE("the exp-threshold compensation converts θ back to score uni
   options.attention = decode_placement(scale);
   options.compensation = {DenominatorCompensation::exp_threshold, 1.0, v_mean};
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
   INFO(type_name<TestType>() << " " << to_string(space) << " v_mean " << v_mean);
   CHECK(stats.elements_kept == std::vector<std::uint64_t>{2});
-  CHECK(first_output(problem) ==
-        Approx(kept_23_output(C, 1.0, v_mean)).margin(abs_tolerance<TestType>()).epsilon(0));
+  CHECK(first_output(problem) == Approx(kept_23_output(C, 1.0, v_mean)).margin(abs_tolerance<TestType>()).epsilon(0));
 }
 
 TEMPLATE_TEST_CASE("compensation of an empty row: the max-score key is kept and the others are compensated",
@@ -140,8 +137,8 @@ TEMPLATE_TEST_CASE("compensation of an empty row: the max-score key is kept and 
   // θ = 3.5 is above every score: S = {3} (never empty), D = 1; exact C = e^-3 + e^-2 + e^-1;
   // exp-threshold C = 3 e^(3.5 - 3) > the pruned mass, since θ lies above the max.
   const DenominatorCompensation mode =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-               DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+               DenominatorCompensation::calibrated);
   const bool v_mean = GENERATE(false, true);
   double C = 0;
   switch (mode) {
@@ -168,19 +165,18 @@ TEMPLATE_TEST_CASE("compensation of an empty row: the max-score key is kept and 
   options.attention = decode_placement();
   options.compensation = {mode, lambda, v_mean};
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
   INFO(type_name<TestType>() << " " << to_string(mode) << " v_mean " << v_mean);
   CHECK(stats.empty_rows == 1);
   CHECK(first_output(problem) == Approx(expected).margin(abs_tolerance<TestType>()).epsilon(0));
 }
 
-TEMPLATE_TEST_CASE("a dense row (L <= k) is plain softmax attention whatever the compensation",
-                   "[compensation]", float, double) {
+TEMPLATE_TEST_CASE("a dense row (L <= k) is plain softmax attention whatever the compensation", "[compensation]", float,
+                   double) {
   // Nothing is pruned, so every compensation term is 0 and V-mean compensation adds nothing.
   const DenominatorCompensation mode =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-               DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+               DenominatorCompensation::calibrated);
   const bool v_mean = GENERATE(false, true);
   const double Z = std::exp(-3.0) + std::exp(-2.0) + std::exp(-1.0) + 1.0;
   const double expected = (std::exp(-3.0) * w[0] + std::exp(-2.0) * w[1] + std::exp(-1.0) * w[2] + w[3]) / Z;
@@ -190,15 +186,14 @@ TEMPLATE_TEST_CASE("a dense row (L <= k) is plain softmax attention whatever the
   options.attention = decode_placement();
   options.compensation = {mode, 1.0, v_mean};
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
   INFO(type_name<TestType>() << " " << to_string(mode) << " v_mean " << v_mean);
   CHECK(stats.dense_rows == 1);
   CHECK(first_output(problem) == Approx(expected).margin(abs_tolerance<TestType>()).epsilon(0));
 }
 
-TEMPLATE_TEST_CASE("post-softmax Top-θ keeps the full softmax probabilities without renormalising",
-                   "[compensation]", float, double) {
+TEMPLATE_TEST_CASE("post-softmax Top-θ keeps the full softmax probabilities without renormalising", "[compensation]",
+                   float, double) {
   // P_j = e^(a_j - 3) / Z: P = {0.032, 0.087, 0.237, 0.644}; θ = 0.15 keeps S = {2, 3}.
   const bool v_mean = GENERATE(false, true);
   const Passes passes = GENERATE(Passes::automatic, Passes::two);
@@ -214,16 +209,14 @@ TEMPLATE_TEST_CASE("post-softmax Top-θ keeps the full softmax probabilities wit
   options.compensation.v_mean = v_mean;
   options.passes = passes;
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
   INFO(type_name<TestType>() << " v_mean " << v_mean);
   CHECK(stats.elements_kept == std::vector<std::uint64_t>{2});
   CHECK(first_output(problem) == Approx(expected).margin(abs_tolerance<TestType>()).epsilon(0));
 }
 
-TEMPLATE_TEST_CASE(
-    "post-softmax Top-θ of an empty row keeps the max-score key at its full softmax probability",
-    "[compensation]", float, double) {
+TEMPLATE_TEST_CASE("post-softmax Top-θ of an empty row keeps the max-score key at its full softmax probability",
+                   "[compensation]", float, double) {
   // θ = 0.9 is above every P_j: S = {3}, o = P_3 w_3 (+ (1 - P_3) vbar).
   const bool v_mean = GENERATE(false, true);
   const double Z = std::exp(-3.0) + std::exp(-2.0) + std::exp(-1.0) + 1.0;
@@ -239,13 +232,12 @@ TEMPLATE_TEST_CASE(
   CHECK(first_output(problem) == Approx(expected).margin(abs_tolerance<TestType>()).epsilon(0));
 }
 
-TEMPLATE_TEST_CASE(
-    "each compensation of top-k matches its formula; exp-threshold bounds by the (k+1)-th score",
-    "[compensation][top_k]", float, double) {
+TEMPLATE_TEST_CASE("each compensation of top-k matches its formula; exp-threshold bounds by the (k+1)-th score",
+                   "[compensation][top_k]", float, double) {
   // k = 2 keeps S = {2, 3}; the (k+1)-th largest score is a_1 = 1, so exp-threshold C = 2 e^(1 - 3).
   const DenominatorCompensation mode =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-               DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+               DenominatorCompensation::calibrated);
   const double lambda = GENERATE(0.5, 1.0);
   const bool v_mean = GENERATE(false, true);
   double C = 0;
@@ -283,8 +275,8 @@ TEMPLATE_TEST_CASE("V-mean compensation over the pruned rows gives the dropped m
   // S = {2, 3} prunes {0, 1}: their mean (w_0 + w_1) / 2 replaces vbar(4) = (w_0 + ... + w_3) / 4.
   const double pruned_mean = (w[0] + w[1]) / 2;
   SECTION("raw-score thresholds, every denominator compensation, one and two passes") {
-    const DenominatorCompensation mode = GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-                                                  DenominatorCompensation::exp_threshold);
+    const DenominatorCompensation mode =
+        GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold);
     const Passes passes = GENERATE(Passes::one, Passes::two);
     const double C = mode == DenominatorCompensation::none    ? 0
                      : mode == DenominatorCompensation::exact ? std::exp(-3.0) + std::exp(-2.0)
@@ -323,9 +315,8 @@ TEMPLATE_TEST_CASE("V-mean compensation over the pruned rows gives the dropped m
     options.compensation.v_mean = options.compensation.v_mean_of_pruned = true;
     top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(),
                         LayerThresholds::uniform(1, ThresholdSpace::probability, {0.9}), options);
-    CHECK(first_output(problem) == Approx(w[3] / Z + (1 - 1 / Z) * (w[0] + w[1] + w[2]) / 3)
-                                       .margin(abs_tolerance<TestType>())
-                                       .epsilon(0));
+    CHECK(first_output(problem) ==
+          Approx(w[3] / Z + (1 - 1 / Z) * (w[0] + w[1] + w[2]) / 3).margin(abs_tolerance<TestType>()).epsilon(0));
   }
   SECTION("top-k") {
     auto problem = decode_row<TestType>();
@@ -380,7 +371,6 @@ TEMPLATE_TEST_CASE("V-mean compensation uses the KV cache's V prefix sum like th
   options.compensation = {DenominatorCompensation::exp_threshold, 1.0, true};
   options.value_prefix_sum = cache.value_sum_before(3);
   top_theta_attention(problem.queries(), cache.keys(), cache.values(), problem.output(), table, options);
-  CHECK(first_output(problem) == Approx(kept_23_output(2 * std::exp(1.5 - 3.0), 1.0, true))
-                                     .margin(abs_tolerance<TestType>())
-                                     .epsilon(0));
+  CHECK(first_output(problem) ==
+        Approx(kept_23_output(2 * std::exp(1.5 - 3.0), 1.0, true)).margin(abs_tolerance<TestType>()).epsilon(0));
 }

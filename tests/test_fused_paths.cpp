@@ -81,14 +81,14 @@ TEMPLATE_TEST_CASE("row products equal the same sums in double, for every row an
   auto output_with_next = initial_output;
   detail::dot_rows(detail::RowBlock<const Acc>{queries.data(), dim}, rows, stored.data(), stride, count, dim,
                    detail::RowBlock<Acc>{scores_with_next.data(), count}, next);
-  detail::add_weighted_rows(detail::RowBlock<const Acc>{weights.data(), count}, rows, stored.data(), stride, count,
-                            dim, detail::RowBlock<Acc>{output_with_next.data(), dim}, next);
+  detail::add_weighted_rows(detail::RowBlock<const Acc>{weights.data(), count}, rows, stored.data(), stride, count, dim,
+                            detail::RowBlock<Acc>{output_with_next.data(), dim}, next);
   CHECK(scores_with_next == scores);
   CHECK(output_with_next == output);
 }
 
-TEMPLATE_TEST_CASE("gathered row products equal the same sums in double, for any picked rows", "[row_products]",
-                   float, double, Eigen::half, Eigen::bfloat16) {
+TEMPLATE_TEST_CASE("gathered row products equal the same sums in double, for any picked rows", "[row_products]", float,
+                   double, Eigen::half, Eigen::bfloat16) {
   using Acc = accumulator_t<TestType>;
   const Index dim = GENERATE(1, 7, 16, 40, 64, 80, 96, 128, 131, 256);
   const Index count = GENERATE(0, 1, 3, 9, 37);
@@ -100,8 +100,9 @@ TEMPLATE_TEST_CASE("gathered row products equal the same sums in double, for any
   auto output = random_values<Acc>(dim, 5);
   const std::vector<Acc> initial_output = output;
 
-  detail::add_gathered_rows(weights.data(), columns.data(), count,
-                            [&](std::int32_t column) { return stored.data() + column * stride; }, dim, output.data());
+  detail::add_gathered_rows(
+      weights.data(), columns.data(), count, [&](std::int32_t column) { return stored.data() + column * stride; }, dim,
+      output.data());
 
   const double epsilon = std::is_same_v<Acc, double> ? 1e-14 : 1e-5;
   INFO(type_name<TestType>() << " dim " << dim << " count " << count);
@@ -155,8 +156,8 @@ TEMPLATE_TEST_CASE("the max's position is the last position holding it", "[thres
   CHECK(detail::last_position_of(scores.data(), count, max) == expected);
 }
 
-TEMPLATE_TEST_CASE("the row's exp-sum is within 3e-7 of the exact sum, for spreads up to scores of ±1e4",
-                   "[exp_sum]", float, double) {
+TEMPLATE_TEST_CASE("the row's exp-sum is within 3e-7 of the exact sum, for spreads up to scores of ±1e4", "[exp_sum]",
+                   float, double) {
   // Every count up to 300 (whole vectors, tails), narrow and wide rows: terms near 1, and terms that underflow.
   const double spread = GENERATE(0.5, 3.0, 40.0, 1e4);
   double worst = 0;
@@ -260,8 +261,8 @@ TEMPLATE_TEST_CASE("split-key Top-θ decode equals the oracle on the explicitly 
   const auto table = LayerThresholds::uniform(k, space, thresholds);
   AttentionStats stats;
   const double error = top_theta_error_vs_oracle(problem, attention, table, denominator, stats);
-  INFO(type_name<TestType>() << " " << to_string(space) << " " << to_string(denominator) << " kept "
-                             << kept_fraction << " head_dim " << head_dim);
+  INFO(type_name<TestType>() << " " << to_string(space) << " " << to_string(denominator) << " kept " << kept_fraction
+                             << " head_dim " << head_dim);
   CHECK(error <= tolerance<TestType>());
   CHECK(stats.kept_fraction() < 1.0);
 }
@@ -284,8 +285,8 @@ TEST_CASE("split-key decode is identical for any thread count", "[decode][execut
   top_theta.attention = options;
   top_theta.compensation.v_mean = true;
   top_theta.cap_k = true;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, top_theta,
-                      nullptr, SerialExecutor{});
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, top_theta, nullptr,
+                      SerialExecutor{});
   const std::vector<Eigen::bfloat16> serial_top_theta = problem.out;
   for (int threads : {1, 2, 3}) {
     top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, top_theta,
@@ -300,8 +301,7 @@ TEMPLATE_TEST_CASE("prefill with the default tiles equals the oracle where few e
   // (L_i <= k) or many survivors that use a GEMM, and rows whose tile has no survivor.
   const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::score_over_query_norm,
                                         ThresholdSpace::probability, ThresholdSpace::score_minus_max);
-  const DenominatorCompensation denominator =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact);
+  const DenominatorCompensation denominator = GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact);
   if (space == ThresholdSpace::probability && denominator != DenominatorCompensation::none) return;  // invalid
   const double keep_fraction = GENERATE(0.03, 0.3);
   Problem<TestType> problem(300, 300, 8, 2, 128, 17, 1.5);

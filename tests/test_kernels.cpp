@@ -46,8 +46,7 @@ TEMPLATE_TEST_CASE("dense tiled attention equals the reference", "[dense]", floa
   CHECK(relative_error(problem.output_matrix(), expected) <= tolerance<TestType>());
 }
 
-TEST_CASE("dense attention with the default tiles and strided heads-major buffers equals the reference",
-          "[dense]") {
+TEST_CASE("dense attention with the default tiles and strided heads-major buffers equals the reference", "[dense]") {
   const bool heads_major = GENERATE(false, true);
   Problem<float> problem(300, 300, 8, 2, 128, 7, 1.0, heads_major);
   dense_attention(problem.queries(), problem.keys(), problem.values(), problem.output());
@@ -72,12 +71,12 @@ TEMPLATE_TEST_CASE("Top-θ with θ below every score equals dense attention", "[
   CHECK(stats.kept_fraction() == 1.0);
 }
 
-TEMPLATE_TEST_CASE("Top-θ equals the oracle on the explicitly built mask with the same compensation",
-                   "[top_theta]", float, double, Eigen::half, Eigen::bfloat16) {
+TEMPLATE_TEST_CASE("Top-θ equals the oracle on the explicitly built mask with the same compensation", "[top_theta]",
+                   float, double, Eigen::half, Eigen::bfloat16) {
   const ThresholdSpace space = GENERATE(from_range(std::begin(all_spaces), std::end(all_spaces)));
   const DenominatorCompensation denominator =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-               DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+               DenominatorCompensation::calibrated);
   const int v_mean = GENERATE(0, 1, 2);  // off, over every visible row, over the pruned rows
   const bool cap_k = GENERATE(false, true);
   const bool causal = GENERATE(true, false);
@@ -131,11 +130,9 @@ TEST_CASE("one-pass Top-θ equals two-pass Top-θ in every space, path and compe
   options.cap_k = cap_k;
   AttentionStats one_stats, two_stats;
   options.passes = Passes::one;
-  top_theta_attention<Tiles<16, 16>>(one.queries(), one.keys(), one.values(), one.output(), table, options,
-                                     &one_stats);
+  top_theta_attention<Tiles<16, 16>>(one.queries(), one.keys(), one.values(), one.output(), table, options, &one_stats);
   options.passes = Passes::two;
-  top_theta_attention<Tiles<16, 16>>(two.queries(), two.keys(), two.values(), two.output(), table, options,
-                                     &two_stats);
+  top_theta_attention<Tiles<16, 16>>(two.queries(), two.keys(), two.values(), two.output(), table, options, &two_stats);
   INFO(to_string(space) << (decode ? " decode " : " prefill ") << to_string(denominator) << " cap_k " << cap_k);
   CHECK(relative_error(one.output_matrix(), two.output_matrix()) <= 1e-12);
   CHECK(one_stats.elements_kept == two_stats.elements_kept);
@@ -199,11 +196,11 @@ TEST_CASE("Top-θ with length-dependent thresholds equals the oracle", "[top_the
   CHECK(stats.dense_rows == 2 * 4);
 }
 
-TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larger position", "[top_k]", float,
-                   double, Eigen::half, Eigen::bfloat16) {
+TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larger position", "[top_k]", float, double,
+                   Eigen::half, Eigen::bfloat16) {
   const DenominatorCompensation denominator =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-               DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+               DenominatorCompensation::calibrated);
   const int v_mean = GENERATE(0, 1, 2);  // off, over every visible row, over the pruned rows
   // Half and bfloat16 always use small integers: their scores are then exact in float and double alike, so
   // rounding cannot reorder the k-th and (k+1)-th largest.
@@ -220,8 +217,7 @@ TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larg
   options.thresholds = &terms;
   options.attention.scale = 0.25;
   AttentionStats stats;
-  top_k_attention<Tiles<8, 16>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options,
-                                &stats);
+  top_k_attention<Tiles<8, 16>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options, &stats);
 
   ReferenceSparsity sparsity;
   sparsity.keep = [&](const ReferenceRow& row) { return top_k_kept(row, k); };
@@ -243,8 +239,8 @@ TEMPLATE_TEST_CASE("top-k attention equals a brute-force top-k, ties to the larg
 }
 
 TEST_CASE("chunked prefill equals one-shot prefill", "[prefill][kv_cache]") {
-  const ThresholdSpace space = GENERATE(ThresholdSpace::raw_score, ThresholdSpace::probability,
-                                        ThresholdSpace::score_over_query_norm);
+  const ThresholdSpace space =
+      GENERATE(ThresholdSpace::raw_score, ThresholdSpace::probability, ThresholdSpace::score_over_query_norm);
   Problem<double> problem(50, 50, 4, 2, 64, 17, 1.5);
   const auto thresholds = separated_thresholds(problem, {}, space, 6, 0.2);
   const auto table = LayerThresholds::uniform(6, space, thresholds);
@@ -300,8 +296,8 @@ TEST_CASE("decode steps equal the last rows of prefill", "[decode][kv_cache]") {
   for (Index position = prompt; position < 48; ++position) {
     cache.append(TensorView<const float>(problem.k.data() + position * kv_row_values, 1, 2, 128),
                  TensorView<const float>(problem.v.data() + position * kv_row_values, 1, 2, 128));
-    attend(TensorView<const float>(problem.q.data() + position * row_values, 1, 8, 128), cache.keys(),
-           cache.values(), TensorView<float>(problem.out.data() + position * row_values, 1, 8, 128), position,
+    attend(TensorView<const float>(problem.q.data() + position * row_values, 1, 8, 128), cache.keys(), cache.values(),
+           TensorView<float>(problem.out.data() + position * row_values, 1, 8, 128), position,
            cache.value_sum_before(position));
   }
   INFO("kernel " << kernel);

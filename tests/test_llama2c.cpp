@@ -79,8 +79,7 @@ double space_value(toptheta::ThresholdSpace space, const llama2c::ScoreRow& row,
 /// neighbouring values, so that float rounding (prefill vs decode) cannot move an element across θ. Chosen
 /// layer by layer with the earlier layers already sparse, since their output changes the later layers'
 /// scores.
-std::vector<toptheta::LayerThresholds> separated_thresholds(const llama2c::Model& model,
-                                                            const std::vector<int>& tokens,
+std::vector<toptheta::LayerThresholds> separated_thresholds(const llama2c::Model& model, const std::vector<int>& tokens,
                                                             toptheta::ThresholdSpace space, Index k,
                                                             const toptheta::Compensation& compensation,
                                                             double keep_fraction, double margin = 1e-3) {
@@ -94,8 +93,7 @@ std::vector<toptheta::LayerThresholds> separated_thresholds(const llama2c::Model
     engine.set_attention(plan);
     engine.set_observer([&](const llama2c::ScoreRow& row) {
       if (row.layer != layer || row.length <= k) return;
-      for (Index j = 0; j < row.length; ++j)
-        values[std::size_t(row.query_head)].push_back(space_value(space, row, j));
+      for (Index j = 0; j < row.length; ++j) values[std::size_t(row.query_head)].push_back(space_value(space, row, j));
     });
     engine.prefill(tokens, llama2c::LogitRows::last);
 
@@ -172,8 +170,8 @@ TEST_CASE("llama2c dense logits match the float64 reference of stories260K", "[l
       nll += log_sum - row(tokens[std::size_t(t + 1)]);
     }
     nll /= double(logits.rows() - 1);
-    INFO(what << ": max |logit - reference| = " << worst << " (tolerance " << tolerance << "), mean NLL "
-              << nll << " (reference " << reference.at("mean_nll").get<double>() << ")");
+    INFO(what << ": max |logit - reference| = " << worst << " (tolerance " << tolerance << "), mean NLL " << nll
+              << " (reference " << reference.at("mean_nll").get<double>() << ")");
     CHECK(worst < tolerance);
     CHECK(std::abs(nll - reference.at("mean_nll").get<double>()) < tolerance);
   };
@@ -196,10 +194,8 @@ TEST_CASE("llama2c dense logits match the float64 reference of stories260K", "[l
 /// Runs `plan` over `tokens` as one prefill, token by token, and in two chunks, checks that all three give
 /// the same logits and keep the same elements, and returns the decode statistics.
 template <class Real>
-toptheta::AttentionStats check_prefill_equals_decode(const llama2c::Model& model,
-                                                     const std::vector<int>& tokens,
-                                                     const llama2c::AttentionPlan& plan,
-                                                     const std::string& name) {
+toptheta::AttentionStats check_prefill_equals_decode(const llama2c::Model& model, const std::vector<int>& tokens,
+                                                     const llama2c::AttentionPlan& plan, const std::string& name) {
   llama2c::Engine<Real> engine(model, one_thread());
   engine.set_attention(plan);
   const auto prefill = engine.prefill(tokens);
@@ -217,9 +213,8 @@ toptheta::AttentionStats check_prefill_equals_decode(const llama2c::Model& model
   INFO(name << " in " << (std::is_same_v<Real, double> ? "double" : "float")
             << ": max |prefill - decode| = " << max_abs_difference(prefill, decode)
             << ", max |prefill - chunked| = " << max_abs_difference(prefill, chunked) << "; kept "
-            << 100 * prefill_stats.kept_fraction() << "% of elements in prefill, "
-            << 100 * decode_stats.kept_fraction() << "% in decode; decode kept "
-            << 100 * decode_stats.v_rows_kept_fraction() << "% of V rows");
+            << 100 * prefill_stats.kept_fraction() << "% of elements in prefill, " << 100 * decode_stats.kept_fraction()
+            << "% in decode; decode kept " << 100 * decode_stats.v_rows_kept_fraction() << "% of V rows");
   CHECK(max_abs_difference(prefill, decode) < tolerance<Real>());
   CHECK(max_abs_difference(prefill, chunked) < tolerance<Real>());
   // The same rows keep the same elements: one-shot and chunked prefill saw every row once each, decode once.
@@ -256,8 +251,7 @@ TEST_CASE("llama2c prefill equals token-by-token decode and chunked prefill", "[
   exp_threshold.v_mean = true;
   const auto minus_max =
       separated_thresholds(model, tokens, toptheta::ThresholdSpace::score_minus_max, 8, exp_threshold, 0.05);
-  compare(llama2c::top_theta_plan(minus_max, exp_threshold, /*cap_k=*/true),
-          "top_theta score_minus_max + sdc");
+  compare(llama2c::top_theta_plan(minus_max, exp_threshold, /*cap_k=*/true), "top_theta score_minus_max + sdc");
 
   compare(llama2c::top_k_plan(std::vector<Index>(std::size_t(model.config.layers), 16)), "top_k 16");
 }
@@ -272,8 +266,7 @@ void check_keep_everything_equals_dense(const llama2c::Model& model, const std::
     const std::vector<toptheta::LayerThresholds> keep_all(
         std::size_t(model.config.layers),
         toptheta::LayerThresholds::uniform(
-            1, space,
-            std::vector<double>(std::size_t(model.config.heads), std::numeric_limits<double>::lowest())));
+            1, space, std::vector<double>(std::size_t(model.config.heads), std::numeric_limits<double>::lowest())));
     engine.reset();
     engine.reset_stats();
     engine.set_attention(llama2c::top_theta_plan(keep_all));
@@ -372,8 +365,7 @@ TEST_CASE("llama2c engine rejects bad tokens and plans naming what is wrong", "[
   CHECK_THROWS_WITH(engine.set_attention(llama2c::dense_plan(1)), mentions("one policy per layer (2)"));
   auto plan = llama2c::top_theta_plan(std::vector<toptheta::LayerThresholds>(
       2, toptheta::LayerThresholds::uniform(4, toptheta::ThresholdSpace::raw_score, {0.0, 0.0})));
-  CHECK_THROWS_WITH(engine.set_attention(plan),
-                    mentions("layer 0") && mentions("one row per query head (4)"));
+  CHECK_THROWS_WITH(engine.set_attention(plan), mentions("layer 0") && mentions("one row per query head (4)"));
   toptheta::Compensation calibrated;
   calibrated.denominator = toptheta::DenominatorCompensation::calibrated;
   CHECK_THROWS_WITH(engine.set_attention(llama2c::top_k_plan({4, 4}, calibrated)),
@@ -392,15 +384,13 @@ TEST_CASE("llama2c checkpoint errors name the file and the problem", "[llama2c]"
     llama2c::load_model(file.path);
   };
 
-  const std::string missing =
-      (std::filesystem::temp_directory_path() / "toptheta_llama2c_no_such_file.bin").string();
+  const std::string missing = (std::filesystem::temp_directory_path() / "toptheta_llama2c_no_such_file.bin").string();
   CHECK_THROWS_AS(llama2c::load_model(missing), llama2c::checkpoint_error);
   CHECK_THROWS_WITH(llama2c::load_model(missing), mentions(missing) && mentions("cannot open"));
 
   CHECK_NOTHROW(load_bytes(good, "good.bin"));
   CHECK_THROWS_WITH(
-      load_bytes(std::vector<char>(good.begin(), good.begin() + std::ptrdiff_t(good.size() / 2)),
-                 "truncated.bin"),
+      load_bytes(std::vector<char>(good.begin(), good.begin() + std::ptrdiff_t(good.size() / 2)), "truncated.bin"),
       mentions("_truncated.bin") && mentions("truncated"));
   CHECK_THROWS_WITH(load_bytes(std::vector<char>(good.begin(), good.begin() + 10), "header_only.bin"),
                     mentions("_header_only.bin") && mentions("header alone needs 28"));
@@ -414,8 +404,7 @@ TEST_CASE("llama2c checkpoint errors name the file and the problem", "[llama2c]"
     return bytes;
   };
   CHECK_THROWS_WITH(load_bytes(with_header_field(3, 0), "zero_heads.bin"), mentions("n_heads = 0"));
-  CHECK_THROWS_WITH(load_bytes(with_header_field(4, 3), "kv_heads.bin"),
-                    mentions("multiple of n_kv_heads = 3"));
+  CHECK_THROWS_WITH(load_bytes(with_header_field(4, 3), "kv_heads.bin"), mentions("multiple of n_kv_heads = 3"));
   CHECK_THROWS_WITH(load_bytes(with_header_field(0, 0x616b3432), "v2.bin"), mentions("ak42"));
 
   std::vector<char> not_finite = good;
@@ -450,9 +439,10 @@ std::vector<toptheta::LayerThresholds> recommended_thresholds(llama2c::Engine<fl
 
 }  // namespace
 
-TEST_CASE("stories260K: the recommended default (budget-matched probability thresholds, V-mean compensation) at "
-          "k = 32 costs at most 0.5 % perplexity at 5x fewer decode V rows or more",
-          "[llama2c]") {
+TEST_CASE(
+    "stories260K: the recommended default (budget-matched probability thresholds, V-mean compensation) at "
+    "k = 32 costs at most 0.5 % perplexity at 5x fewer decode V rows or more",
+    "[llama2c]") {
   LLAMA2C_REQUIRE_MODEL();
   const SerialEigen serial_eigen;
   llama2c::Engine<float> engine(stories260k(), one_thread());
@@ -465,15 +455,16 @@ TEST_CASE("stories260K: the recommended default (budget-matched probability thre
   const llama2c::Evaluation top_theta =
       llama2c::evaluate(engine, llama2c::top_theta_plan(layers, v_mean), sequences, reference, feed);
   const double reduction = 1 / llama2c::EngineStats::total(top_theta.stats.decode).v_rows_kept_fraction();
-  INFO(sequences.size() << " sequences: perplexity ratio " << top_theta.all().perplexity_ratio() << " at "
-                        << reduction << "x fewer decode V rows");
+  INFO(sequences.size() << " sequences: perplexity ratio " << top_theta.all().perplexity_ratio() << " at " << reduction
+                        << "x fewer decode V rows");
   CHECK(top_theta.all().perplexity_ratio() <= 1.005);
   CHECK(reduction >= 5.0);
 }
 
-TEST_CASE("stories260K: 84 kept keys per row split over the layers (docs/thresholds/stories260K-split-84.json) "
-          "cost at most 1 % perplexity at 10x fewer decode V rows or more",
-          "[llama2c]") {
+TEST_CASE(
+    "stories260K: 84 kept keys per row split over the layers (docs/thresholds/stories260K-split-84.json) "
+    "cost at most 1 % perplexity at 10x fewer decode V rows or more",
+    "[llama2c]") {
   LLAMA2C_REQUIRE_MODEL();
 #ifndef LLAMA2C_HAVE_JSON
   TOPTHETA_SKIP("threshold-file test skipped: nlohmann/json.hpp not found");
@@ -496,16 +487,17 @@ TEST_CASE("stories260K: 84 kept keys per row split over the layers (docs/thresho
   const llama2c::Evaluation top_theta = llama2c::evaluate(
       engine, llama2c::top_theta_plan(llama2c::layer_tables(table), v_mean), sequences, reference, feed);
   const double reduction = 1 / llama2c::EngineStats::total(top_theta.stats.decode).v_rows_kept_fraction();
-  INFO(sequences.size() << " sequences: perplexity ratio " << top_theta.all().perplexity_ratio() << " at "
-                        << reduction << "x fewer decode V rows");
+  INFO(sequences.size() << " sequences: perplexity ratio " << top_theta.all().perplexity_ratio() << " at " << reduction
+                        << "x fewer decode V rows");
   CHECK(top_theta.all().perplexity_ratio() <= 1.01);
   CHECK(reduction >= 10.0);
 #endif
 }
 
-TEST_CASE("stories260K with an int8 KV cache: dense within 0.5 % of the f32 cache's perplexity, recommended Top-theta "
-          "within 1 %",
-          "[llama2c][q8]") {
+TEST_CASE(
+    "stories260K with an int8 KV cache: dense within 0.5 % of the f32 cache's perplexity, recommended Top-theta "
+    "within 1 %",
+    "[llama2c][q8]") {
   LLAMA2C_REQUIRE_MODEL();
   const SerialEigen serial_eigen;
   const llama2c::Model& model = stories260k();
@@ -521,16 +513,15 @@ TEST_CASE("stories260K with an int8 KV cache: dense within 0.5 % of the f32 cach
   const auto sequences = model_tokens("eval.tokens");
   const llama2c::FeedOptions feed;
   const auto reference = llama2c::feed_sequences(engine, sequences, feed);  // dense, f32 cache
-  const double dense = llama2c::evaluate(int8_engine, llama2c::dense_plan(model.config.layers), sequences,
-                                         reference, feed)
-                           .all()
-                           .perplexity_ratio();
+  const double dense =
+      llama2c::evaluate(int8_engine, llama2c::dense_plan(model.config.layers), sequences, reference, feed)
+          .all()
+          .perplexity_ratio();
   const llama2c::Evaluation top_theta =
       llama2c::evaluate(int8_engine, llama2c::top_theta_plan(layers, v_mean), sequences, reference, feed);
   const double reduction = 1 / llama2c::EngineStats::total(top_theta.stats.decode).v_rows_kept_fraction();
-  INFO("int8 cache, " << sequences.size() << " sequences: dense perplexity ratio " << dense
-                      << ", Top-theta k = 32 " << top_theta.all().perplexity_ratio() << " at " << reduction
-                      << "x fewer decode V rows");
+  INFO("int8 cache, " << sequences.size() << " sequences: dense perplexity ratio " << dense << ", Top-theta k = 32 "
+                      << top_theta.all().perplexity_ratio() << " at " << reduction << "x fewer decode V rows");
   CHECK(dense > 1.0);  // quantization changes the predictions
   CHECK(dense <= 1.005);
   CHECK(top_theta.all().perplexity_ratio() <= 1.01);

@@ -132,8 +132,7 @@ TEST_CASE("llama2c program: a bad command line exits with status 2 and a message
 }
 #endif
 
-TEST_CASE("prediction metrics: equal distributions give KL 0, agreement 1 and perplexity ratio 1",
-          "[llama2c][cli]") {
+TEST_CASE("prediction metrics: equal distributions give KL 0, agreement 1 and perplexity ratio 1", "[llama2c][cli]") {
   Eigen::VectorXf logits(5);
   logits << 0.5f, -1.0f, 2.0f, 0.0f, 1.5f;
   llama2c::PredictionMetrics metrics;
@@ -227,24 +226,23 @@ TEST_CASE("llama2.c tokenizer: damaged files are errors naming the file and the 
   CHECK_THROWS_WITH(llama2c::load_tokenizer(file.path + ".missing"), mentions("cannot open"));
 }
 
-TEST_CASE("llama2c tokenize: each text line becomes one token sequence the other commands read",
-          "[llama2c][cli]") {
+TEST_CASE("llama2c tokenize: each text line becomes one token sequence the other commands read", "[llama2c][cli]") {
   const TemporaryFile tokenizer_file("tokenizer.bin"), text("text.txt"), tokens("tokens.txt");
   std::ofstream(tokenizer_file.path, std::ios::binary) << tokenizer_bytes(7, small_vocabulary);
   std::ofstream(text.path) << "ab a\n\n  \nab\n";
   std::ostringstream out, error;
-  REQUIRE(llama2c::run_command_line({"tokenize", "--tokenizer", tokenizer_file.path, "--text", text.path, "--out",
-                                     tokens.path},
-                                    out, error) == 0);
+  REQUIRE(llama2c::run_command_line(
+              {"tokenize", "--tokenizer", tokenizer_file.path, "--text", text.path, "--out", tokens.path}, out,
+              error) == 0);
   const auto sequences = llama2c::read_token_file(tokens.path);
   // " ab a" -> BOS, " ab", " a" (the tokenizer test above derives it); "ab" -> BOS, " ab".
   CHECK(sequences == std::vector<std::vector<int>>{{llama2c::bos_token, 9, 7}, {llama2c::bos_token, 9}});
   CHECK_THAT(out.str(), mentions("2 sequences, 5 tokens"));
 
   std::ofstream(text.path) << "\n \n";
-  CHECK(llama2c::run_command_line({"tokenize", "--tokenizer", tokenizer_file.path, "--text", text.path, "--out",
-                                   tokens.path},
-                                  out, error) == 2);
+  CHECK(llama2c::run_command_line(
+            {"tokenize", "--tokenizer", tokenizer_file.path, "--text", text.path, "--out", tokens.path}, out, error) ==
+        2);
   CHECK_THAT(error.str(), mentions("--text"));
 }
 
@@ -271,9 +269,9 @@ TEST_CASE("stories260K: dense evaluated against dense gives perplexity ratio 1, 
   CHECK(llama2c::EngineStats::total(dense.stats.decode).kept_fraction() == 1.0);
 
   // top-k keeps fewer elements and V rows in decode, and changes the predictions.
-  const llama2c::Evaluation top_k = llama2c::evaluate(
-      engine, llama2c::top_k_plan(std::vector<Index>(std::size_t(engine.config().layers), 32)), selected, reference,
-      feed);
+  const llama2c::Evaluation top_k =
+      llama2c::evaluate(engine, llama2c::top_k_plan(std::vector<Index>(std::size_t(engine.config().layers), 32)),
+                        selected, reference, feed);
   const auto decode = llama2c::EngineStats::total(top_k.stats.decode);
   CHECK(decode.kept_fraction() < 0.2);
   CHECK(decode.v_rows_kept_fraction() < 0.3);
@@ -289,19 +287,19 @@ TEST_CASE("stories260K: calibrate writes a threshold file that eval runs, and ev
   const TemporaryFile thresholds("thresholds.json"), results("eval.json");
   const std::string model = model_directory() + "/stories260K.bin";
   std::ostringstream out, error;
-  REQUIRE(llama2c::run_command_line({"calibrate", "--model", model, "--tokens", model_directory() + "/calib.tokens",
-                                     "--out", thresholds.path, "--k", "32", "--space", "probability",
-                                     "--max-sequences", "2"},
-                                    out, error) == 0);
+  REQUIRE(llama2c::run_command_line(
+              {"calibrate", "--model", model, "--tokens", model_directory() + "/calib.tokens", "--out", thresholds.path,
+               "--k", "32", "--space", "probability", "--max-sequences", "2"},
+              out, error) == 0);
   CHECK_THAT(out.str(), mentions("layer 4: k = 32"));
   const toptheta::ThresholdTable table = toptheta::load_thresholds(thresholds.path);
   CHECK(table.space() == toptheta::ThresholdSpace::probability);
   CHECK(table.method() == toptheta::CalibrationMethod::count_matched);
 
-  REQUIRE(llama2c::run_command_line({"eval", "--model", model, "--tokens", model_directory() + "/eval.tokens",
-                                     "--thresholds", thresholds.path, "--v-mean", "--max-sequences", "2", "--json",
-                                     results.path},
-                                    out, error) == 0);
+  REQUIRE(llama2c::run_command_line(
+              {"eval", "--model", model, "--tokens", model_directory() + "/eval.tokens", "--thresholds",
+               thresholds.path, "--v-mean", "--max-sequences", "2", "--json", results.path},
+              out, error) == 0);
   INFO(error.str());
   nlohmann::json json;
   std::ifstream(results.path) >> json;
@@ -345,7 +343,8 @@ TEST_CASE("stories260K: generate is reproducible for a seed, greedy at temperatu
     CHECK(llama2c::run_command_line({"generate", "--model", model, "--prompt-tokens", "1 403 407", "--steps", steps},
                                     out, error) == 2);
     CHECK_THAT(error.str(), mentions("--steps: expected at most 509 (the model's 512-token context less the 3-token "
-                                     "prompt), got " + std::string(steps)));
+                                     "prompt), got " +
+                                     std::string(steps)));
   }
 }
 #endif
@@ -379,8 +378,11 @@ TEST_CASE("accuracy table: perplexity at equal V-row reduction is interpolated i
   table.ks = {16, 32};
   const auto add_row = [&](Index k, double increase, std::uint64_t v_rows_kept) {
     llama2c::TableRow row;
-    row.configuration = {k, toptheta::ThresholdSpace::probability, toptheta::CalibrationMethod::count_matched,
-                         toptheta::Compensation{toptheta::DenominatorCompensation::none, 1.0, true}, {}};
+    row.configuration = {k,
+                         toptheta::ThresholdSpace::probability,
+                         toptheta::CalibrationMethod::count_matched,
+                         toptheta::Compensation{toptheta::DenominatorCompensation::none, 1.0, true},
+                         {}};
     row.evaluation.decode.positions = 1;
     row.evaluation.decode.nll = std::log1p(increase);
     toptheta::AttentionStats decode;
@@ -442,7 +444,8 @@ TEST_CASE("stories260K: the accuracy table does not depend on the thread count, 
   CHECK(split.configuration.layer_k == parallel.rows.back().configuration.layer_k);
   const Index layers = stories260k().config.layers;
   REQUIRE(Index(split.configuration.layer_k.size()) == layers);
-  CHECK(std::accumulate(split.configuration.layer_k.begin(), split.configuration.layer_k.end(), Index(0)) == 20 * layers);
+  CHECK(std::accumulate(split.configuration.layer_k.begin(), split.configuration.layer_k.end(), Index(0)) ==
+        20 * layers);
   CHECK(split.decode().v_rows_kept_fraction() > 0);
   for (std::size_t i = 0; i < serial.rows.size(); ++i) {
     const auto &a = serial.rows[i], &b = parallel.rows[i];
@@ -477,9 +480,10 @@ TEST_CASE("stories260K: the accuracy table does not depend on the thread count, 
   }
 }
 
-TEST_CASE("stories260K: splitting the budget over layers keeps its sum, takes only moves that lower the divergence, "
-          "and tables each layer as a calibration with its own k would",
-          "[llama2c][cli][split]") {
+TEST_CASE(
+    "stories260K: splitting the budget over layers keeps its sum, takes only moves that lower the divergence, "
+    "and tables each layer as a calibration with its own k would",
+    "[llama2c][cli][split]") {
   LLAMA2C_REQUIRE_MODEL();
   const SerialEigen serial_eigen;
   // Four calibration sequences cut to 160 tokens, two of them scored: a short search with the real mechanism.
@@ -538,8 +542,9 @@ TEST_CASE("stories260K: splitting the budget over layers keeps its sum, takes on
   scored.resize(2);
   engine.set_attention(llama2c::dense_plan(layers));
   const auto reference = llama2c::feed_sequences(engine, scored, options.feed);
-  const auto evaluation = llama2c::evaluate(
-      engine, llama2c::top_theta_plan(llama2c::layer_tables(split.table), compensation), scored, reference, options.feed);
+  const auto evaluation =
+      llama2c::evaluate(engine, llama2c::top_theta_plan(llama2c::layer_tables(split.table), compensation), scored,
+                        reference, options.feed);
   CHECK(evaluation.all().mean_kl() == split.mean_kl());
 
   // A budget that is no multiple of the layers starts from the most even split and keeps its sum.

@@ -81,9 +81,8 @@ constexpr long long MiB = 1024 * 1024;
 
 }  // namespace
 
-TEST_CASE(
-    "no kernel allocates O(n^2): a causal prefill of 16384 tokens grows the peak RSS by less than 64 MiB",
-    "[memory]") {
+TEST_CASE("no kernel allocates O(n^2): a causal prefill of 16384 tokens grows the peak RSS by less than 64 MiB",
+          "[memory]") {
   const std::string reason = cannot_measure();
   if (!reason.empty()) {
     TOPTHETA_SKIP("peak-memory test skipped: " + reason);
@@ -92,8 +91,7 @@ TEST_CASE(
 #ifdef __OPTIMIZE__
   const Index n = 16384;  // ~8 s for the five kernels at -O2 on two cores
 #else
-  const Index n =
-      8192;  // unoptimised builds (~2 min at n = 16384); n² floats are still 256 MiB, 4x the budget
+  const Index n = 8192;  // unoptimised builds (~2 min at n = 16384); n² floats are still 256 MiB, 4x the budget
 #endif
   const Index head_dim = 32;
   const long long budget = 64 * MiB;
@@ -176,8 +174,8 @@ TEST_CASE(
     const auto start = std::chrono::steady_clock::now();
     const long long growth = peak_rss_growth([&] { run(kernel, q, k, v, out, &stats); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    INFO(names[kernel] << ": peak RSS grew by " << double(growth) / double(MiB) << " MiB in " << seconds
-                       << " s, kept " << stats.kept_fraction() << " of the elements");
+    INFO(names[kernel] << ": peak RSS grew by " << double(growth) / double(MiB) << " MiB in " << seconds << " s, kept "
+                       << stats.kept_fraction() << " of the elements");
     CHECK(growth < budget);
     // The whole n x n causal problem ran, and wrote every output.
     CHECK(stats.elements_visible == std::vector<std::uint64_t>{visible});
@@ -187,8 +185,8 @@ TEST_CASE(
   }
 }
 
-TEMPLATE_TEST_CASE("KV caches and aligned buffers start their rows on a cache line, small or large", "[memory][kv_cache]",
-                   float, Eigen::bfloat16) {
+TEMPLATE_TEST_CASE("KV caches and aligned buffers start their rows on a cache line, small or large",
+                   "[memory][kv_cache]", float, Eigen::bfloat16) {
   // glibc serves blocks above 128 KiB from mmap, 16 bytes into a page: a plain std::vector of that size would
   // split every 64-byte load of a row between two cache lines.
   const Index capacity = GENERATE(1, 4096);

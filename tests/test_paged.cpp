@@ -59,8 +59,8 @@ struct PagedCopy {
 /// Runs `kind` on the contiguous and on the paged K and V of `problem` and checks that outputs and statistics
 /// are equal, bit for bit.
 template <class Scalar>
-void check_paged_equals_contiguous(Kind kind, Index query_rows, Index key_rows, Index page_size, Index dim,
-                                   int threads, PageLayout layout) {
+void check_paged_equals_contiguous(Kind kind, Index query_rows, Index key_rows, Index page_size, Index dim, int threads,
+                                   PageLayout layout) {
   INFO(name(kind) << ", " << type_name<Scalar>() << ", " << query_rows << " query rows of " << key_rows
                   << " keys, page size " << page_size << (layout == PageLayout::head_major ? ", head-major" : "")
                   << ", head_dim " << dim << ", " << threads << " threads");
@@ -108,7 +108,8 @@ TEST_CASE("a batch of sequences in one page pool gives each its contiguous call'
   }
   // One pool; sequence s takes the pages s, s + 4, s + 8, ... (interleaved with the others').
   const Index pool_pages = 4 * (700 / page_size + 1);
-  AlignedVector<float> keys(std::size_t(pool_pages * page_size * kv_heads * dim), std::numeric_limits<float>::quiet_NaN());
+  AlignedVector<float> keys(std::size_t(pool_pages * page_size * kv_heads * dim),
+                            std::numeric_limits<float>::quiet_NaN());
   AlignedVector<float> values = keys;
   std::vector<std::vector<std::int32_t>> tables(4);
   std::vector<SequenceViews<float, PagedTensorView<const float>>> batch;
@@ -124,12 +125,12 @@ TEST_CASE("a batch of sequences in one page pool gives each its contiguous call'
   std::vector<AttentionStats> stats(4), alone_stats(4);
   for (std::size_t s = 0; s < 4; ++s) {
     const Problem<float>& p = paged[s];
-    batch.push_back({p.queries(),
-                     PagedTensorView<const float>(keys.data(), pool_pages, page_size, tables[s].data(), p.key_rows,
-                                                  kv_heads, dim),
-                     PagedTensorView<const float>(values.data(), pool_pages, page_size, tables[s].data(), p.key_rows,
-                                                  kv_heads, dim),
-                     paged[s].output(), p.key_rows - p.query_rows, nullptr, &stats[s]});
+    batch.push_back(
+        {p.queries(),
+         PagedTensorView<const float>(keys.data(), pool_pages, page_size, tables[s].data(), p.key_rows, kv_heads, dim),
+         PagedTensorView<const float>(values.data(), pool_pages, page_size, tables[s].data(), p.key_rows, kv_heads,
+                                      dim),
+         paged[s].output(), p.key_rows - p.query_rows, nullptr, &stats[s]});
   }
   const auto table = LayerThresholds::uniform(8, ThresholdSpace::probability, std::vector<double>(q_heads, 0.02));
   TopThetaOptions options;
@@ -147,9 +148,10 @@ TEST_CASE("a batch of sequences in one page pool gives each its contiguous call'
   }
 }
 
-TEST_CASE("a paged view rejects a block table entry outside the pool, a page size that is not a power of two, and "
-          "an output inside the pool",
-          "[paged][bad_input]") {
+TEST_CASE(
+    "a paged view rejects a block table entry outside the pool, a page size that is not a power of two, and "
+    "an output inside the pool",
+    "[paged][bad_input]") {
   std::vector<float> pool(std::size_t(4 * 16 * 2 * 8), 0.0f);
   const std::vector<std::int32_t> table{3, 0, 4};
   REQUIRE_INVALID(PagedTensorView<float>(pool.data(), 4, 16, table.data(), 40, 2, 8), "block_table[2]",
@@ -157,8 +159,7 @@ TEST_CASE("a paged view rejects a block table entry outside the pool, a page siz
   const std::vector<std::int32_t> negative{-1};
   REQUIRE_INVALID(PagedTensorView<float>(pool.data(), 4, 16, negative.data(), 3, 2, 8), "block_table[0]",
                   "a page of the pool");
-  REQUIRE_INVALID(PagedTensorView<float>(pool.data(), 4, 12, table.data(), 20, 2, 8), "page_size",
-                  "a power of two");
+  REQUIRE_INVALID(PagedTensorView<float>(pool.data(), 4, 12, table.data(), 20, 2, 8), "page_size", "a power of two");
   // Only the entries the tokens need are read: 32 tokens use table[0] and table[1].
   const PagedTensorView<const float> k(pool.data(), 4, 16, table.data(), 32, 2, 8);
   std::vector<float> q(std::size_t(4 * 8), 0.0f);
@@ -192,8 +193,9 @@ TEST_CASE("a paged KV cache holds what a contiguous one holds, and decode on it 
   append(0, 37);
   REQUIRE(paged.block_table().size() == 5);
   for (Index step = 0; step < 30; ++step) {
-    if (step == 10) other.append(TensorView<const float>(tokens.k.data(), 20, kv_heads, dim),
-                                 TensorView<const float>(tokens.v.data(), 20, kv_heads, dim));
+    if (step == 10)
+      other.append(TensorView<const float>(tokens.k.data(), 20, kv_heads, dim),
+                   TensorView<const float>(tokens.v.data(), 20, kv_heads, dim));
     if (step == 20) other.clear();  // its 3 pages go back to the pool, and the next pages come from them
     append(37 + step, 1);
     const Index length = contiguous.length();
@@ -211,8 +213,8 @@ TEST_CASE("a paged KV cache holds what a contiguous one holds, and decode on it 
     std::vector<float> from_pages(query.out.size()), from_buffer(query.out.size());
     options.attention.past = length - 1;
     options.value_prefix_sum = paged.value_sum_before(length - 1);
-    top_theta_attention(query.queries(), paged.keys(), paged.values(), TensorView<float>(from_pages.data(), 1, q_heads, dim),
-                        table, options);
+    top_theta_attention(query.queries(), paged.keys(), paged.values(),
+                        TensorView<float>(from_pages.data(), 1, q_heads, dim), table, options);
     options.value_prefix_sum = contiguous.value_sum_before(length - 1);
     top_theta_attention(query.queries(), contiguous.keys(), contiguous.values(),
                         TensorView<float>(from_buffer.data(), 1, q_heads, dim), table, options);

@@ -76,8 +76,8 @@ void with_selection(const Rule& rule, const LayerThresholds& table, F&& f) {
 template <class Scalar>
 void whole_call(const Rule& rule, const LayerThresholds& table, Problem<Scalar>& problem,
                 const AttentionOptions& attention, AttentionStats& stats) {
-  if (rule.family == Rule::dense) return dense_attention(problem.queries(), problem.keys(), problem.values(),
-                                                         problem.output(), attention, &stats);
+  if (rule.family == Rule::dense)
+    return dense_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), attention, &stats);
   if (rule.family == Rule::top_k) {
     TopKOptions options;
     options.attention = attention;
@@ -96,8 +96,7 @@ void whole_call(const Rule& rule, const LayerThresholds& table, Problem<Scalar>&
 /// Keys [first, end) of the problem's K or V.
 template <class Scalar>
 TensorView<const Scalar> key_range(const TensorView<const Scalar>& whole, Index first, Index end) {
-  return {whole.row(first, 0), end - first, whole.heads(), whole.head_dim(), whole.token_stride(),
-          whole.head_stride()};
+  return {whole.row(first, 0), end - first, whole.heads(), whole.head_dim(), whole.token_stride(), whole.head_stride()};
 }
 
 /// The call split at `starts` (the first 0): every range's rounds, merged (through bytes when `as_bytes`) and
@@ -142,7 +141,8 @@ void ranged_call(const Rule& rule, const LayerThresholds& table, Problem<Scalar>
       for (std::size_t s = 1; s < ranges.size(); ++s)
         merged->merge(through(ranges[s]->statistics(), decode_partial_statistics<Acc>));
     }
-    PartialOutput<Acc> output = through(ranges.front()->partial(merged ? &*merged : nullptr), decode_partial_output<Acc>);
+    PartialOutput<Acc> output =
+        through(ranges.front()->partial(merged ? &*merged : nullptr), decode_partial_output<Acc>);
     for (std::size_t s = 1; s < ranges.size(); ++s)
       output.merge(through(ranges[s]->partial(merged ? &*merged : nullptr), decode_partial_output<Acc>));
     stats = AttentionStats{};
@@ -256,13 +256,12 @@ TEST_CASE("partial attention: bad ranges, missing or mismatched partials are rej
   using Range = KeyRangeAttention<float, TopThetaSelection>;
   REQUIRE_INVALID(Range(problem.queries(), k, v, KeyRange{25, 40}, placed(true, 38), selection), "range.total_keys",
                   "range.first + k.tokens()");
-  REQUIRE_INVALID(Range(problem.queries(), k, v, KeyRange{-1, 40}, placed(true, 38), selection), "range.first",
-                  ">= 0");
+  REQUIRE_INVALID(Range(problem.queries(), k, v, KeyRange{-1, 40}, placed(true, 38), selection), "range.first", ">= 0");
   REQUIRE_INVALID(Range(problem.queries(), k, v, KeyRange{10, 40}, placed(true, 39), selection), "range.total_keys",
                   "past + query rows");
-  REQUIRE_INVALID(Range(problem.queries(), k, key_range(problem.values(), 10, 29), KeyRange{10, 40},
-                        placed(true, 38), selection),
-                  "v.tokens", "k.tokens");
+  REQUIRE_INVALID(
+      Range(problem.queries(), k, key_range(problem.values(), 10, 29), KeyRange{10, 40}, placed(true, 38), selection),
+      "v.tokens", "k.tokens");
   const LayerThresholds three_heads = LayerThresholds::uniform(4, ThresholdSpace::probability, {0.05, 0.05, 0.05});
   const TopThetaSelection other_heads(three_heads, Compensation{}, false, Passes::automatic);
   Problem<float> wide(2, 40, 4, 1, 16, 7);

@@ -91,8 +91,8 @@ void check_blocks_equal_dequantized(Kind kind, Index query_rows, Index key_rows,
                   << " heads, head_dim " << dim << ", " << threads << " threads, page size " << page_size
                   << (layout == PageLayout::head_major ? " head-major" : "") << ", blocks of "
                   << Block::values_per_block);
-  const QuantizedProblem<Block> quantized(Problem<float>(query_rows, key_rows, q_heads, kv_heads, dim,
-                                                  unsigned(key_rows * 7 + dim), 2.0));
+  const QuantizedProblem<Block> quantized(
+      Problem<float>(query_rows, key_rows, q_heads, kv_heads, dim, unsigned(key_rows * 7 + dim), 2.0));
   Problem<float> reference = quantized.dequantized_problem, blocks = reference;
   AttentionStats reference_stats, block_stats;
   const Index past = key_rows - query_rows;
@@ -194,9 +194,10 @@ TEST_CASE("views, pools and caches of q8_0 blocks reject a head_dim that is not 
   CHECK(view.row(1, 1) == blocks.data() + 6);
 }
 
-TEST_CASE("a q8_0 cache quantizes on append, sums the dequantized V, and rejects what it cannot hold even "
-          "without check_finite",
-          "[q8][kv_cache][bad_input]") {
+TEST_CASE(
+    "a q8_0 cache quantizes on append, sums the dequantized V, and rejects what it cannot hold even "
+    "without check_finite",
+    "[q8][kv_cache][bad_input]") {
   const Index kv_heads = 2, dim = 64;
   Problem<float> tokens(0, 20, 4, kv_heads, dim, 11, 3.0);
   KvCache<BlockQ8_0> cache(kv_heads, dim, 64);
@@ -269,7 +270,7 @@ TEST_CASE("blocks of 8 and 64 values: one scale per (token, head) of head_dim 8,
       check_blocks_equal_dequantized<BlockQ8<8>>(kind, query_rows, key_rows, 8, 4, 8, 2, 0, PageLayout::token_major);
       check_blocks_equal_dequantized<BlockQ8<8>>(kind, query_rows, key_rows, 8, 2, 64, 2, 16, PageLayout::head_major);
       check_blocks_equal_dequantized<BlockQ8<64>>(kind, query_rows, key_rows, 8, 2, 128, 2, 16,
-                                                   PageLayout::token_major);
+                                                  PageLayout::token_major);
     }
 }
 

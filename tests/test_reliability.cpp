@@ -30,8 +30,7 @@ const KernelCase every_kernel[] = {
     {"top_k", KernelCase::top_k},
     {"top_theta raw_score", KernelCase::top_theta, ThresholdSpace::raw_score, 0.0},
     {"top_theta probability, V mean", KernelCase::top_theta, ThresholdSpace::probability, 0.01, true},
-    {"top_theta probability, two passes", KernelCase::top_theta, ThresholdSpace::probability, 0.01, false,
-     Passes::two},
+    {"top_theta probability, two passes", KernelCase::top_theta, ThresholdSpace::probability, 0.01, false, Passes::two},
     {"top_theta score_minus_max", KernelCase::top_theta, ThresholdSpace::score_minus_max, -2.0},
     {"top_theta score_over_query_norm", KernelCase::top_theta, ThresholdSpace::score_over_query_norm, 0.1},
 };
@@ -174,8 +173,8 @@ TEST_CASE("a NaN or +inf key gives NaN exactly to the rows that see it", "[relia
   attend(kernel, clean, clean.output(), attention);
   Problem<double> poisoned = clean;
   const Index bad_key = path.key_rows - path.query_rows / 2 - 1, bad_kv_head = 0;
-  std::fill_n(poisoned.k.data() + (bad_key * poisoned.kv_heads + bad_kv_head) * poisoned.head_dim,
-              poisoned.head_dim, poison);
+  std::fill_n(poisoned.k.data() + (bad_key * poisoned.kv_heads + bad_kv_head) * poisoned.head_dim, poisoned.head_dim,
+              poison);
   AttentionStats stats;
   attend(kernel, poisoned, poisoned.output(), attention, &stats);
   std::uint64_t sees_it = 0;
@@ -298,8 +297,7 @@ TEST_CASE("a zero query in the score/||q|| space keeps every key under a keep-ev
   AttentionStats stats;
   const auto keep_all =
       LayerThresholds::uniform(4, ThresholdSpace::score_over_query_norm, {std::numeric_limits<double>::lowest()});
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), keep_all, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), keep_all, options, &stats);
   Eigen::VectorXd mean = Eigen::VectorXd::Zero(8);
   for (Index j = 0; j < 40; ++j)
     for (Index d = 0; d < 8; ++d) mean(d) += problem.v[std::size_t(j * 8 + d)] / 40;
@@ -333,8 +331,8 @@ TEST_CASE("an output that overlaps q, k, v or itself is rejected naming out", "[
   REQUIRE_INVALID(dense_attention(problem.queries(), problem.keys(), v, out_on_v, attention), "out",
                   "memory apart from v");
   std::vector<float> queries = problem.q;
-  REQUIRE_INVALID(dense_attention(TensorView<const float>(queries.data(), 65, 1, 16), problem.keys(),
-                                  problem.values(), TensorView<float>(queries.data(), 65, 1, 16), attention),
+  REQUIRE_INVALID(dense_attention(TensorView<const float>(queries.data(), 65, 1, 16), problem.keys(), problem.values(),
+                                  TensorView<float>(queries.data(), 65, 1, 16), attention),
                   "out", "memory apart from q");
   std::vector<float> three_rows(16);
   const Problem<float> small(3, 3, 1, 1, 16, 2);
@@ -380,9 +378,10 @@ TEST_CASE("a KV cache capacity whose storage cannot be addressed is rejected nam
   REQUIRE_INVALID(KvCache<float>(4, huge, 1), "head_dim", "must be addressable");
 }
 
-TEST_CASE("KvCache::append rejects non-finite K or V values by default, naming the token and head, and changes "
-          "nothing",
-          "[reliability][kv_cache]") {
+TEST_CASE(
+    "KvCache::append rejects non-finite K or V values by default, naming the token and head, and changes "
+    "nothing",
+    "[reliability][kv_cache]") {
   const int which = GENERATE(0, 1, 2);
   const double poison = which == 0 ? not_a_number : which == 1 ? infinity : -infinity;
   const bool in_values = GENERATE(false, true);
@@ -392,14 +391,14 @@ TEST_CASE("KvCache::append rejects non-finite K or V values by default, naming t
   REQUIRE(cache.check_finite());
   cache.append(TensorView<const float>(keys.data(), 1, 2, 4), TensorView<const float>(values.data(), 1, 2, 4));
   (in_values ? values : keys)[std::size_t((1 * 2 + 1) * 4 + 2)] = float(poison);  // token 1, KV head 1
-  REQUIRE_INVALID(cache.append(TensorView<const float>(keys.data(), 3, 2, 4),
-                               TensorView<const float>(values.data(), 3, 2, 4)),
-                  std::string(in_values ? "values" : "keys") + " (token 2, KV head 1, element 2)", "finite values");
+  REQUIRE_INVALID(
+      cache.append(TensorView<const float>(keys.data(), 3, 2, 4), TensorView<const float>(values.data(), 3, 2, 4)),
+      std::string(in_values ? "values" : "keys") + " (token 2, KV head 1, element 2)", "finite values");
   CHECK(cache.length() == 1);
   CHECK(cache.value_sum_before(1)[0] == 1.0);
   cache.check_finite(false);
-  REQUIRE_NOTHROW(cache.append(TensorView<const float>(keys.data(), 3, 2, 4),
-                               TensorView<const float>(values.data(), 3, 2, 4)));
+  REQUIRE_NOTHROW(
+      cache.append(TensorView<const float>(keys.data(), 3, 2, 4), TensorView<const float>(values.data(), 3, 2, 4)));
   CHECK(cache.length() == 4);
 }
 

@@ -67,15 +67,13 @@ void check_rows(const SparseProbabilities<double>& result, const std::vector<Exp
   for (std::size_t r = 0; r < expected.size(); ++r) {
     INFO("row " << r);
     const auto first = std::size_t(result.row_offsets[r]), last = std::size_t(result.row_offsets[r + 1]);
-    const std::vector<Index> columns(result.columns.begin() + long(first),
-                                     result.columns.begin() + long(last));
+    const std::vector<Index> columns(result.columns.begin() + long(first), result.columns.begin() + long(last));
     CHECK(columns == expected[r].columns);
     if (columns != expected[r].columns) continue;
     double kept = 0;
     for (std::size_t t = 0; t < columns.size(); ++t) {
       INFO("column " << columns[t]);
-      CHECK(result.probabilities[first + t] ==
-            Approx(expected[r].probabilities[t]).margin(1e-13).epsilon(1e-12));
+      CHECK(result.probabilities[first + t] == Approx(expected[r].probabilities[t]).margin(1e-13).epsilon(1e-12));
       kept += expected[r].probabilities[t];
     }
     CHECK(result.dropped_mass[r] == Approx(1 - kept).margin(1e-13));
@@ -94,9 +92,8 @@ double e(double a) { return std::exp(a); }
 
 }  // namespace
 
-TEST_CASE(
-    "Top-θ decode statistics: elements per query head, the V-row union per KV head, tiles without survivor",
-    "[stats][top_theta]") {
+TEST_CASE("Top-θ decode statistics: elements per query head, the V-row union per KV head, tiles without survivor",
+          "[stats][top_theta]") {
   const Passes passes = GENERATE(Passes::one, Passes::two);
   auto problem = group_problem(1);
   const auto table = LayerThresholds::uniform(2, ThresholdSpace::raw_score, {1.0, 1.0});
@@ -104,8 +101,8 @@ TEST_CASE(
   options.passes = passes;
   AttentionStats stats;
   // KV tiles [0, 4), [4, 8), [8, 12): survivors {1, 3}, {5}, none.
-  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   table, options, &stats);
+  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                   options, &stats);
   INFO("passes " << (passes == Passes::one ? "one" : "two"));
   CHECK(stats.elements_kept == Counts{2, 2});
   CHECK(stats.elements_visible == Counts{12, 12});
@@ -127,8 +124,7 @@ TEST_CASE(
   CHECK(output_of(problem, 0, 1) == mean_of_rows(3, 5));
 
   // One KV tile of 128 holds the whole row: it has survivors, and the union is read once.
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
   CHECK(stats.kv_tiles == 1);
   CHECK(stats.kv_tiles_without_survivor == 0);
   CHECK(stats.v_rows_read == Counts{3});
@@ -142,8 +138,8 @@ TEST_CASE("a row with no survivor keeps its max-score key, ties to the larger po
   // θ = 100 is above every score. Head 0's max 5 sits at 1 and 3 (one tile), head 1's at 3 and 5 (two tiles).
   const auto table = LayerThresholds::uniform(2, ThresholdSpace::raw_score, {100.0, 100.0});
   AttentionStats stats;
-  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   table, decode_options(), &stats);
+  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                   decode_options(), &stats);
   CHECK(stats.empty_rows == 2);
   CHECK(stats.elements_kept == Counts{1, 1});
   CHECK(stats.v_rows_kept == Counts{2});
@@ -156,15 +152,14 @@ TEST_CASE("a row with no survivor keeps its max-score key, ties to the larger po
   // The same through the two-pass kernel and through one tile.
   TopThetaOptions two = decode_options();
   two.passes = Passes::two;
-  top_theta_attention<Tiles<1, 16>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                    table, two, &stats);
+  top_theta_attention<Tiles<1, 16>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table, two,
+                                    &stats);
   CHECK(stats.empty_rows == 2);
   CHECK(output_of(problem, 0, 0) == row(3));
   CHECK(output_of(problem, 0, 1) == row(5));
 }
 
-TEST_CASE("cap_k keeps the k survivors with the largest positions and counts capped rows",
-          "[stats][top_theta]") {
+TEST_CASE("cap_k keeps the k survivors with the largest positions and counts capped rows", "[stats][top_theta]") {
   auto problem = group_problem(1);
   const bool cap_k = GENERATE(false, true);
   const Index k = GENERATE(1, 2);
@@ -172,8 +167,8 @@ TEST_CASE("cap_k keeps the k survivors with the largest positions and counts cap
   TopThetaOptions options = decode_options();
   options.cap_k = cap_k;
   AttentionStats stats;
-  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   table, options, &stats);
+  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                   options, &stats);
   INFO("cap_k " << cap_k << " k " << k);
   if (cap_k && k == 1) {  // {1, 3} -> {3}, {3, 5} -> {5}
     CHECK(stats.capped_rows == 2);
@@ -195,8 +190,8 @@ TEST_CASE("rows with L <= k stay dense and are counted as dense rows", "[stats][
   const Index k = GENERATE(11, 12, 20);
   const auto table = LayerThresholds::uniform(k, ThresholdSpace::raw_score, {1.0, 1.0});
   AttentionStats stats;
-  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   table, decode_options(), &stats);
+  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                   decode_options(), &stats);
   INFO("k " << k);
   if (k >= n_kv) {
     CHECK(stats.dense_rows == 2);
@@ -222,8 +217,8 @@ TEST_CASE("rows whose threshold lookup leaves the calibrated lengths are counted
     const Eigen::MatrixXd theta = Eigen::MatrixXd::Ones(2, Index(c.lengths.size()));
     const LayerThresholds table(2, ThresholdSpace::raw_score, c.lengths, theta);
     AttentionStats stats;
-    top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
-                        decode_options(), &stats);
+    top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, decode_options(),
+                        &stats);
     INFO("first calibrated length " << c.lengths.front() << ", last " << c.lengths.back());
     CHECK(stats.extrapolated_rows == c.extrapolated);
     CHECK(stats.elements_kept == Counts{2, 2});
@@ -242,12 +237,11 @@ TEST_CASE("causal prefill statistics: dense, empty and extrapolated rows and kep
   TopThetaOptions options;
   options.attention.scale = 1.0;
   AttentionStats stats;
-  top_theta_attention<Tiles<4, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   table, options, &stats);
+  top_theta_attention<Tiles<4, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                   options, &stats);
   CHECK(stats.rows == 24);
   CHECK(stats.dense_rows == 4);
-  CHECK(stats.extrapolated_rows ==
-        2 * (1 + 4));  // L = 3 and L = 9..12, per head (dense rows look up nothing)
+  CHECK(stats.extrapolated_rows == 2 * (1 + 4));  // L = 3 and L = 9..12, per head (dense rows look up nothing)
   CHECK(stats.empty_rows == 1);
   CHECK(stats.elements_kept == Counts{22, 20});
   CHECK(stats.elements_visible == Counts{78, 78});
@@ -266,8 +260,8 @@ TEST_CASE("V rows read count every query block's loads, so two blocks keeping th
   options.attention.causal = false;
   options.attention.scale = 1.0;
   AttentionStats stats;
-  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   table, options, &stats);
+  top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                   options, &stats);
   CHECK(stats.v_rows_kept == Counts{3});
   CHECK(stats.v_rows_read == Counts{6});
   CHECK(stats.k_rows_read == Counts{24});
@@ -279,8 +273,8 @@ TEST_CASE("V rows read count every query block's loads, so two blocks keeping th
   CHECK(stats.v_rows_visible == Counts{12});
 
   // Both rows in one block: the block loads the union once.
-  top_theta_attention<Tiles<2, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                   table, options, &stats);
+  top_theta_attention<Tiles<2, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                   options, &stats);
   CHECK(stats.v_rows_read == Counts{3});
   CHECK(stats.k_rows_read == Counts{12});
   CHECK(stats.kv_tiles == 3);
@@ -294,8 +288,7 @@ TEST_CASE("causal tiles above the diagonal are never scored: K rows read and KV 
   AttentionOptions options;
   options.scale = 1.0;
   AttentionStats stats;
-  dense_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options,
-                               &stats);
+  dense_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options, &stats);
   CHECK(stats.kv_tiles == 24);
   CHECK(stats.k_rows_read == Counts{78});
   CHECK(stats.v_rows_read == Counts{78});
@@ -307,8 +300,7 @@ TEST_CASE("causal tiles above the diagonal are never scored: K rows read and KV 
   CHECK(stats.v_rows_kept == Counts{12});
   CHECK(stats.v_rows_visible == Counts{12});
 
-  dense_attention<Tiles<4, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options,
-                               &stats);
+  dense_attention<Tiles<4, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options, &stats);
   CHECK(stats.kv_tiles == 6);
   CHECK(stats.k_rows_read == Counts{24});
   CHECK(stats.v_rows_read == Counts{24});
@@ -363,8 +355,8 @@ TEST_CASE("AttentionStats::merge adds every counter, and an empty one takes the 
   const auto table = LayerThresholds::uniform(2, ThresholdSpace::raw_score, {1.0, 1.0});
   AttentionStats step, steps;
   for (int s = 0; s < 2; ++s) {
-    top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                     table, decode_options(), &step);
+    top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                     decode_options(), &step);
     steps.merge(step);
   }
   CHECK(steps.elements_kept == Counts{4, 4});
@@ -381,8 +373,8 @@ TEST_CASE("a kernel's stats are reset by each call, not accumulated", "[stats]")
   const auto table = LayerThresholds::uniform(2, ThresholdSpace::raw_score, {1.0, 1.0});
   AttentionStats stats;
   for (int call = 0; call < 2; ++call) {
-    top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(),
-                                     table, decode_options(), &stats);
+    top_theta_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), table,
+                                     decode_options(), &stats);
     INFO("call " << call);
     CHECK(stats.elements_kept == Counts{2, 2});
     CHECK(stats.rows == 2);
@@ -397,8 +389,7 @@ TEMPLATE_TEST_CASE("top-k keeps min(L, k) elements per row", "[stats][top_k]", f
   options.k = k;
   options.attention.causal = causal;
   AttentionStats stats;
-  top_k_attention<Tiles<4, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options,
-                               &stats);
+  top_k_attention<Tiles<4, 8>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options, &stats);
   std::uint64_t kept = 0, visible = 0, dense = 0;
   for (Index i = 0; i < 12; ++i) {
     const Index L = causal ? i + 1 : 12;
@@ -414,16 +405,14 @@ TEMPLATE_TEST_CASE("top-k keeps min(L, k) elements per row", "[stats][top_k]", f
   CHECK(stats.empty_rows == 0);
 }
 
-TEST_CASE(
-    "top-k decode keeps the k largest scores, ties to the larger position, with the group's V-row union",
-    "[stats][top_k]") {
+TEST_CASE("top-k decode keeps the k largest scores, ties to the larger position, with the group's V-row union",
+          "[stats][top_k]") {
   auto problem = group_problem(1);
   TopKOptions options;
   options.attention = decode_options().attention;
   options.k = 2;
   AttentionStats stats;
-  top_k_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options,
-                               &stats);
+  top_k_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options, &stats);
   CHECK(stats.elements_kept == Counts{2, 2});
   CHECK(stats.v_rows_kept == Counts{3});
   CHECK(stats.v_rows_read == Counts{3});
@@ -432,8 +421,7 @@ TEST_CASE(
   CHECK(output_of(problem, 0, 1) == mean_of_rows(3, 5));
 
   options.k = 1;  // ties of the max: 3 beats 1 for head 0, 5 beats 3 for head 1
-  top_k_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options,
-                               &stats);
+  top_k_attention<Tiles<1, 4>>(problem.queries(), problem.keys(), problem.values(), problem.output(), options, &stats);
   CHECK(stats.elements_kept == Counts{1, 1});
   CHECK(stats.v_rows_kept == Counts{2});
   CHECK(output_of(problem, 0, 0) == row(3));
@@ -447,8 +435,8 @@ TEST_CASE("thresholded_softmax with a raw-score θ keeps a > θ and each compens
   // θ = 1.5, k = 1. Row 0 keeps {2, 3}: m = 3, D = e^-1 + 1, pruned {0, 1, 4}.
   // Row 1 keeps {0, 1}: m = 2, D = 2, pruned {2, 3, 4}.
   const DenominatorCompensation mode =
-      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-               DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated);
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold,
+               DenominatorCompensation::calibrated);
   const double lambda = GENERATE(0.5, 1.0);
   const double c = 0.3;
   double C0 = 0, C1 = 0;
@@ -508,8 +496,7 @@ TEST_CASE("thresholded_softmax in the score_minus_max and score_over_query_norm 
     theta = 0.8;
     rows.query_norms = {2.0, 0.5};
     const double den0 = e(-1) + 1 + 3 * e(1.6 - 3), den1 = 2 + e(-1.5) + e(-1) + e(0.4 - 2);
-    expected = {{{2, 3}, {e(-1) / den0, 1 / den0}},
-                {{0, 1, 2, 4}, {1 / den1, 1 / den1, e(-1.5) / den1, e(-1) / den1}}};
+    expected = {{{2, 3}, {e(-1) / den0, 1 / den0}}, {{0, 1, 2, 4}, {1 / den1, 1 / den1, e(-1.5) / den1, e(-1) / den1}}};
   } else {
     // θ = -1.2: τ = m - 1.2 = {1.8, 0.8}; row 0 keeps {2, 3}, row 1 keeps {0, 1, 4}.
     // Exp-threshold: C0 = 3 e^(-1.2), C1 = 2 e^(-1.2).
@@ -546,8 +533,8 @@ TEST_CASE("thresholded_softmax never returns an empty row: the max-score key, ti
 TEST_CASE("thresholded_softmax with cap_k keeps the k survivors with the largest positions",
           "[stats][thresholded_softmax]") {
   // θ = 1.5, k = 1: row 0 {2, 3} -> {3}, row 1 {0, 1} -> {1}. The capped survivor counts as pruned.
-  const DenominatorCompensation mode = GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact,
-                                                DenominatorCompensation::exp_threshold);
+  const DenominatorCompensation mode =
+      GENERATE(DenominatorCompensation::none, DenominatorCompensation::exact, DenominatorCompensation::exp_threshold);
   double C0 = 0, C1 = 0;
   if (mode == DenominatorCompensation::exact) {
     C0 = e(-1) + e(-2) + e(-3) + e(-4);
@@ -566,11 +553,9 @@ TEST_CASE("thresholded_softmax with cap_k keeps the k survivors with the largest
   CHECK(stats.elements_kept == Counts{2});
 }
 
-TEST_CASE("thresholded_softmax honours row lengths and the per-row dense rule",
-          "[stats][thresholded_softmax]") {
+TEST_CASE("thresholded_softmax honours row lengths and the per-row dense rule", "[stats][thresholded_softmax]") {
   const auto table = LayerThresholds::uniform(1, ThresholdSpace::raw_score, {1.5});
-  const TopThetaSelection selection(table, {DenominatorCompensation::exact, 1.0, false}, false,
-                                    Passes::automatic);
+  const TopThetaSelection selection(table, {DenominatorCompensation::exact, 1.0, false}, false, Passes::automatic);
   AttentionStats stats;
   {
     // Lengths {3, 5}: row 0 sees [0, 1, 2], keeps {2} (m = 2, D = 1), pruned e^-2 + e^-1.
@@ -596,8 +581,7 @@ TEST_CASE("thresholded_softmax honours row lengths and the per-row dense rule",
   {
     // k = 5 >= L: both rows dense, the plain softmax.
     const auto dense_table = LayerThresholds::uniform(5, ThresholdSpace::raw_score, {1.5});
-    const TopThetaSelection dense(dense_table, {DenominatorCompensation::exact, 1.0, false}, false,
-                                  Passes::automatic);
+    const TopThetaSelection dense(dense_table, {DenominatorCompensation::exact, 1.0, false}, false, Passes::automatic);
     const auto result = thresholded_softmax(two_score_rows(), dense, {}, &stats);
     const double Z0 = e(-3) + e(-2) + e(-1) + 1 + e(-4), Z1 = 1 + 1 + e(-1.5) + e(-5) + e(-1);
     check_rows(result, {{{0, 1, 2, 3, 4}, {e(-3) / Z0, e(-2) / Z0, e(-1) / Z0, 1 / Z0, e(-4) / Z0}},
@@ -630,8 +614,7 @@ TEST_CASE("thresholded_softmax with top-k keeps the k largest and bounds pruned 
   // k = 2: row 0 keeps {2, 3}, (k+1)-th largest 1; row 1 keeps {0, 1}, (k+1)-th largest 1.
   const bool exp_threshold = GENERATE(false, true);
   const TopKSelection selection(
-      2,
-      {exp_threshold ? DenominatorCompensation::exp_threshold : DenominatorCompensation::none, 1.0, false});
+      2, {exp_threshold ? DenominatorCompensation::exp_threshold : DenominatorCompensation::none, 1.0, false});
   AttentionStats stats;
   const auto result = thresholded_softmax(two_score_rows(), selection, {}, &stats);
   const double den0 = e(-1) + 1 + (exp_threshold ? 3 * e(1 - 3.0) : 0.0);

@@ -22,11 +22,11 @@ using Catch::Approx;  // Catch2 v2 has it at global scope
 
 /// `expression` throws toptheta::invalid_argument whose message names `argument` first (what() reads
 /// "toptheta: <argument>: expected <what>, got <value>") and mentions `expected`.
-#define REQUIRE_INVALID(expression, argument, expected)                                                \
-  do {                                                                                                 \
-    REQUIRE_THROWS_AS(expression, toptheta::invalid_argument);                                         \
-    REQUIRE_THROWS_WITH(expression, toptheta_test::mentions("toptheta: " + std::string(argument)));    \
-    REQUIRE_THROWS_WITH(expression, toptheta_test::mentions(expected));                                \
+#define REQUIRE_INVALID(expression, argument, expected)                                             \
+  do {                                                                                              \
+    REQUIRE_THROWS_AS(expression, toptheta::invalid_argument);                                      \
+    REQUIRE_THROWS_WITH(expression, toptheta_test::mentions("toptheta: " + std::string(argument))); \
+    REQUIRE_THROWS_WITH(expression, toptheta_test::mentions(expected));                             \
   } while (false)
 
 namespace toptheta_test {
@@ -65,7 +65,11 @@ struct Problem {
 
   Problem(Index n_q, Index n_kv, Index q_heads_, Index kv_heads_, Index dim, unsigned seed, double spread = 1.0,
           bool heads_major_ = false)
-      : query_rows(n_q), key_rows(n_kv), q_heads(q_heads_), kv_heads(kv_heads_), head_dim(dim),
+      : query_rows(n_q),
+        key_rows(n_kv),
+        q_heads(q_heads_),
+        kv_heads(kv_heads_),
+        head_dim(dim),
         heads_major(heads_major_) {
     std::mt19937 rng(seed);
     std::normal_distribution<double> normal(0.0, 1.0);
@@ -110,10 +114,14 @@ inline double relative_error(const Eigen::MatrixXd& a, const Eigen::MatrixXd& b)
 inline double space_value(toptheta::ThresholdSpace space, const toptheta::ReferenceRow& row, Index j) {
   const double a = row.scores(j);
   switch (space) {
-    case toptheta::ThresholdSpace::raw_score: return a;
-    case toptheta::ThresholdSpace::probability: return std::exp(a - row.max) / row.sum;
-    case toptheta::ThresholdSpace::score_minus_max: return a - row.max;
-    case toptheta::ThresholdSpace::score_over_query_norm: return a / row.query_norm;
+    case toptheta::ThresholdSpace::raw_score:
+      return a;
+    case toptheta::ThresholdSpace::probability:
+      return std::exp(a - row.max) / row.sum;
+    case toptheta::ThresholdSpace::score_minus_max:
+      return a - row.max;
+    case toptheta::ThresholdSpace::score_over_query_norm:
+      return a / row.query_norm;
   }
   return a;
 }
@@ -154,9 +162,8 @@ inline std::vector<bool> top_k_kept(const toptheta::ReferenceRow& row, Index k) 
   if (row.length <= k) return kept;
   std::vector<Index> order(std::size_t(row.length));
   std::iota(order.begin(), order.end(), Index(0));
-  std::sort(order.begin(), order.end(), [&](Index a, Index b) {
-    return row.scores(a) != row.scores(b) ? row.scores(a) > row.scores(b) : a > b;
-  });
+  std::sort(order.begin(), order.end(),
+            [&](Index a, Index b) { return row.scores(a) != row.scores(b) ? row.scores(a) > row.scores(b) : a > b; });
   std::fill(kept.begin(), kept.end(), false);
   for (Index t = 0; t < k; ++t) kept[std::size_t(order[std::size_t(t)])] = true;
   return kept;
@@ -166,10 +173,14 @@ inline std::vector<bool> top_k_kept(const toptheta::ReferenceRow& row, Index k) 
 inline double threshold_in_score_units(toptheta::ThresholdSpace space, double theta,
                                        const toptheta::ReferenceRow& row) {
   switch (space) {
-    case toptheta::ThresholdSpace::raw_score: return theta;
-    case toptheta::ThresholdSpace::probability: return row.max + std::log(theta * row.sum);
-    case toptheta::ThresholdSpace::score_minus_max: return row.max + theta;
-    case toptheta::ThresholdSpace::score_over_query_norm: return theta * row.query_norm;
+    case toptheta::ThresholdSpace::raw_score:
+      return theta;
+    case toptheta::ThresholdSpace::probability:
+      return row.max + std::log(theta * row.sum);
+    case toptheta::ThresholdSpace::score_minus_max:
+      return row.max + theta;
+    case toptheta::ThresholdSpace::score_over_query_norm:
+      return theta * row.query_norm;
   }
   return theta;
 }
@@ -186,10 +197,14 @@ inline double denominator_term(toptheta::DenominatorCompensation mode, const top
     }
   if (pruned == 0) return 0;
   switch (mode) {
-    case toptheta::DenominatorCompensation::none: return 0;
-    case toptheta::DenominatorCompensation::exact: return pruned_mass;
-    case toptheta::DenominatorCompensation::exp_threshold: return double(pruned) * std::exp(pruned_bound - row.max);
-    case toptheta::DenominatorCompensation::calibrated: return calibrated;
+    case toptheta::DenominatorCompensation::none:
+      return 0;
+    case toptheta::DenominatorCompensation::exact:
+      return pruned_mass;
+    case toptheta::DenominatorCompensation::exp_threshold:
+      return double(pruned) * std::exp(pruned_bound - row.max);
+    case toptheta::DenominatorCompensation::calibrated:
+      return calibrated;
   }
   return 0;
 }
@@ -199,8 +214,7 @@ inline toptheta::ReferenceSparsity top_theta_sparsity(const toptheta::LayerThres
                                                       const toptheta::Compensation& compensation, bool cap_k) {
   toptheta::ReferenceSparsity sparsity;
   sparsity.keep = [&table, cap_k](const toptheta::ReferenceRow& row) { return top_theta_kept(row, table, cap_k); };
-  sparsity.denominator_term = [&table, compensation](const toptheta::ReferenceRow& row,
-                                                     const std::vector<bool>& kept) {
+  sparsity.denominator_term = [&table, compensation](const toptheta::ReferenceRow& row, const std::vector<bool>& kept) {
     const auto lookup = table.lookup(row.query_head, row.length);
     return denominator_term(compensation.denominator, row, kept,
                             threshold_in_score_units(table.space(), lookup.theta, row), lookup.denominator_term);

@@ -12,8 +12,8 @@
 
 #include <cstring>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 
 using namespace toptheta;
 using namespace toptheta_test;
@@ -121,8 +121,9 @@ TEST_CASE("the reference text files import into a table with their thresholds, t
   CHECK(table.samples(1)(1, 0) == 2);
 
   // Without the denominator-term file, and with the layers and heads in any order, CRLF and extra blanks.
-  const fs::path shuffled = directory.write(
-      "shuffled.txt", "\r\nL1_H1:17   2.5\t2 16\r\n  L0_H1:9 1e-05 7 4  \nL0_H0:9 1.25 7 4\nL0_H1:5 -0.5 10 4\n\n"
+  const fs::path shuffled =
+      directory.write("shuffled.txt",
+                      "\r\nL1_H1:17   2.5\t2 16\r\n  L0_H1:9 1e-05 7 4  \nL0_H0:9 1.25 7 4\nL0_H1:5 -0.5 10 4\n\n"
                       "L1_H0:17 3.0 2 16\nL0_H0:5 0.5 10 4");
   const ThresholdTable same = import_reference_thresholds(two_by_two(), shuffled);
   CHECK_FALSE(same.layer(0).has_denominator_terms());
@@ -136,8 +137,7 @@ TEST_CASE("a missing, truncated or malformed reference file is rejected naming t
   SECTION("missing or not a file") {
     TemporaryDirectory directory;
     const std::string missing = (directory.path / "absent.txt").string();
-    CHECK_THROWS_WITH(import_reference_thresholds(two_by_two(), missing),
-                      mentions(missing) && mentions("cannot open"));
+    CHECK_THROWS_WITH(import_reference_thresholds(two_by_two(), missing), mentions(missing) && mentions("cannot open"));
     CHECK_THROWS_WITH(import_reference_thresholds(two_by_two(), directory.path),
                       mentions(directory.path.string()) && mentions("directory"));
     const fs::path thresholds = directory.write("th.txt", reference_thresholds_text);
@@ -171,8 +171,8 @@ TEST_CASE("a missing, truncated or malformed reference file is rejected naming t
        "k 5 differs from k 4 of layer 0"},
       {"head outside the model", good + "L0_H2:5 0.5 10 4\n", "line 7", "head 2 outside the model's 2 query heads"},
       {"layer outside the model", good + "L2_H0:5 0.5 10 4\n", "line 7", "layer 2 outside the model's 2 layers"},
-      {"a head without a length", "L0_H0:5 0.5 10 4\nL0_H0:9 1 1 4\nL0_H1:9 1 1 4\nL1_H0:5 1 1 4\nL1_H1:5 1 1 4\n",
-       "", "no threshold for L0_H1:5"},
+      {"a head without a length", "L0_H0:5 0.5 10 4\nL0_H0:9 1 1 4\nL0_H1:9 1 1 4\nL1_H0:5 1 1 4\nL1_H1:5 1 1 4\n", "",
+       "no threshold for L0_H1:5"},
       {"a missing layer", "L0_H0:5 0.5 10 4\nL0_H1:5 1 1 4\n", "", "no thresholds for layer 1"},
       {"empty file", "", "", "no thresholds for layer 0"},
   };
@@ -298,8 +298,16 @@ TEST_CASE("a threshold table survives a JSON round trip bit for bit", "[threshol
     theta.data()[i] = value;
     terms.data()[i] = std::abs(value);
   }
-  const double special[] = {-0.0, 0.0, 5e-324, 2.2250738585072009e-308, std::numeric_limits<double>::max(),
-                            std::numeric_limits<double>::lowest(), 0.1, 1.0 / 3, -1e-300, 123456789.125};
+  const double special[] = {-0.0,
+                            0.0,
+                            5e-324,
+                            2.2250738585072009e-308,
+                            std::numeric_limits<double>::max(),
+                            std::numeric_limits<double>::lowest(),
+                            0.1,
+                            1.0 / 3,
+                            -1e-300,
+                            123456789.125};
   for (std::size_t i = 0; i < std::size(special); ++i) {
     theta(0, Index(i)) = special[i];
     terms(1, Index(i)) = std::abs(special[i]);
@@ -320,9 +328,10 @@ TEST_CASE("a threshold table survives a JSON round trip bit for bit", "[threshol
   CHECK_THROWS_WITH(save_thresholds(table, directory.path / "absent" / "t.json"), mentions("cannot open"));
 }
 
-TEST_CASE("a missing, truncated or malformed JSON threshold file is rejected naming the file, the line or field, "
-          "and the problem",
-          "[threshold_io][json][bad_input]") {
+TEST_CASE(
+    "a missing, truncated or malformed JSON threshold file is rejected naming the file, the line or field, "
+    "and the problem",
+    "[threshold_io][json][bad_input]") {
   const std::string good = thresholds_to_json(calibrated_table(CalibrationMethod::count_matched));
   REQUIRE(json_error(good).empty());
   struct Case {
@@ -350,12 +359,12 @@ TEST_CASE("a missing, truncated or malformed JSON threshold file is rejected nam
       {"kv heads do not divide", replaced(good, "\"kv_heads\":1", "\"kv_heads\":3"), "/model/kv_heads",
        "divisor of q_heads"},
       {"wrong layer count", replaced(good, "\"layers\":3", "\"layers\":4"), "/layers", "expected 4 elements"},
-      {"null theta", modified(good, [](auto& j) { j["layers"][1]["theta"][0][2] = nullptr; }),
-       "/layers/1/theta/0/2", "expected a finite number, got null"},
+      {"null theta", modified(good, [](auto& j) { j["layers"][1]["theta"][0][2] = nullptr; }), "/layers/1/theta/0/2",
+       "expected a finite number, got null"},
       {"theta as text", modified(good, [](auto& j) { j["layers"][0]["theta"][1][0] = "x"; }), "/layers/0/theta/1/0",
        "expected a finite number, got a string"},
-      {"short theta row", modified(good, [](auto& j) { j["layers"][0]["theta"][1].erase(0); }),
-       "/layers/0/theta/1", "(one per length)"},
+      {"short theta row", modified(good, [](auto& j) { j["layers"][0]["theta"][1].erase(0); }), "/layers/0/theta/1",
+       "(one per length)"},
       {"missing samples", modified(good, [](auto& j) { j["layers"][0].erase("samples"); }), "/layers/0",
        "missing field \"samples\""},
       {"negative k", replaced(good, "\"k\": 4", "\"k\": -4"), "/layers/0/k", "expected an integer in [1, "},
@@ -376,11 +385,10 @@ TEST_CASE("a missing, truncated or malformed JSON threshold file is rejected nam
     CHECK_THAT(message, mentions("table.json") && mentions(c.location) && mentions(c.problem));
   }
   // Semantic errors found by the table: lengths that are not representatives, out of order, bad terms.
-  const ThresholdTable small({1, 1, 1, 8}, ThresholdSpace::raw_score, LengthBuckets{4, 2},
-                             CalibrationMethod::mean_of_thresholds, 0.0,
-                             {LayerThresholds(2, ThresholdSpace::raw_score, {3, 5}, Eigen::MatrixXd::Ones(1, 2),
-                                              Eigen::MatrixXd::Zero(1, 2))},
-                             {SampleCounts::Ones(1, 2)});
+  const ThresholdTable small(
+      {1, 1, 1, 8}, ThresholdSpace::raw_score, LengthBuckets{4, 2}, CalibrationMethod::mean_of_thresholds, 0.0,
+      {LayerThresholds(2, ThresholdSpace::raw_score, {3, 5}, Eigen::MatrixXd::Ones(1, 2), Eigen::MatrixXd::Zero(1, 2))},
+      {SampleCounts::Ones(1, 2)});
   const std::string text = thresholds_to_json(small);
   CHECK_THAT(json_error(replaced(text, "[3,5]", "[3,7]")),
              mentions("table.json: /:") && mentions("layers[0].lengths[1]") && mentions("representative"));

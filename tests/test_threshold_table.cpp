@@ -32,8 +32,7 @@ TEST_CASE("a threshold table reports its k, space, heads and calibrated lengths"
   CHECK_FALSE(three_length_table(false).has_denominator_terms());
 }
 
-TEST_CASE("lookup at a calibrated length returns that column exactly and does not extrapolate",
-          "[threshold_table]") {
+TEST_CASE("lookup at a calibrated length returns that column exactly and does not extrapolate", "[threshold_table]") {
   const auto table = three_length_table();
   const Index lengths[] = {10, 20, 40};
   const double theta[2][3] = {{1.0, 2.0, 4.0}, {-1.0, 0.5, 0.5}};
@@ -114,10 +113,8 @@ TEST_CASE("a table calibrated at one length answers it exactly and extrapolates 
   }
 }
 
-TEST_CASE("a uniform table answers every length with its per-head value and never extrapolates",
-          "[threshold_table]") {
-  const auto table =
-      LayerThresholds::uniform(4, ThresholdSpace::probability, {0.01, 0.02, 0.03}, {0.5, 0.0, 7.0});
+TEST_CASE("a uniform table answers every length with its per-head value and never extrapolates", "[threshold_table]") {
+  const auto table = LayerThresholds::uniform(4, ThresholdSpace::probability, {0.01, 0.02, 0.03}, {0.5, 0.0, 7.0});
   CHECK(table.length_independent());
   CHECK(table.heads() == 3);
   CHECK(table.k() == 4);
@@ -164,8 +161,7 @@ TEST_CASE("the kernel uses the interpolated θ of each row length", "[threshold_
   TopThetaOptions options;
   options.attention.scale = 1.0;
   AttentionStats stats;
-  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options,
-                      &stats);
+  top_theta_attention(problem.queries(), problem.keys(), problem.values(), problem.output(), table, options, &stats);
   std::uint64_t expected_kept = 1 + 2 + 1;  // L = 1, 2 (dense), 3
   for (Index L = 4; L <= 12; ++L) expected_kept += 2;
   expected_kept += 3 + 4;  // L = 13: {10, 11, 12}; L = 14: {10, ..., 13}
@@ -177,7 +173,6 @@ TEST_CASE("the kernel uses the interpolated θ of each row length", "[threshold_
   for (Index L = 4; L <= 12; ++L) {
     const double a = double((L - 2) * (L - 2)), b = double((L - 1) * (L - 1));
     INFO("row length " << L);
-    CHECK(problem.out[std::size_t(L - 1)] ==
-          Approx((std::exp(-0.1) * a + b) / (std::exp(-0.1) + 1)).epsilon(1e-12));
+    CHECK(problem.out[std::size_t(L - 1)] == Approx((std::exp(-0.1) * a + b) / (std::exp(-0.1) + 1)).epsilon(1e-12));
   }
 }

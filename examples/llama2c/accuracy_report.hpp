@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <iterator>
-#include <optional>
 #include <functional>
 #include <iomanip>
+#include <iterator>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -20,8 +20,8 @@ namespace llama2c {
 
 /// How the table was made, for its header.
 struct AccuracyReportContext {
-  std::string command;  ///< the exact command line
-  std::string model;    ///< checkpoint path
+  std::string command;     ///< the exact command line
+  std::string model;       ///< checkpoint path
   double seconds = 0;      ///< wall-clock time of the whole run
   double cpu_seconds = 0;  ///< processor time of the whole run, all threads
   int threads = 1;
@@ -55,8 +55,7 @@ inline const TableRow* most_accurate(const AccuracyTable& table, Index k,
                                      const std::function<bool(const TableConfiguration&)>& select) {
   const TableRow* best = nullptr;
   for (const TableRow& row : table.rows)
-    if (row.k() == k && select(row.configuration) &&
-        (!best || row.perplexity_increase() < best->perplexity_increase()))
+    if (row.k() == k && select(row.configuration) && (!best || row.perplexity_increase() < best->perplexity_increase()))
       best = &row;
   return best;
 }
@@ -82,7 +81,8 @@ inline std::string reading(const AccuracyTable& table) {
   using toptheta::DenominatorCompensation;
   using toptheta::ThresholdSpace;
   using Space = std::optional<ThresholdSpace>;
-  const Index k = std::find(table.ks.begin(), table.ks.end(), 32) != table.ks.end() ? 32 : table.ks[table.ks.size() / 2];
+  const Index k =
+      std::find(table.ks.begin(), table.ks.end(), 32) != table.ks.end() ? 32 : table.ks[table.ks.size() / 2];
   const Compensation none{}, vmc{DenominatorCompensation::none, 1.0, true},
       exp_threshold{DenominatorCompensation::exp_threshold, 1.0, false},
       exp_threshold_vmc{DenominatorCompensation::exp_threshold, 1.0, true};
@@ -106,16 +106,18 @@ inline std::string reading(const AccuracyTable& table) {
                                                  {std::nullopt, "top-k"}};
   for (std::size_t i = 0; i < std::size(kinds); ++i)
     if (const TableRow* best = best_in(kinds[i].first))
-      md << (i == 0 ? " " : i + 1 == std::size(kinds) ? " and " : ", ") << kinds[i].second << " "
-         << ppl(best) << " (" << fixed(best->decode_v_reduction(), 1) << "x)";
+      md << (i == 0                      ? " "
+             : i + 1 == std::size(kinds) ? " and "
+                                         : ", ")
+         << kinds[i].second << " " << ppl(best) << " (" << fixed(best->decode_v_reduction(), 1) << "x)";
   Index meeting = 0, meeting_probability = 0;
   for (const TableRow& r : table.rows)
     if (r.meets_target()) {
       ++meeting;
       meeting_probability += r.configuration.space == ThresholdSpace::probability ? 1 : 0;
     }
-  md << " (perplexity increase, decode V-row reduction). " << meeting << " rows meet the target, " << meeting_probability
-     << " of them in the probability space.\n\n";
+  md << " (perplexity increase, decode V-row reduction). " << meeting << " rows meet the target, "
+     << meeting_probability << " of them in the probability space.\n\n";
 
   const TableRow *probability = row(ThresholdSpace::probability, count_matched, none),
                  *probability_vmc = row(ThresholdSpace::probability, count_matched, vmc),
@@ -171,15 +173,17 @@ inline std::string reading(const AccuracyTable& table) {
           "even share in "
        << first_layer_denser << " of the " << splits << " splits: " << split_pairs << ".\n\n";
 
-  const TableRow *raw = row(ThresholdSpace::raw_score, count_matched, none);
+  const TableRow* raw = row(ThresholdSpace::raw_score, count_matched, none);
   md << "*Raw-score thresholds*: one θ per (head, length) is compared with a_ij = s⟨q_i, k_j⟩, whose scale "
         "changes from query to query (with the head size "
      << table.head_dim
-     << ", s‖q_i‖‖k_j‖ varies widely), so the same θ keeps many keys of one row and none of another. With count-matched raw-score thresholds "
+     << ", s‖q_i‖‖k_j‖ varies widely), so the same θ keeps many keys of one row and none of another. With "
+        "count-matched raw-score thresholds "
      << fixed(100 * (raw ? raw->decode_empty_rows() : 0.0), 1)
      << " % of the decode rows have no score above θ and keep only their max key (the probability space: "
      << fixed(100 * (probability ? probability->decode_empty_rows() : 0.0), 1) << " %), and perplexity rises by "
-     << ppl(raw) << " although the mean keep count matches k. The row-relative spaces sit in between: "
+     << ppl(raw)
+     << " although the mean keep count matches k. The row-relative spaces sit in between: "
         "score − max removes the row's shift but not its spread, score/‖q‖ the query's norm but not the keys' "
         "spread.\n\n";
 
@@ -193,16 +197,16 @@ inline std::string reading(const AccuracyTable& table) {
   md << "*Calibration method.* The mean of the rows' (k+1)-th values is not the θ that keeps k on average: in "
         "score − max it keeps "
      << kept(minus_max_mean) << " of the decode elements (" << ppl(minus_max_mean) << ") where count-matched keeps "
-     << kept(minus_max_matched) << " (" << ppl(minus_max_matched)
-     << ")" << (mean_keeps_more_and_better ? ", so its better accuracy is bought with more V rows" : "")
+     << kept(minus_max_matched) << " (" << ppl(minus_max_matched) << ")"
+     << (mean_keeps_more_and_better ? ", so its better accuracy is bought with more V rows" : "")
      << ". In the probability space (with VMC) mean-of-thresholds keeps " << kept(probability_mean) << " ("
      << ppl(probability_mean) << ") and count-matched " << kept(probability_vmc) << " (" << ppl(probability_vmc)
      << ").\n\n";
 
   // Score spaces: does any denominator compensation beat renormalising (none) for the same space and method?
   Index pairs = 0, helped = 0;
-  for (ThresholdSpace space : {ThresholdSpace::raw_score, ThresholdSpace::score_minus_max,
-                               ThresholdSpace::score_over_query_norm})
+  for (ThresholdSpace space :
+       {ThresholdSpace::raw_score, ThresholdSpace::score_minus_max, ThresholdSpace::score_over_query_norm})
     for (CalibrationMethod method : {mean, count_matched}) {
       const TableRow* plain = row(space, method, none);
       const TableRow* compensated = most_accurate(table, k, [&](const TableConfiguration& c) {
@@ -212,7 +216,8 @@ inline std::string reading(const AccuracyTable& table) {
       ++pairs;
       helped += compensated->perplexity_increase() < plain->perplexity_increase() ? 1 : 0;
     }
-  const TableRow *top_k_sdc = row(std::nullopt, mean, exp_threshold), *top_k_sdc_vmc = row(std::nullopt, mean, exp_threshold_vmc);
+  const TableRow *top_k_sdc = row(std::nullopt, mean, exp_threshold),
+                 *top_k_sdc_vmc = row(std::nullopt, mean, exp_threshold_vmc);
   md << "*Denominator compensation* beat plain renormalisation for " << helped << " of " << pairs
      << " (score space, method) pairs at k = " << k
      << ". The exp-threshold term (L_i − |S_i|) exp(τ_i − m_i) bounds every pruned term by the largest one, a bound "
@@ -271,8 +276,7 @@ inline std::string equal_cost_section(const AccuracyTable& table) {
   for (std::size_t i = 0; i < columns; ++i) md << "---:|";
   md << "\n";
   for (std::size_t n = 0; n < names.size(); ++n) {
-    if (std::none_of(increases[n].begin(), increases[n].end(), [](const auto& v) { return v.has_value(); }))
-      continue;
+    if (std::none_of(increases[n].begin(), increases[n].end(), [](const auto& v) { return v.has_value(); })) continue;
     md << "| " << names[n] << " |";
     for (std::size_t i = 0; i < columns; ++i) {
       const auto& increase = increases[n][i];
@@ -325,7 +329,8 @@ inline std::string accuracy_markdown(const AccuracyTable& table, const AccuracyR
   std::ostringstream md;
   md << "# Accuracy of Top-θ attention on a real model\n\n"
      << "Generated by the `llama2c` example program (examples/llama2c) with\n\n"
-     << "```sh\n" << context.command << "\n```\n\n"
+     << "```sh\n"
+     << context.command << "\n```\n\n"
      << "in " << fixed(context.seconds, 0) << " s wall-clock, " << fixed(context.cpu_seconds, 0)
      << " s of processor time (" << context.threads
      << " threads: calibration in 2 shards, then one configuration per thread, each on a single-threaded engine; "
@@ -344,8 +349,7 @@ inline std::string accuracy_markdown(const AccuracyTable& table, const AccuracyR
                    std::to_string(table.evaluation_sequences_given) +
                    " in the file, to keep the run within a few minutes on two cores)"
              : std::string())
-     << " is fed as one prefill of its first "
-     << fixed(100 * table.feed.prefill_fraction, 0)
+     << " is fed as one prefill of its first " << fixed(100 * table.feed.prefill_fraction, 0)
      << " % of tokens and token-by-token decode of the rest, every layer running the configuration's kernels, and "
         "compared position by position with dense attention fed the same way ("
      << table.evaluation_positions << " predicted positions; dense perplexity "
@@ -384,8 +388,8 @@ inline std::string accuracy_markdown(const AccuracyTable& table, const AccuracyR
       const auto decode = row.decode(), prefill = row.prefill();
       const bool best = &row == table.best(k);
       const std::string name = split_name(row);
-      md << "| " << (best ? "**" + name + "**" : name) << " | " << signed_percent(row.perplexity_increase())
-         << " | " << scientific(all.mean_kl()) << " | " << fixed(100 * all.top1_agreement(), 1) << " % | "
+      md << "| " << (best ? "**" + name + "**" : name) << " | " << signed_percent(row.perplexity_increase()) << " | "
+         << scientific(all.mean_kl()) << " | " << fixed(100 * all.top1_agreement(), 1) << " % | "
          << fixed(100 * decode.kept_fraction(), 1) << " % | " << fixed(100 * decode.v_rows_kept_fraction(), 1)
          << " % | " << fixed(row.decode_v_reduction(), 2) << "x | " << fixed(100 * prefill.kept_fraction(), 1)
          << " % | " << (row.meets_target() ? "✓" : "") << " |\n";

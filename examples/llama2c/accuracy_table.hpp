@@ -64,7 +64,8 @@ inline std::vector<CalibratedTable> calibrate_tables(const Model& model, const s
       }
   parallel_for(Index(calibrators.size()), threads, [&](Index shard) {
     std::vector<std::vector<int>> part;
-    for (std::size_t i = std::size_t(shard); i < sequences.size(); i += calibrators.size()) part.push_back(sequences[i]);
+    for (std::size_t i = std::size_t(shard); i < sequences.size(); i += calibrators.size())
+      part.push_back(sequences[i]);
     std::vector<toptheta::Calibrator*> feeds;
     for (const auto& calibrator : calibrators[std::size_t(shard)]) feeds.push_back(calibrator.get());
     EngineOptions engine_options;
@@ -89,7 +90,7 @@ inline std::vector<CalibratedTable> calibrate_tables(const Model& model, const s
 /// What one row of the accuracy table runs: top-k (no `space`) or Top-θ with the table of (k, space, method), and
 /// a compensation; k in every layer alike, or a split of the budget k over the layers (`layer_split.hpp`).
 struct TableConfiguration {
-  Index k = 0;  ///< per row of every layer, or the mean over the layers of `layer_k`
+  Index k = 0;                                    ///< per row of every layer, or the mean over the layers of `layer_k`
   std::optional<toptheta::ThresholdSpace> space;  ///< empty: top-k
   toptheta::CalibrationMethod method = toptheta::CalibrationMethod::mean_of_thresholds;  ///< Top-θ only
   toptheta::Compensation compensation;
@@ -100,8 +101,9 @@ struct TableConfiguration {
   /// E.g. "top-k, SDC exp_threshold" or "top-θ probability, count_matched, VMC" (", split over layers" for a
   /// split): the same for every k, so that the rows of one name form a curve over k.
   std::string name() const {
-    std::string text = top_k() ? std::string("top-k")
-                               : std::string("top-θ ") + toptheta::to_string(*space) + ", " + toptheta::to_string(method);
+    std::string text = top_k()
+                           ? std::string("top-k")
+                           : std::string("top-θ ") + toptheta::to_string(*space) + ", " + toptheta::to_string(method);
     if (compensation.denominator != toptheta::DenominatorCompensation::none)
       text += std::string(", SDC ") + toptheta::to_string(compensation.denominator);
     if (compensation.v_mean) text += ", VMC";
@@ -153,8 +155,8 @@ inline AttentionPlan table_plan(const TableConfiguration& configuration, const s
     if (calibrated.k == configuration.k && calibrated.space == *configuration.space &&
         calibrated.method == configuration.method)
       return top_theta_plan(layer_tables(calibrated.table), configuration.compensation);
-  throw std::invalid_argument("llama2c: no calibrated table for " + configuration.name() + ", k = " +
-                              std::to_string(configuration.k));
+  throw std::invalid_argument("llama2c: no calibrated table for " + configuration.name() +
+                              ", k = " + std::to_string(configuration.k));
 }
 
 /// A configuration's evaluation.
@@ -208,10 +210,10 @@ struct AccuracyTable {
 /// How `run_accuracy_table` is run.
 struct AccuracyTableOptions {
   std::vector<Index> ks{16, 20, 24, 32, 64};
-  FeedOptions feed;  ///< how evaluation sequences are fed; `max_sequences` limits them
+  FeedOptions feed;                     ///< how evaluation sequences are fed; `max_sequences` limits them
   Index max_calibration_sequences = 0;  ///< use only the first calibration sequences; 0: all
-  int threads = 1;   ///< configurations evaluated at once, each on its own single-threaded engine
-  Index calibration_shards = 2;  ///< parts of the calibration pass run in parallel (see `calibrate_tables`)
+  int threads = 1;                      ///< configurations evaluated at once, each on its own single-threaded engine
+  Index calibration_shards = 2;         ///< parts of the calibration pass run in parallel (see `calibrate_tables`)
   /// Budgets k split over the layers (`split_layers`, budget-matched probability thresholds, VMC): one row
   /// each, named "..., split over layers"; `split.k` and `split.threads` are replaced by each budget and
   /// `threads`.
@@ -252,8 +254,8 @@ inline AccuracyTable run_accuracy_table(const Model& model, const std::vector<st
   std::vector<TableConfiguration> configurations;
   for (Index k : options.ks)
     for (const TableConfiguration& c : table_configurations(k)) configurations.push_back(c);
-  say("evaluating " + std::to_string(configurations.size()) + " configurations on " +
-      std::to_string(options.threads) + " threads");
+  say("evaluating " + std::to_string(configurations.size()) + " configurations on " + std::to_string(options.threads) +
+      " threads");
 
   AccuracyTable result;
   result.ks = options.ks;
@@ -290,11 +292,11 @@ inline AccuracyTable run_accuracy_table(const Model& model, const std::vector<st
     split_options.threads = std::max(1, options.threads);
     say("splitting k = " + std::to_string(budget) + " over the layers");
     const LayerSplit split = split_layers(model, calibration_set, calibrator_options, table_options, vmc, split_options,
-                                         [&](const std::string& line) { say("  " + line); });
+                                          [&](const std::string& line) { say("  " + line); });
     TableRow row;
     row.configuration = {budget, toptheta::ThresholdSpace::probability, table_options.method, vmc, split.k()};
-    row.evaluation = evaluate(engine, top_theta_plan(layer_tables(split.table), vmc), evaluation_set, reference,
-                              options.feed);
+    row.evaluation =
+        evaluate(engine, top_theta_plan(layer_tables(split.table), vmc), evaluation_set, reference, options.feed);
     say("  k=" + std::to_string(budget) + " " + row.name() + " (" + row.configuration.layer_k_text() + ")");
     result.rows.push_back(std::move(row));
     if (std::find(result.ks.begin(), result.ks.end(), budget) == result.ks.end()) result.ks.push_back(budget);

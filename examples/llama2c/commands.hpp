@@ -16,8 +16,8 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
-#include <ctime>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
@@ -78,7 +78,8 @@ inline AttentionPlan attention_plan(const CommandLine& line, const Model& model)
   if (!line.given("thresholds") && !line.given("top-k"))
     for (const char* name : {"denominator", "lambda", "v-mean", "no-v-mean", "v-mean-of-pruned", "cap-k"})
       if (line.given(name))
-        throw usage_error(std::string("--") + name + ": expected with --thresholds or --top-k (dense attention "
+        throw usage_error(std::string("--") + name +
+                          ": expected with --thresholds or --top-k (dense attention "
                           "prunes nothing)");
   if (line.given("top-k")) {
     if (line.flag("cap-k")) throw usage_error("--cap-k: expected with --thresholds (top-k keeps k already)");
@@ -97,12 +98,16 @@ inline AttentionPlan attention_plan(const CommandLine& line, const Model& model)
       throw usage_error("--thresholds: expected a table for this model (" + std::to_string(layers) + " layers, " +
                         std::to_string(model.config.heads) + " heads), got " + std::to_string(table.shape().layers) +
                         " layers, " + std::to_string(table.shape().q_heads) + " heads");
-    if (table.space() == toptheta::ThresholdSpace::probability && compensation.denominator != DenominatorCompensation::none)
-      throw usage_error("--denominator: expected none for a probability-space table (post-softmax keeps the full "
-                        "denominator), got " + std::string(toptheta::to_string(compensation.denominator)));
+    if (table.space() == toptheta::ThresholdSpace::probability &&
+        compensation.denominator != DenominatorCompensation::none)
+      throw usage_error(
+          "--denominator: expected none for a probability-space table (post-softmax keeps the full "
+          "denominator), got " +
+          std::string(toptheta::to_string(compensation.denominator)));
     if (compensation.denominator == DenominatorCompensation::calibrated && !table.layer(0).has_denominator_terms())
-      throw usage_error("--denominator: calibrated needs a table with denominator terms; calibrate with "
-                        "--denominator-terms row_threshold or table_threshold");
+      throw usage_error(
+          "--denominator: calibrated needs a table with denominator terms; calibrate with "
+          "--denominator-terms row_threshold or table_threshold");
     return top_theta_plan(layer_tables(table), compensation, line.flag("cap-k"));
   }
   return dense_plan(layers);
@@ -180,7 +185,8 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
   toptheta::CalibratorOptions options;
   options.space = toptheta::threshold_space_from_string(
       line.choice("space", {"raw_score", "probability", "score_minus_max", "score_over_query_norm"}));
-  options.k = line.given("k-per-layer") ? line.integer_list("k-per-layer", 1) : std::vector<Index>{line.integer("k", 1)};
+  options.k =
+      line.given("k-per-layer") ? line.integer_list("k-per-layer", 1) : std::vector<Index>{line.integer("k", 1)};
   options.sample_fraction = line.real("sample-fraction", 0.0, 1.0);
   if (options.sample_fraction <= 0) throw usage_error("--sample-fraction: expected a fraction in (0, 1], got 0");
   options.seed = std::uint64_t(line.integer("seed", 0));
@@ -189,8 +195,8 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
       line.choice("method", {"count_matched", "mean_of_thresholds", "mass_matched", "budget_matched"}));
   table_options.sigma_add = line.real("sigma-add");
   if (table_options.method != toptheta::CalibrationMethod::mean_of_thresholds && table_options.sigma_add != 0)
-    throw usage_error(std::string("--sigma-add: expected 0 with --method ") + toptheta::to_string(table_options.method) +
-                      " (σ_add applies to mean_of_thresholds)");
+    throw usage_error(std::string("--sigma-add: expected 0 with --method ") +
+                      toptheta::to_string(table_options.method) + " (σ_add applies to mean_of_thresholds)");
   table_options.pruned_mass = line.real("pruned-mass");
   if (table_options.method == toptheta::CalibrationMethod::mass_matched &&
       !(table_options.pruned_mass > 0 && table_options.pruned_mass < 1))
@@ -223,8 +229,9 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
       calibrate(engine, sequences, {&calibrator});
       toptheta::ThresholdTable calibrated = calibrator.table(table_options, &report);
       out << "calibrated " << toptheta::to_string(calibrated.space()) << " thresholds ("
-          << toptheta::to_string(calibrated.method()) << ", denominator terms " << toptheta::to_string(table_options.denominator_terms) << ") on "
-          << sequences.size() << " sequences: " << calibrator.rows_used() << " rows used, " << calibrator.rows_dense()
+          << toptheta::to_string(calibrated.method()) << ", denominator terms "
+          << toptheta::to_string(table_options.denominator_terms) << ") on " << sequences.size()
+          << " sequences: " << calibrator.rows_used() << " rows used, " << calibrator.rows_dense()
           << " rows of length <= k left dense\n";
       return calibrated;
     }
@@ -263,20 +270,21 @@ inline int calibrate_command(const std::vector<std::string>& arguments, std::ost
 // eval
 
 inline CommandLine eval_options() {
-  return CommandLine(program, "eval",
-                     "Feeds each sequence as a prefill of its first part and token-by-token decode of the rest, with\n"
-                     "the chosen attention and with dense attention, and compares the next-token predictions.",
-                     with({{"model", "FILE", "llama2.c checkpoint (legacy float32)", std::nullopt, true},
-                           {"tokens", "FILE", "token sequences, one per line", std::nullopt, true}},
-                          with(attention_options(),
-                               {{"prefill-fraction", "F", "fraction of each sequence fed by prefill", "0.5"},
-                                {"max-sequences", "N", "use only the first N sequences (0: all)", "0"},
-                                {"kv-cache", "TYPE",
-                                 "the evaluated engine's KV cache: f32, bf16, q8_0 (int8, one half scale per 32 values; "
-                                 "head_dim a multiple of 32) or q8_8 (per 8 values: on stories260K, one per token and "
-                                 "head); dense attention on an f32 cache is the reference either way",
-                                 "f32"},
-                                {"json", "FILE", "also write the results as JSON", std::nullopt}})));
+  return CommandLine(
+      program, "eval",
+      "Feeds each sequence as a prefill of its first part and token-by-token decode of the rest, with\n"
+      "the chosen attention and with dense attention, and compares the next-token predictions.",
+      with({{"model", "FILE", "llama2.c checkpoint (legacy float32)", std::nullopt, true},
+            {"tokens", "FILE", "token sequences, one per line", std::nullopt, true}},
+           with(attention_options(),
+                {{"prefill-fraction", "F", "fraction of each sequence fed by prefill", "0.5"},
+                 {"max-sequences", "N", "use only the first N sequences (0: all)", "0"},
+                 {"kv-cache", "TYPE",
+                  "the evaluated engine's KV cache: f32, bf16, q8_0 (int8, one half scale per 32 values; "
+                  "head_dim a multiple of 32) or q8_8 (per 8 values: on stories260K, one per token and "
+                  "head); dense attention on an f32 cache is the reference either way",
+                  "f32"},
+                 {"json", "FILE", "also write the results as JSON", std::nullopt}})));
 }
 
 /// `evaluate` on an engine whose KV cache stores `kv_cache` ("f32", "bf16", "q8_0", "q8_8"), against the
@@ -344,7 +352,8 @@ inline void print_evaluation(std::ostream& out, const Evaluation& evaluation) {
   };
   line("positions", [](const PredictionMetrics& m) { return std::to_string(m.positions); });
   out << std::left << std::setw(24) << "" << std::right << std::setw(14) << "all" << std::setw(14) << "prefill"
-      << std::setw(14) << "decode" << "\n";
+      << std::setw(14) << "decode"
+      << "\n";
   line("mean NLL", [](const PredictionMetrics& m) { return fixed(m.mean_nll(), 5); });
   line("mean NLL dense", [](const PredictionMetrics& m) { return fixed(m.reference_mean_nll(), 5); });
   line("perplexity ratio", [](const PredictionMetrics& m) { return fixed(m.perplexity_ratio(), 5); });
@@ -357,7 +366,8 @@ inline void print_evaluation(std::ostream& out, const Evaluation& evaluation) {
   out << "\n"
       << std::left << std::setw(8) << "layer" << std::right << std::setw(14) << "prefill kept" << std::setw(16)
       << "prefill V rows" << std::setw(14) << "decode kept" << std::setw(15) << "decode V rows" << std::setw(16)
-      << "V reduction" << "\n";
+      << "V reduction"
+      << "\n";
   const auto row = [&](const std::string& name, const toptheta::AttentionStats& prefill,
                        const toptheta::AttentionStats& decode) {
     const double v = decode.v_rows_kept_fraction();
@@ -391,8 +401,7 @@ inline int eval_command(const std::vector<std::string>& arguments, std::ostream&
   const std::string kv_cache = line.choice("kv-cache", {"f32", "bf16", "q8_0", "q8_8"});
   Engine<float> engine(model, engine_options);
   const auto reference = feed_sequences(engine, sequences, feed);
-  const Evaluation evaluation =
-      evaluate_with_cache(kv_cache, model, engine_options, plan, sequences, reference, feed);
+  const Evaluation evaluation = evaluate_with_cache(kv_cache, model, engine_options, plan, sequences, reference, feed);
 
   out << "attention: " << describe(plan) << ", KV cache " << kv_cache << "\n"
       << sequences.size() << " sequences, prefill fraction " << feed.prefill_fraction << "\n\n";
@@ -435,7 +444,8 @@ int next_token(const Eigen::DenseBase<Derived>& logits, double temperature, std:
     logits.derived().maxCoeff(&best);
     return int(best);
   }
-  const Eigen::VectorXd probabilities = (log_softmax(logits.derived().template cast<double>() / temperature)).array().exp();
+  const Eigen::VectorXd probabilities =
+      (log_softmax(logits.derived().template cast<double>() / temperature)).array().exp();
   double u = std::uniform_real_distribution<double>(0.0, 1.0)(random);
   for (Index j = 0; j < probabilities.size(); ++j) {
     u -= probabilities(j);
@@ -624,8 +634,9 @@ inline int table_command(const std::vector<std::string>& arguments, std::ostream
   out << "wrote " << line.text("out") << " in " << fixed(seconds, 1) << " s\n";
   for (Index k : table.ks)
     if (const TableRow* best = table.best(k))
-      out << "k = " << k << ": best " << best->name() << ": ppl " << std::showpos << fixed(100 * best->perplexity_increase(), 2)
-          << std::noshowpos << " %, " << fixed(best->decode_v_reduction(), 2) << "x fewer decode V rows\n";
+      out << "k = " << k << ": best " << best->name() << ": ppl " << std::showpos
+          << fixed(100 * best->perplexity_increase(), 2) << std::noshowpos << " %, "
+          << fixed(best->decode_v_reduction(), 2) << "x fewer decode V rows\n";
     else
       out << "k = " << k << ": no configuration reads >= 3x fewer decode V rows at <= 1 % perplexity increase\n";
   return 0;
@@ -643,7 +654,8 @@ inline std::string program_help() {
          "  generate    greedy or sampled tokens, and decode speed\n"
          "  tokenize    text lines in, token files out (with a llama2.c tokenizer.bin)\n"
          "  table       the accuracy table over k, threshold spaces, compensations and calibration methods\n\n"
-         "Run '" + program + " <command> --help' for a command's options.\n";
+         "Run '" +
+         program + " <command> --help' for a command's options.\n";
 }
 
 }  // namespace cli

@@ -232,8 +232,8 @@ class Engine {
       kernel_options.value_prefix_sum = cache.value_sum_before(past);
       kernel_options.cap_k = top_theta.cap_k;
       kernel_options.passes = top_theta.passes;
-      toptheta::top_theta_attention(queries, keys, values, output, top_theta.thresholds, kernel_options,
-                                    stats, executor_);
+      toptheta::top_theta_attention(queries, keys, values, output, top_theta.thresholds, kernel_options, stats,
+                                    executor_);
     }
     if (stats) (decode ? stats_.decode : stats_.prefill)[std::size_t(layer)].merge(call_stats);
     if constexpr (!kv_is_real) out = out_stored.template cast<Real>();
@@ -313,15 +313,14 @@ class Engine {
     const Index n = Index(tokens.size());
     if (n == 0) throw toptheta::invalid_argument("llama2c: tokens: expected at least one token, got none");
     if (position_ + n > capacity_)
-      throw toptheta::invalid_argument("llama2c: tokens: expected at most " +
-                                       std::to_string(capacity_ - position_) + " (capacity " +
-                                       std::to_string(capacity_) + " minus position " +
+      throw toptheta::invalid_argument("llama2c: tokens: expected at most " + std::to_string(capacity_ - position_) +
+                                       " (capacity " + std::to_string(capacity_) + " minus position " +
                                        std::to_string(position_) + "), got " + std::to_string(n));
     for (Index t = 0; t < n; ++t)
       if (tokens[std::size_t(t)] < 0 || tokens[std::size_t(t)] >= config().vocab_size)
-        throw toptheta::invalid_argument("llama2c: tokens[" + std::to_string(t) +
-                                         "]: expected an id in [0, " + std::to_string(config().vocab_size) +
-                                         "), got " + std::to_string(tokens[std::size_t(t)]));
+        throw toptheta::invalid_argument("llama2c: tokens[" + std::to_string(t) + "]: expected an id in [0, " +
+                                         std::to_string(config().vocab_size) + "), got " +
+                                         std::to_string(tokens[std::size_t(t)]));
   }
 
   /// Throws naming `layer` when `policy` cannot run on this model.
@@ -330,8 +329,8 @@ class Engine {
     const std::string where = "llama2c: attention plan, layer " + std::to_string(layer) + ": ";
     const auto heads_match = [&](const toptheta::LayerThresholds& table, const char* name) {
       if (table.heads() != heads)
-        throw toptheta::invalid_argument(where + name + ": expected one row per query head (" +
-                                         std::to_string(heads) + "), got " + std::to_string(table.heads()));
+        throw toptheta::invalid_argument(where + name + ": expected one row per query head (" + std::to_string(heads) +
+                                         "), got " + std::to_string(table.heads()));
     };
     try {
       if (const auto* top_k = std::get_if<TopKAttention>(&policy)) {

@@ -41,10 +41,11 @@ struct PredictionMetrics {
   template <class A, class B>
   void add(const Eigen::DenseBase<A>& method_logits, const Eigen::DenseBase<B>& reference_logits, int target) {
     if (method_logits.size() != reference_logits.size() || target < 0 || target >= method_logits.size())
-      throw std::invalid_argument("llama2c: PredictionMetrics::add: expected logits of equal size and a target in "
-                                  "[0, " + std::to_string(method_logits.size()) + "), got sizes " +
-                                  std::to_string(method_logits.size()) + " and " +
-                                  std::to_string(reference_logits.size()) + ", target " + std::to_string(target));
+      throw std::invalid_argument(
+          "llama2c: PredictionMetrics::add: expected logits of equal size and a target in "
+          "[0, " +
+          std::to_string(method_logits.size()) + "), got sizes " + std::to_string(method_logits.size()) + " and " +
+          std::to_string(reference_logits.size()) + ", target " + std::to_string(target));
     const Eigen::VectorXd log_q = log_softmax(method_logits), log_p = log_softmax(reference_logits);
     nll -= log_q(target);
     reference_nll -= log_p(target);
@@ -100,8 +101,8 @@ template <class Real, class KvScalar>
 typename Engine<Real, KvScalar>::Matrix feed_sequence(Engine<Real, KvScalar>& engine, const std::vector<int>& tokens,
                                                       const FeedOptions& options) {
   const Index n = Index(tokens.size());
-  if (n < 2) throw std::invalid_argument("llama2c: a sequence to evaluate needs at least 2 tokens, got " +
-                                         std::to_string(n));
+  if (n < 2)
+    throw std::invalid_argument("llama2c: a sequence to evaluate needs at least 2 tokens, got " + std::to_string(n));
   const Index prefill = options.prefill_tokens(n);
   typename Engine<Real, KvScalar>::Matrix logits(n - 1, engine.config().vocab_size);
   engine.reset();

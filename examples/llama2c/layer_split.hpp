@@ -23,11 +23,11 @@ namespace llama2c {
 
 /// What `split_layers` searches over.
 struct LayerSplitOptions {
-  Index k = 16;     ///< the budget: Σ_l k_l = layers · k, the kept keys per row of every layer together
+  Index k = 16;  ///< the budget: Σ_l k_l = layers · k, the kept keys per row of every layer together
   /// The budget Σ_l k_l when > 0 (at least one per layer), in place of layers · k: the search starts from the
   /// most even split (the first `total mod layers` layers one more).
   Index total = 0;
-  Index step = 4;   ///< k moved from one layer to another by one move, >= 1
+  Index step = 4;  ///< k moved from one layer to another by one move, >= 1
   Index max_moves = 32;
   /// Calibration sequences the divergence is measured on: the first this many (0: all).
   Index scoring_sequences = 8;
@@ -41,7 +41,7 @@ struct LayerSplit {
     std::vector<Index> k;  ///< per layer
     double mean_kl;        ///< mean KL(dense ‖ split) per position on the scoring sequences
   };
-  std::vector<Step> path;  ///< the most even split, then each accepted move; the last is the result
+  std::vector<Step> path;       ///< the most even split, then each accepted move; the last is the result
   Index scoring_sequences = 0;  ///< sequences the divergence was measured on
   toptheta::ThresholdTable table;
 
@@ -69,8 +69,7 @@ inline std::vector<Index> layer_k_values(const LayerSplitOptions& options, Index
   const Index high = std::min(4 * start.front(), split_total(options, layers) - (layers - 1));
   std::vector<Index> values;
   for (Index share : {start.back(), start.front()})
-    for (Index k = share - (share - 1) / options.step * options.step; k <= high; k += options.step)
-      values.push_back(k);
+    for (Index k = share - (share - 1) / options.step * options.step; k <= high; k += options.step) values.push_back(k);
   std::sort(values.begin(), values.end());
   values.erase(std::unique(values.begin(), values.end()), values.end());
   return values;
@@ -92,10 +91,10 @@ inline LayerSplit split_layers(const Model& model, const std::vector<std::vector
                                const std::function<void(const std::string&)>& say = {}) {
   const Index layers = model.config.layers;
   if (options.k < 1 || options.step < 1 || (options.total != 0 && options.total < layers))
-    throw std::invalid_argument("llama2c: split_layers: expected k >= 1, step >= 1 and a total of 0 or >= " +
-                                std::to_string(layers) + " (one per layer), got k = " + std::to_string(options.k) +
-                                ", step = " + std::to_string(options.step) + ", total = " +
-                                std::to_string(options.total));
+    throw std::invalid_argument(
+        "llama2c: split_layers: expected k >= 1, step >= 1 and a total of 0 or >= " + std::to_string(layers) +
+        " (one per layer), got k = " + std::to_string(options.k) + ", step = " + std::to_string(options.step) +
+        ", total = " + std::to_string(options.total));
   const std::vector<Index> ks = layer_k_values(options, layers);
   // One calibrator per k a layer may take, all fed in one pass.
   std::map<Index, std::unique_ptr<toptheta::Calibrator>> calibrators;
@@ -107,8 +106,9 @@ inline LayerSplit split_layers(const Model& model, const std::vector<std::vector
   EngineOptions engine_options;
   engine_options.threads = 1;
   Engine<float> engine(model, engine_options);
-  if (say) say("calibrating k = " + std::to_string(ks.front()) + ".." + std::to_string(ks.back()) + " on " +
-               std::to_string(calibration.size()) + " sequences");
+  if (say)
+    say("calibrating k = " + std::to_string(ks.front()) + ".." + std::to_string(ks.back()) + " on " +
+        std::to_string(calibration.size()) + " sequences");
   calibrate(engine, calibration, feeds);
   std::map<Index, toptheta::ThresholdTable> tables;
   for (const auto& [k, calibrator] : calibrators) tables.emplace(k, calibrator->table(table_options));

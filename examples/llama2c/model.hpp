@@ -77,10 +77,10 @@ struct Config {
     positive(seq_len, "seq_len");
     check(dim % heads == 0,
           "dim = " + std::to_string(dim) + " is not a multiple of n_heads = " + std::to_string(heads));
-    check(heads % kv_heads == 0, "n_heads = " + std::to_string(heads) +
-                                     " is not a multiple of n_kv_heads = " + std::to_string(kv_heads));
-    check(head_dim() % 2 == 0, "head size dim / n_heads = " + std::to_string(head_dim()) +
-                                   " is odd; RoPE rotates pairs of dimensions");
+    check(heads % kv_heads == 0,
+          "n_heads = " + std::to_string(heads) + " is not a multiple of n_kv_heads = " + std::to_string(kv_heads));
+    check(head_dim() % 2 == 0,
+          "head size dim / n_heads = " + std::to_string(head_dim()) + " is odd; RoPE rotates pairs of dimensions");
   }
 };
 
@@ -118,9 +118,7 @@ struct ModelWeights {
   RowMatrix<Real> classifier;     ///< [vocab, dim]; empty when the classifier shares the token embedding
 
   /// The matrix the logits are computed with: `logits = W_cls x`.
-  const RowMatrix<Real>& output_weights() const {
-    return classifier.size() == 0 ? token_embedding : classifier;
-  }
+  const RowMatrix<Real>& output_weights() const { return classifier.size() == 0 ? token_embedding : classifier; }
 
   /// The same weights converted to `To` (an engine computing in double keeps such a copy).
   template <class To>
@@ -137,8 +135,8 @@ struct ModelWeights {
   Index parameters() const {
     Index count = token_embedding.size() + final_norm.size() + classifier.size();
     for (const auto& layer : layers)
-      count += layer.attention_norm.size() + layer.wq.size() + layer.wk.size() + layer.wv.size() +
-               layer.wo.size() + layer.ffn_norm.size() + layer.w1.size() + layer.w2.size() + layer.w3.size();
+      count += layer.attention_norm.size() + layer.wq.size() + layer.wk.size() + layer.wv.size() + layer.wo.size() +
+               layer.ffn_norm.size() + layer.w1.size() + layer.w2.size() + layer.w3.size();
     return count;
   }
 };
@@ -160,8 +158,8 @@ class CheckpointReader {
     if (!in_) throw checkpoint_error(path_, "read failed in " + tensor);
     for (Index i = 0; i < count; ++i)
       if (!std::isfinite(data[i]))
-        throw checkpoint_error(path_, "non-finite value " + std::to_string(data[i]) + " in " + tensor +
-                                          " at element " + std::to_string(i));
+        throw checkpoint_error(path_, "non-finite value " + std::to_string(data[i]) + " in " + tensor + " at element " +
+                                          std::to_string(i));
   }
   Matrix matrix(Index rows, Index cols, const std::string& tensor) {
     Matrix m(rows, cols);
@@ -183,8 +181,8 @@ class CheckpointReader {
 /// Floats after the header that a checkpoint of shape `config` holds, RoPE tables and classifier included.
 inline Index checkpoint_floats(const Config& c) {
   const Index hs = c.head_dim();
-  const Index per_layer = 2 * c.dim + c.dim * c.heads * hs + 2 * c.dim * c.kv_dim() + c.heads * hs * c.dim +
-                          3 * c.dim * c.hidden_dim;
+  const Index per_layer =
+      2 * c.dim + c.dim * c.heads * hs + 2 * c.dim * c.kv_dim() + c.heads * hs * c.dim + 3 * c.dim * c.hidden_dim;
   return c.vocab_size * c.dim + c.layers * per_layer + c.dim + c.seq_len * hs +
          (c.shared_classifier ? 0 : c.vocab_size * c.dim);
 }
@@ -211,14 +209,13 @@ inline Model load_model(const std::string& path) {
 
   constexpr Index header_bytes = 7 * sizeof(std::int32_t);
   if (file_bytes < header_bytes)
-    throw checkpoint_error(path, "truncated: " + std::to_string(file_bytes) +
-                                     " bytes, the header alone needs " + std::to_string(header_bytes));
+    throw checkpoint_error(path, "truncated: " + std::to_string(file_bytes) + " bytes, the header alone needs " +
+                                     std::to_string(header_bytes));
   std::int32_t header[7];
   in.read(reinterpret_cast<char*>(header), header_bytes);
   if (!in) throw checkpoint_error(path, "cannot read the header");
   if (std::uint32_t(header[0]) == 0x616b3432u)
-    throw checkpoint_error(path, "a newer llama2.c export (magic \"ak42\", version " +
-                                     std::to_string(header[1]) +
+    throw checkpoint_error(path, "a newer llama2.c export (magic \"ak42\", version " + std::to_string(header[1]) +
                                      "); only the legacy float32 format is supported");
 
   Model model;
@@ -235,13 +232,13 @@ inline Model load_model(const std::string& path) {
 
   const Index expected_bytes = header_bytes + Index(sizeof(float)) * detail::checkpoint_floats(c);
   if (file_bytes != expected_bytes)
-    throw checkpoint_error(
-        path, std::string(file_bytes < expected_bytes ? "truncated" : "too long") + ": " +
-                  std::to_string(file_bytes) + " bytes, but the header (dim " + std::to_string(c.dim) +
-                  ", hidden_dim " + std::to_string(c.hidden_dim) + ", n_layers " + std::to_string(c.layers) +
-                  ", n_heads " + std::to_string(c.heads) + ", n_kv_heads " + std::to_string(c.kv_heads) +
-                  ", vocab_size " + std::to_string(header[5]) + ", seq_len " + std::to_string(c.seq_len) +
-                  ") describes " + std::to_string(expected_bytes));
+    throw checkpoint_error(path, std::string(file_bytes < expected_bytes ? "truncated" : "too long") + ": " +
+                                     std::to_string(file_bytes) + " bytes, but the header (dim " +
+                                     std::to_string(c.dim) + ", hidden_dim " + std::to_string(c.hidden_dim) +
+                                     ", n_layers " + std::to_string(c.layers) + ", n_heads " + std::to_string(c.heads) +
+                                     ", n_kv_heads " + std::to_string(c.kv_heads) + ", vocab_size " +
+                                     std::to_string(header[5]) + ", seq_len " + std::to_string(c.seq_len) +
+                                     ") describes " + std::to_string(expected_bytes));
 
   detail::CheckpointReader reader(in, path);
   using Layer = LayerWeights<float>;
@@ -253,8 +250,7 @@ inline Model load_model(const std::string& path) {
     for (Index l = 0; l < c.layers; ++l)
       read_one(model.layers[std::size_t(l)], std::string(name) + "[layer " + std::to_string(l) + "]");
   };
-  each_layer("rms_att_weight",
-             [&](Layer& w, const std::string& n) { w.attention_norm = reader.vector(c.dim, n); });
+  each_layer("rms_att_weight", [&](Layer& w, const std::string& n) { w.attention_norm = reader.vector(c.dim, n); });
   each_layer("wq", [&](Layer& w, const std::string& n) { w.wq = reader.matrix(q_dim, c.dim, n); });
   each_layer("wk", [&](Layer& w, const std::string& n) { w.wk = reader.matrix(c.kv_dim(), c.dim, n); });
   each_layer("wv", [&](Layer& w, const std::string& n) { w.wv = reader.matrix(c.kv_dim(), c.dim, n); });

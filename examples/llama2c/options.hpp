@@ -41,7 +41,9 @@ struct OptionSpec {
 class CommandLine {
  public:
   CommandLine(std::string program, std::string command, std::string summary, std::vector<OptionSpec> options)
-      : program_(std::move(program)), command_(std::move(command)), summary_(std::move(summary)),
+      : program_(std::move(program)),
+        command_(std::move(command)),
+        summary_(std::move(summary)),
         options_(std::move(options)) {}
 
   /// Parses `arguments` (those after the subcommand's name). Throws `usage_error` for an unknown option, a
@@ -64,8 +66,7 @@ class CommandLine {
       }
       const OptionSpec* spec = find(word.substr(2));
       if (!spec)
-        throw usage_error(word + ": unknown option of " + command_ + " (see " + program_ + " " + command_ +
-                          " --help)");
+        throw usage_error(word + ": unknown option of " + command_ + " (see " + program_ + " " + command_ + " --help)");
       if (given_.count(spec->name)) throw usage_error(word + ": given twice");
       if (spec->value_name.empty()) {
         if (inline_value) throw usage_error(word + ": a flag, expected no value, got \"" + *inline_value + "\"");

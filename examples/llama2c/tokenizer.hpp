@@ -119,16 +119,15 @@ inline Tokenizer load_tokenizer(const std::string& path, Index vocab_size = 0) {
   if (!in.read(reinterpret_cast<char*>(&max_token_length), sizeof max_token_length))
     throw tokenizer_error(path, "truncated: no max_token_length header");
   if (max_token_length < 1 || max_token_length > (1 << 20))
-    throw tokenizer_error(path, "max_token_length = " + std::to_string(max_token_length) +
-                                    ", expected 1 ... 1048576");
+    throw tokenizer_error(path, "max_token_length = " + std::to_string(max_token_length) + ", expected 1 ... 1048576");
   std::vector<std::string> pieces;
   std::vector<float> scores;
   for (Index id = 0; vocab_size == 0 || id < vocab_size; ++id) {
     float score = 0;
     if (!in.read(reinterpret_cast<char*>(&score), sizeof score)) {
       if (vocab_size == 0 && in.gcount() == 0) break;
-      throw tokenizer_error(path, "truncated at token " + std::to_string(id) + ": expected " +
-                                      std::to_string(vocab_size) + " tokens");
+      throw tokenizer_error(
+          path, "truncated at token " + std::to_string(id) + ": expected " + std::to_string(vocab_size) + " tokens");
     }
     std::int32_t length = -1;
     if (!in.read(reinterpret_cast<char*>(&length), sizeof length))
@@ -143,8 +142,8 @@ inline Tokenizer load_tokenizer(const std::string& path, Index vocab_size = 0) {
     scores.push_back(score);
   }
   if (vocab_size > 0 && in.peek() != std::char_traits<char>::eof())
-    throw tokenizer_error(path, "bytes left after " + std::to_string(vocab_size) +
-                                    " tokens: the file belongs to a larger vocabulary");
+    throw tokenizer_error(
+        path, "bytes left after " + std::to_string(vocab_size) + " tokens: the file belongs to a larger vocabulary");
   if (pieces.empty()) throw tokenizer_error(path, "no token in the file");
   return Tokenizer(std::move(pieces), std::move(scores), max_token_length);
 }

@@ -75,7 +75,8 @@ std::vector<std::vector<std::uint8_t>> all_gather(const std::vector<std::uint8_t
   traffic.messages += 2;
   std::vector<std::vector<std::uint8_t>> each;
   for (int r = 0; r < ranks; ++r)
-    each.emplace_back(all.begin() + offsets[std::size_t(r)], all.begin() + offsets[std::size_t(r)] + sizes[std::size_t(r)]);
+    each.emplace_back(all.begin() + offsets[std::size_t(r)],
+                      all.begin() + offsets[std::size_t(r)] + sizes[std::size_t(r)]);
   return each;
 }
 
@@ -157,18 +158,18 @@ void observe(Calibrator& calibrator, const SyntheticAttention<float>& text) {
 
 /// How a calibration split over the ranks compared with one process.
 struct CalibrationCheck {
-  std::uint64_t most_bytes = 0;   // the largest state a rank sent
+  std::uint64_t most_bytes = 0;            // the largest state a rank sent
   bool same_as_merged_in_process = false;  // bit for bit
   bool counts_as_one_calibrator = false;   // rows and values of every bucket
-  double difference = 0;  // largest relative difference of a θ from one calibrator fed every text
+  double difference = 0;                   // largest relative difference of a θ from one calibrator fed every text
 };
 
 /// Per-head thresholds of `space` for `k_budget` kept keys (budget- or count-matched), calibrated in parallel: rank r
 /// observes texts r, r + ranks, ... of `texts` synthetic texts through the layer's heads, the calibrators' states
 /// meet on every rank (MPI_Allgatherv) and merge in rank order. Rank 0 checks the result against the same
 /// calibrators merged in one process and against one calibrator fed every text.
-LayerThresholds calibrate_in_parallel(const SyntheticAttentionOptions& shape, ThresholdSpace space, int texts,
-                                      int rank, int ranks, CalibrationCheck& check) {
+LayerThresholds calibrate_in_parallel(const SyntheticAttentionOptions& shape, ThresholdSpace space, int texts, int rank,
+                                      int ranks, CalibrationCheck& check) {
   CalibratorOptions options;
   options.shape = {1, shape.q_heads, shape.kv_heads, shape.head_dim};
   options.space = space;
@@ -192,8 +193,8 @@ LayerThresholds calibrate_in_parallel(const SyntheticAttentionOptions& shape, Th
   MPI_Reduce(rank == 0 ? MPI_IN_PLACE : &check.most_bytes, &check.most_bytes, 1, MPI_UINT64_T, MPI_MAX, 0,
              MPI_COMM_WORLD);
   TableOptions table_options;  // budget-matched where the values are masses (probability), else count-matched
-  table_options.method = space == ThresholdSpace::probability ? CalibrationMethod::budget_matched
-                                                             : CalibrationMethod::count_matched;
+  table_options.method =
+      space == ThresholdSpace::probability ? CalibrationMethod::budget_matched : CalibrationMethod::count_matched;
   const ThresholdTable table = merged.table(table_options);
   if (rank == 0) {
     Calibrator in_process(options), whole(options);
@@ -222,7 +223,7 @@ struct Tables {
 /// One rule's decode step, sharded and in one process.
 struct Result {
   std::string name;
-  Traffic traffic;              // this rank's
+  Traffic traffic;               // this rank's
   std::uint64_t most_bytes = 0;  // the most any rank sent
   std::uint64_t v_rows_read = 0, whole_v_rows_read = 0;
   double error = 0;  // max |sharded - one process| / max |one process|, on rank 0
@@ -285,11 +286,13 @@ std::vector<Result> decode_step(SyntheticAttentionOptions shape, const Tables& t
     traffic.v_rows_read = read;
     return traffic;
   };
-  run("dense", [&] { return sharded(DenseSelection{}, nullptr); },
+  run(
+      "dense", [&] { return sharded(DenseSelection{}, nullptr); },
       [&](AttentionStats& stats) { dense_attention(q, whole_k, whole_v, whole_view, attention, &stats); });
   const auto top_theta = [&](std::string name, const LayerThresholds& table, Compensation compensation, bool cap_k) {
     const TopThetaSelection selection(table, compensation, cap_k, Passes::automatic);
-    run(std::move(name), [&] { return sharded(selection, value_sum.data()); },
+    run(
+        std::move(name), [&] { return sharded(selection, value_sum.data()); },
         [&](AttentionStats& stats) {
           TopThetaOptions options;
           options.attention = attention;
@@ -304,7 +307,8 @@ std::vector<Result> decode_step(SyntheticAttentionOptions shape, const Tables& t
   top_theta("top-θ raw score, exact SDC", tables.raw, exact, false);
   top_theta("top-θ score / |q|, VMC", tables.over_norm, vmc, false);
   const TopKSelection top_k(k_budget, vmc);
-  run("top-k, VMC", [&] { return sharded(top_k, value_sum.data()); },
+  run(
+      "top-k, VMC", [&] { return sharded(top_k, value_sum.data()); },
       [&](AttentionStats& stats) {
         TopKOptions options;
         options.attention = attention;
@@ -335,31 +339,32 @@ bool real_model_check(const std::string& model_dir, const std::string& threshold
     Index past = 0;
   };
   std::vector<Call> calls(std::size_t(model.config.layers));
-  engine.set_call_observer([&](Index layer, const TensorView<const float>& queries, const KvCache<float>& cache,
-                               Index past) {
-    Call& call = calls[std::size_t(layer)];
-    call.past = past;
-    const auto copy = [](const TensorView<const float>& view, std::vector<float>& into) {
-      into.resize(std::size_t(view.tokens() * view.heads() * view.head_dim()));
-      for (Index t = 0; t < view.tokens(); ++t)
-        for (Index h = 0; h < view.heads(); ++h)
-          std::copy_n(view.row(t, h), view.head_dim(), into.data() + (t * view.heads() + h) * view.head_dim());
-    };
-    copy(queries, call.q);
-    copy(cache.keys(), call.k);
-    copy(cache.values(), call.v);
-  });
+  engine.set_call_observer(
+      [&](Index layer, const TensorView<const float>& queries, const KvCache<float>& cache, Index past) {
+        Call& call = calls[std::size_t(layer)];
+        call.past = past;
+        const auto copy = [](const TensorView<const float>& view, std::vector<float>& into) {
+          into.resize(std::size_t(view.tokens() * view.heads() * view.head_dim()));
+          for (Index t = 0; t < view.tokens(); ++t)
+            for (Index h = 0; h < view.heads(); ++h)
+              std::copy_n(view.row(t, h), view.head_dim(), into.data() + (t * view.heads() + h) * view.head_dim());
+        };
+        copy(queries, call.q);
+        copy(cache.keys(), call.k);
+        copy(cache.values(), call.v);
+      });
   engine.decode(sequence.back());
   const Index heads = model.config.heads, kv_heads = model.config.kv_heads, d = model.config.head_dim();
   const Index first = tokens * rank / ranks, end = tokens * (rank + 1) / ranks;
   Compensation vmc;
   vmc.v_mean = true;
   if (rank == 0)
-    std::printf("\n# Real model: stories260K, decode step %lld of eval.tokens' first sequence, each layer's cache "
-                "sharded over %d ranks; thresholds %s (probability, V-mean compensation)\n\n"
-                "| Layer | k | rounds | bytes sent per rank (max) | V rows read, all ranks | V rows read, one process "
-                "| error vs one process, float |\n|---|---:|---:|---:|---:|---:|---:|\n",
-                static_cast<long long>(tokens), ranks, std::filesystem::path(thresholds_path).filename().c_str());
+    std::printf(
+        "\n# Real model: stories260K, decode step %lld of eval.tokens' first sequence, each layer's cache "
+        "sharded over %d ranks; thresholds %s (probability, V-mean compensation)\n\n"
+        "| Layer | k | rounds | bytes sent per rank (max) | V rows read, all ranks | V rows read, one process "
+        "| error vs one process, float |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        static_cast<long long>(tokens), ranks, std::filesystem::path(thresholds_path).filename().c_str());
   bool every_equal = true;
   for (Index l = 0; l < model.config.layers; ++l) {
     const Call& call = calls[std::size_t(l)];
@@ -386,8 +391,7 @@ bool real_model_check(const std::string& model_dir, const std::string& threshold
     kernel_options.attention = attention;
     kernel_options.compensation = vmc;
     AttentionStats stats;
-    top_theta_attention(q, k, v, TensorView<float>(whole.data(), 1, heads, d), table.layer(l), kernel_options,
-                        &stats);
+    top_theta_attention(q, k, v, TensorView<float>(whole.data(), 1, heads, d), table.layer(l), kernel_options, &stats);
     double error = 0, scale = 0;
     for (std::size_t t = 0; t < whole.size(); ++t) {
       error = std::max(error, std::abs(double(sharded[t]) - double(whole[t])));
@@ -433,20 +437,21 @@ int main(int argc, char** argv) {
     for (int s = 0; s < 4; ++s)
       calibrated.push_back(calibrate_in_parallel(calibration_shape, spaces[s], 4, rank, ranks, checks[std::size_t(s)]));
     if (rank == 0) {
-      std::printf("# Calibration split over %d ranks: 4 texts of 512 tokens, budget-matched (probability) and count-matched "
-                  "thresholds for k = %lld\n\n"
-                  "| Space | state bytes sent per rank (max) | equals the calibrators merged in one process | "
-                  "row and value counts of one calibrator fed every text | θ vs that calibrator |\n"
-                  "|---|---:|---|---|---:|\n",
-                  ranks, static_cast<long long>(k_budget));
+      std::printf(
+          "# Calibration split over %d ranks: 4 texts of 512 tokens, budget-matched (probability) and count-matched "
+          "thresholds for k = %lld\n\n"
+          "| Space | state bytes sent per rank (max) | equals the calibrators merged in one process | "
+          "row and value counts of one calibrator fed every text | θ vs that calibrator |\n"
+          "|---|---:|---|---|---:|\n",
+          ranks, static_cast<long long>(k_budget));
       for (int s = 0; s < 4; ++s) {
         const CalibrationCheck& check = checks[std::size_t(s)];
-        const bool equal = check.same_as_merged_in_process && check.counts_as_one_calibrator &&
-                           check.difference <= 1e-12;
+        const bool equal =
+            check.same_as_merged_in_process && check.counts_as_one_calibrator && check.difference <= 1e-12;
         std::printf("| %s | %llu | %s | %s | %.1e%s |\n", to_string(spaces[s]),
                     static_cast<unsigned long long>(check.most_bytes),
-                    check.same_as_merged_in_process ? "bit for bit" : "NO", check.counts_as_one_calibrator ? "equal" : "NO",
-                    check.difference, equal ? "" : " FAILED");
+                    check.same_as_merged_in_process ? "bit for bit" : "NO",
+                    check.counts_as_one_calibrator ? "equal" : "NO", check.difference, equal ? "" : " FAILED");
         if (!equal) status = 1;
       }
       std::printf("\n");
@@ -455,12 +460,14 @@ int main(int argc, char** argv) {
     const std::vector<Result> in_float = decode_step<float>(shape, tables, rank, ranks);
     const std::vector<Result> in_double = decode_step<double>(shape, tables, rank, ranks);
     if (rank == 0) {
-      std::printf("# Sharded decode: %d ranks, one decode step over %lld cached tokens (Llama-3-8B layer shape: "
-                  "32 query heads, 8 KV heads, head_dim 128), k = %lld\n\n",
-                  ranks, static_cast<long long>(tokens), static_cast<long long>(k_budget));
-      std::printf("| Rule | rounds | messages per rank | bytes sent per rank, float (max) | V rows read, all ranks | "
-                  "V rows read, one process | error vs one process, float | error, double |\n"
-                  "|---|---:|---:|---:|---:|---:|---:|---:|\n");
+      std::printf(
+          "# Sharded decode: %d ranks, one decode step over %lld cached tokens (Llama-3-8B layer shape: "
+          "32 query heads, 8 KV heads, head_dim 128), k = %lld\n\n",
+          ranks, static_cast<long long>(tokens), static_cast<long long>(k_budget));
+      std::printf(
+          "| Rule | rounds | messages per rank | bytes sent per rank, float (max) | V rows read, all ranks | "
+          "V rows read, one process | error vs one process, float | error, double |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|\n");
       for (std::size_t r = 0; r < in_float.size(); ++r) {
         const Result &f = in_float[r], &dbl = in_double[r];
         // Double: the merge algebra is exact, so the two agree to rounding. Float: sums over thousands of keys in
@@ -469,12 +476,12 @@ int main(int argc, char** argv) {
         std::printf("| %s | %d | %d | %llu | %llu | %llu | %.1e | %.1e%s |\n", f.name.c_str(), f.traffic.messages / 2,
                     f.traffic.messages, static_cast<unsigned long long>(f.most_bytes),
                     static_cast<unsigned long long>(f.v_rows_read),
-                    static_cast<unsigned long long>(f.whole_v_rows_read), f.error, dbl.error,
-                    equal ? "" : " FAILED");
+                    static_cast<unsigned long long>(f.whole_v_rows_read), f.error, dbl.error, equal ? "" : " FAILED");
         if (!equal) status = 1;
       }
-      std::printf("\nA round is two collectives (the byte counts, then the bytes). Checked: in double, every rule's "
-                  "output within 1e-12 of the one-process kernel's, and as many V rows read.\n");
+      std::printf(
+          "\nA round is two collectives (the byte counts, then the bytes). Checked: in double, every rule's "
+          "output within 1e-12 of the one-process kernel's, and as many V rows read.\n");
     }
     if (argc > 3) {
 #if TOPTHETA_HAVE_NLOHMANN_JSON

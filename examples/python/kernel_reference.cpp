@@ -36,7 +36,8 @@ int main(int argc, char** argv) {
     double parameter = 0;
     std::ifstream shape(dir + "/shape.txt");
     if (!(shape >> n_q >> n_kv >> q_heads >> kv_heads >> d >> past >> parameter))
-      throw invalid_argument("toptheta: " + dir + "/shape.txt: expected n_q n_kv q_heads kv_heads head_dim past parameter");
+      throw invalid_argument("toptheta: " + dir +
+                             "/shape.txt: expected n_q n_kv q_heads kv_heads head_dim past parameter");
     const std::vector<float> q = read_floats(dir + "/q.f32", n_q * q_heads * d),
                              k = read_floats(dir + "/k.f32", n_kv * kv_heads * d),
                              v = read_floats(dir + "/v.f32", n_kv * kv_heads * d);

@@ -1,8 +1,8 @@
 // The `toptheta` Python module (pybind11, numpy): the attention kernels on `[tokens, heads, head_dim]` arrays,
 // the calibrator, threshold files and the kernels' statistics. Errors arrive as ValueError with the library's
 // message ("toptheta: <argument>: expected ..., got ...").
-#include <toptheta/toptheta.hpp>
 #include <toptheta/threshold_io.hpp>
+#include <toptheta/toptheta.hpp>
 
 #include <pybind11/eigen.h>
 #include <pybind11/numpy.h>
@@ -41,14 +41,19 @@ template <class T>
 toptheta::TensorView<const T> input_view(const py::array& array, const char* name, py::array& keep) {
   toptheta::detail::require(array.ndim() == 3, name, "a [tokens, heads, head_dim] array", shape_text(array));
   const char kind = array.dtype().kind();
-  toptheta::detail::require(kind == 'f' || kind == 'i' || kind == 'u' || kind == 'b', name,
-                            "an array of real numbers", std::string(py::str(array.dtype())));
+  toptheta::detail::require(kind == 'f' || kind == 'i' || kind == 'u' || kind == 'b', name, "an array of real numbers",
+                            std::string(py::str(array.dtype())));
   const bool in_place = array.dtype().is(py::dtype::of<T>()) && viewable<T>(array);
   keep = in_place ? array : py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(array);
-  if (!keep) toptheta::detail::fail(name, "an array convertible to " + std::string(py::str(py::dtype::of<T>())),
-                                    std::string(py::str(array.dtype())));
-  return {static_cast<const T*>(keep.data()), Index(keep.shape(0)), Index(keep.shape(1)), Index(keep.shape(2)),
-          Index(keep.strides(0) / py::ssize_t(sizeof(T))), Index(keep.strides(1) / py::ssize_t(sizeof(T)))};
+  if (!keep)
+    toptheta::detail::fail(name, "an array convertible to " + std::string(py::str(py::dtype::of<T>())),
+                           std::string(py::str(array.dtype())));
+  return {static_cast<const T*>(keep.data()),
+          Index(keep.shape(0)),
+          Index(keep.shape(1)),
+          Index(keep.shape(2)),
+          Index(keep.strides(0) / py::ssize_t(sizeof(T))),
+          Index(keep.strides(1) / py::ssize_t(sizeof(T)))};
 }
 
 /// The output array: `out` when given (writable, of T, head_dim values contiguous), else a new C-contiguous one
@@ -61,16 +66,20 @@ py::array_t<T> output_array(const std::optional<py::array>& out, Index tokens, I
                             std::string(py::str(given.dtype())));
   toptheta::detail::require(given.ndim() == 3, "out", "a [tokens, heads, head_dim] array", shape_text(given));
   toptheta::detail::require(given.writeable(), "out", "a writable array", "a read-only one");
-  toptheta::detail::require(viewable<T>(given), "out",
-                            "head_dim values contiguous in memory and non-negative strides", "strides that are not");
+  toptheta::detail::require(viewable<T>(given), "out", "head_dim values contiguous in memory and non-negative strides",
+                            "strides that are not");
   return py::reinterpret_borrow<py::array_t<T>>(given);
 }
 
 template <class T>
 toptheta::TensorView<T> output_view(py::array_t<T>& out) {
   const auto element = py::ssize_t(sizeof(T));
-  return {out.mutable_data(), Index(out.shape(0)), Index(out.shape(1)), Index(out.shape(2)),
-          Index(out.strides(0) / element), Index(out.strides(1) / element)};
+  return {out.mutable_data(),
+          Index(out.shape(0)),
+          Index(out.shape(1)),
+          Index(out.shape(2)),
+          Index(out.strides(0) / element),
+          Index(out.strides(1) / element)};
 }
 
 toptheta::AttentionOptions attention_options(bool causal, Index past, std::optional<double> scale) {
@@ -93,11 +102,10 @@ Options sparse_options(bool causal, Index past, std::optional<double> scale, con
   options.compensation = compensation;
   if (prefix) {
     toptheta::detail::require(k.ndim() == 3, "k", "a [tokens, heads, head_dim] array", shape_text(k));
-    toptheta::detail::require(prefix->ndim() == 2 && prefix->shape(0) == k.shape(1) && prefix->shape(1) == k.shape(2),
-                              "value_prefix_sum",
-                              "a [kv_heads, head_dim] = (" + std::to_string(k.shape(1)) + ", " +
-                                  std::to_string(k.shape(2)) + ") array",
-                              shape_text(*prefix));
+    toptheta::detail::require(
+        prefix->ndim() == 2 && prefix->shape(0) == k.shape(1) && prefix->shape(1) == k.shape(2), "value_prefix_sum",
+        "a [kv_heads, head_dim] = (" + std::to_string(k.shape(1)) + ", " + std::to_string(k.shape(2)) + ") array",
+        shape_text(*prefix));
     options.value_prefix_sum = prefix->data();
   }
   return options;
@@ -108,8 +116,8 @@ Options sparse_options(bool causal, Index past, std::optional<double> scale, con
 template <class Kernel>
 py::array run_kernel(const py::array& q, const py::array& k, const py::array& v, const std::optional<py::array>& out,
                      int threads, const Kernel& kernel) {
-  toptheta::detail::require(threads >= 0 && threads <= 1024, "threads", "a thread count in [0, 1024] (0: OpenMP's default)",
-                            threads);
+  toptheta::detail::require(threads >= 0 && threads <= 1024, "threads",
+                            "a thread count in [0, 1024] (0: OpenMP's default)", threads);
   const auto run = [&](auto tag) -> py::array {
     using T = decltype(tag);
     py::array keep_q, keep_k, keep_v;
@@ -144,8 +152,8 @@ toptheta::Compensation compensation_of(const std::string& denominator, double la
 
 PYBIND11_MODULE(toptheta, m) {
   m.doc() = "Top-θ attention: sparse attention by compensated static thresholds (numpy arrays, float32/float64).";
-  m.attr("__version__") = std::to_string(TOPTHETA_VERSION_MAJOR) + "." + std::to_string(TOPTHETA_VERSION_MINOR) +
-                          "." + std::to_string(TOPTHETA_VERSION_PATCH);
+  m.attr("__version__") = std::to_string(TOPTHETA_VERSION_MAJOR) + "." + std::to_string(TOPTHETA_VERSION_MINOR) + "." +
+                          std::to_string(TOPTHETA_VERSION_PATCH);
 
   py::class_<toptheta::AttentionStats>(m, "AttentionStats",
                                        "What a sparse kernel kept and read (design.md §1, Statistics); a call "
@@ -199,12 +207,14 @@ PYBIND11_MODULE(toptheta, m) {
       .def("k", &toptheta::ThresholdTable::k, py::arg("layer"))
       .def("layer", &toptheta::ThresholdTable::layer, py::arg("layer"), py::return_value_policy::reference_internal)
       .def("to_json", [](const toptheta::ThresholdTable& t) { return toptheta::thresholds_to_json(t); })
-      .def_static("from_json", [](const std::string& text) { return toptheta::thresholds_from_json(text); },
-                  py::arg("text"));
-  m.def("save_thresholds", [](const toptheta::ThresholdTable& t, const std::string& path) {
-    toptheta::save_thresholds(t, path);
-  }, py::arg("table"), py::arg("path"), "Writes the threshold file (JSON) a C++ engine loads with load_thresholds.");
-  m.def("load_thresholds", [](const std::string& path) { return toptheta::load_thresholds(path); }, py::arg("path"));
+      .def_static(
+          "from_json", [](const std::string& text) { return toptheta::thresholds_from_json(text); }, py::arg("text"));
+  m.def(
+      "save_thresholds",
+      [](const toptheta::ThresholdTable& t, const std::string& path) { toptheta::save_thresholds(t, path); },
+      py::arg("table"), py::arg("path"), "Writes the threshold file (JSON) a C++ engine loads with load_thresholds.");
+  m.def(
+      "load_thresholds", [](const std::string& path) { return toptheta::load_thresholds(path); }, py::arg("path"));
 
   py::class_<toptheta::Calibrator>(m, "Calibrator",
                                    "Collects score rows of a model and tables the thresholds that keep about k per "
@@ -268,10 +278,10 @@ PYBIND11_MODULE(toptheta, m) {
       [](const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> out, bool causal,
          Index past, std::optional<double> scale, int threads) {
         const auto options = attention_options(causal, past, scale);
-        return run_kernel(q, k, v, out, threads, [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov,
-                                                     const auto& executor) {
-          toptheta::dense_attention(qv, kv, vv, ov, options, nullptr, executor);
-        });
+        return run_kernel(q, k, v, out, threads,
+                          [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov, const auto& executor) {
+                            toptheta::dense_attention(qv, kv, vv, ov, options, nullptr, executor);
+                          });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out") = py::none(), py::kw_only(), py::arg("causal") = true,
       py::arg("past") = 0, py::arg("scale") = py::none(), py::arg("threads") = 0,
@@ -286,10 +296,10 @@ PYBIND11_MODULE(toptheta, m) {
         auto options = sparse_options<toptheta::TopThetaOptions>(
             causal, past, scale, compensation_of(denominator, lambda, v_mean, v_mean_of_pruned), value_prefix_sum, k);
         options.cap_k = cap_k;
-        return run_kernel(q, k, v, out, threads, [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov,
-                                                     const auto& executor) {
-          toptheta::top_theta_attention(qv, kv, vv, ov, thresholds, options, stats, executor);
-        });
+        return run_kernel(q, k, v, out, threads,
+                          [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov, const auto& executor) {
+                            toptheta::top_theta_attention(qv, kv, vv, ov, thresholds, options, stats, executor);
+                          });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("thresholds"), py::arg("out") = py::none(), py::kw_only(),
       py::arg("causal") = true, py::arg("past") = 0, py::arg("scale") = py::none(), py::arg("v_mean") = true,
@@ -308,10 +318,10 @@ PYBIND11_MODULE(toptheta, m) {
             causal, past, scale, compensation_of(denominator, lambda, v_mean, false), value_prefix_sum, k);
         options.k = keep;
         options.thresholds = thresholds;
-        return run_kernel(q, k, v, out, threads, [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov,
-                                                     const auto& executor) {
-          toptheta::top_k_attention(qv, kv, vv, ov, options, stats, executor);
-        });
+        return run_kernel(q, k, v, out, threads,
+                          [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov, const auto& executor) {
+                            toptheta::top_k_attention(qv, kv, vv, ov, options, stats, executor);
+                          });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("keep"), py::arg("out") = py::none(), py::kw_only(),
       py::arg("causal") = true, py::arg("past") = 0, py::arg("scale") = py::none(), py::arg("v_mean") = false,
@@ -329,12 +339,14 @@ PYBIND11_MODULE(toptheta, m) {
         auto options = sparse_options<toptheta::TopThetaOptions>(
             true, past, std::nullopt, compensation_of("none", 1.0, true, false), value_prefix_sum, k);
         double seconds = 0;
-        run_kernel(q, k, v, std::nullopt, threads, [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov,
-                                                      const auto& executor) {
-          const auto start = std::chrono::steady_clock::now();
-          for (int r = 0; r < repeats; ++r) toptheta::top_theta_attention(qv, kv, vv, ov, thresholds, options, nullptr, executor);
-          seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
-        });
+        run_kernel(q, k, v, std::nullopt, threads,
+                   [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov, const auto& executor) {
+                     const auto start = std::chrono::steady_clock::now();
+                     for (int r = 0; r < repeats; ++r)
+                       toptheta::top_theta_attention(qv, kv, vv, ov, thresholds, options, nullptr, executor);
+                     seconds =
+                         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
+                   });
         return seconds;
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("thresholds"), py::arg("value_prefix_sum"), py::arg("past"),

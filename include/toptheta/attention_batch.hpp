@@ -60,8 +60,8 @@ std::vector<SequenceCall<Scalar, KvView>> sequence_calls(const std::vector<Seque
   for (const SequenceViews<Scalar, KvView>& sequence : sequences) {
     AttentionOptions placed = options;
     placed.past = sequence.past;
-    calls.push_back({sequence.q, sequence.k, sequence.v, sequence.out, placed, sequence.value_prefix_sum,
-                     sequence.stats});
+    calls.push_back(
+        {sequence.q, sequence.k, sequence.v, sequence.out, placed, sequence.value_prefix_sum, sequence.stats});
   }
   return calls;
 }

@@ -77,8 +77,7 @@ class CalibratorState {
     const Index most_buckets = into.options_.buckets.bucket(LengthBuckets::max_length) + 1;
     for (auto& cell : other.buckets_) {
       const Index buckets = in.count();
-      require(buckets <= most_buckets, "bytes", "at most " + std::to_string(most_buckets) + " length buckets",
-              buckets);
+      require(buckets <= most_buckets, "bytes", "at most " + std::to_string(most_buckets) + " length buckets", buckets);
       cell.assign(std::size_t(buckets), Calibrator::Statistics(other.grid_, other.options_.summary_masses));
       for (auto& statistics : cell) {
         read_moments(in, statistics.threshold);

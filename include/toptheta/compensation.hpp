@@ -20,10 +20,14 @@ enum class DenominatorCompensation {
 
 inline const char* to_string(DenominatorCompensation mode) {
   switch (mode) {
-    case DenominatorCompensation::none: return "none";
-    case DenominatorCompensation::exact: return "exact";
-    case DenominatorCompensation::exp_threshold: return "exp_threshold";
-    case DenominatorCompensation::calibrated: return "calibrated";
+    case DenominatorCompensation::none:
+      return "none";
+    case DenominatorCompensation::exact:
+      return "exact";
+    case DenominatorCompensation::exp_threshold:
+      return "exp_threshold";
+    case DenominatorCompensation::calibrated:
+      return "calibrated";
   }
   return "unknown";
 }
@@ -77,8 +81,8 @@ struct RowMass {
 /// `C_i = 0` when nothing is pruned. A term too large for `Acc` gives an infinite denominator: every
 /// `p_ij = 0`, and V-mean compensation gives the row `vbar(L_i)`.
 template <class Acc>
-Acc softmax_denominator(const RowMass<Acc>& mass, const Compensation& compensation, bool post_softmax,
-                        Acc pruned_bound, Acc calibrated_term) {
+Acc softmax_denominator(const RowMass<Acc>& mass, const Compensation& compensation, bool post_softmax, Acc pruned_bound,
+                        Acc calibrated_term) {
   const auto in_kept_units = [&](Acc term) {  // a term relative to m_i, times exp(m_i - m_S)
     return term == Acc(0) ? Acc(0) : term * std::exp(mass.max - mass.kept_max);
   };
@@ -87,12 +91,17 @@ Acc softmax_denominator(const RowMass<Acc>& mass, const Compensation& compensati
   Acc term = 0;
   if (pruned > 0) {
     switch (compensation.denominator) {
-      case DenominatorCompensation::none: break;
-      case DenominatorCompensation::exact: term = in_kept_units(mass.pruned_mass); break;
+      case DenominatorCompensation::none:
+        break;
+      case DenominatorCompensation::exact:
+        term = in_kept_units(mass.pruned_mass);
+        break;
       case DenominatorCompensation::exp_threshold:
         term = Acc(pruned) * std::exp(pruned_bound - mass.kept_max);
         break;
-      case DenominatorCompensation::calibrated: term = in_kept_units(calibrated_term); break;
+      case DenominatorCompensation::calibrated:
+        term = in_kept_units(calibrated_term);
+        break;
     }
   }
   return term == Acc(0) ? mass.kept_mass : mass.kept_mass + Acc(compensation.lambda) * term;

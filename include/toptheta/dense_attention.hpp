@@ -21,13 +21,12 @@ namespace toptheta {
 /// (README, "Bad and non-finite input").
 template <class Tiles = DefaultTiles, class Scalar, class KView = TensorView<const Scalar>,
           class VView = TensorView<const Scalar>, class Executor = DefaultExecutor>
-void dense_attention(const TensorView<const detail::identity_t<Scalar>>& q,
-                     const KView& k, const VView& v, const TensorView<Scalar>& out,
-                     const AttentionOptions& options = {}, AttentionStats* stats = nullptr,
-                     const Executor& executor = {}) {
+void dense_attention(const TensorView<const detail::identity_t<Scalar>>& q, const KView& k, const VView& v,
+                     const TensorView<Scalar>& out, const AttentionOptions& options = {},
+                     AttentionStats* stats = nullptr, const Executor& executor = {}) {
   using KvView = detail::kv_view_t<Scalar, KView, VView>;  // contiguous or paged, read-only
-  detail::run_tiled_attention<Tiles, Scalar>(q, KvView(k), KvView(v), out, options, DenseSelection{}, nullptr,
-                                             executor, stats);
+  detail::run_tiled_attention<Tiles, Scalar>(q, KvView(k), KvView(v), out, options, DenseSelection{}, nullptr, executor,
+                                             stats);
 }
 
 }  // namespace toptheta

@@ -19,7 +19,8 @@ class threshold_file_error : public invalid_argument {
  public:
   threshold_file_error(const std::string& file, const std::string& location, const std::string& problem)
       : invalid_argument("toptheta: " + file + (location.empty() ? "" : ": " + location) + ": " + problem),
-        file_(file), location_(location) {}
+        file_(file),
+        location_(location) {}
 
   const std::string& file() const { return file_; }
   const std::string& location() const { return location_; }

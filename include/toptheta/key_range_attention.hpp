@@ -54,8 +54,8 @@ class KeyRangeAttention {
   using KvScalar = typename KvView::value_type;
 
   KeyRangeAttention(const TensorView<const Scalar>& q, const KvView& k, const KvView& v, KeyRange range,
-                    const AttentionOptions& attention, const Selection& selection,
-                    const double* value_sum = nullptr, AttentionStats* stats = nullptr)
+                    const AttentionOptions& attention, const Selection& selection, const double* value_sum = nullptr,
+                    AttentionStats* stats = nullptr)
       : q_(q), k_(k), v_(v), range_(range), selection_(selection), value_sum_(value_sum), stats_(stats) {
     validate(attention);
     if (stats_) stats_->reset(q.heads(), k.heads());
@@ -104,8 +104,8 @@ class KeyRangeAttention {
     for (std::size_t r = 0; r < rules_.size(); ++r) {
       PartialRowOutput<Acc>& row = output.rows[r];
       const std::vector<Index>& kept_rows = kept[std::size_t(rules_[r].query_head / (q_.heads() / k_.heads()))];
-      row.best_kept_in_group = row.best_value.size() > 0 &&
-                               std::binary_search(kept_rows.begin(), kept_rows.end(), row.state.best_position);
+      row.best_kept_in_group =
+          row.best_value.size() > 0 && std::binary_search(kept_rows.begin(), kept_rows.end(), row.state.best_position);
     }
     return output;
   }
@@ -118,9 +118,14 @@ class KeyRangeAttention {
   struct Rule {
     RowSelection<Acc> selection;
     Index query_row = 0, query_head = 0, length = 0;
-    Index visible = 0;  // keys of this range the row sees: [first, first + visible)
-    bool ranked = false;  // top-k over more than k keys
+    Index visible = 0;                       // keys of this range the row sees: [first, first + visible)
+    bool ranked = false;                     // top-k over more than k keys
     std::vector<ScoredKey<Acc>> candidates;  // kept here for round 2, a superset of S_i in the range
+
+    /// Whether the row's kept set depends on keys of other ranges: top-k, a running threshold, a cap.
+    bool needs_merged_statistics() const {
+      return ranked || selection.running || (!selection.dense && selection.keep_limit != RowSelection<Acc>::unlimited);
+    }
   };
 
   void validate(const AttentionOptions& attention) {
@@ -135,8 +140,7 @@ class KeyRangeAttention {
             q_.heads());
     require(range_.first >= 0, "range.first", "a position >= 0", range_.first);
     require(range_.total_keys >= 0 && range_.first <= range_.total_keys - k_.tokens(), "range.total_keys",
-            "at least range.first + k.tokens() = " + std::to_string(range_.first) + " + " +
-                std::to_string(k_.tokens()),
+            "at least range.first + k.tokens() = " + std::to_string(range_.first) + " + " + std::to_string(k_.tokens()),
             range_.total_keys);
     require(attention.past >= 0, "options.past", "a position >= 0", attention.past);
     if (attention.causal)
@@ -174,8 +178,7 @@ class KeyRangeAttention {
         } else {
           rule.selection = selection_.select(RowFacts<Acc>{h, rule.length, query.norm(), 0, 0, nullptr}, scratch);
         }
-        statistics_.needed = statistics_.needed || rule.ranked || rule.selection.running ||
-                             (!rule.selection.dense && rule.selection.keep_limit != RowSelection<Acc>::unlimited);
+        statistics_.needed = statistics_.needed || rule.needs_merged_statistics();
       }
     if constexpr (is_top_k) {
       statistics_.list = CandidateList::largest_scores;
@@ -343,10 +346,8 @@ class KeyRangeAttention {
     PartialRowOutput<Acc> out;
     RowState<Acc>& state = out.state;
     state.selection = rule.selection;
-    bool needs_whole = rule.ranked || rule.selection.running ||
-                       (!rule.selection.dense && rule.selection.keep_limit != RowSelection<Acc>::unlimited);
-    const Index cap_from = needs_whole ? decide(rule, state.selection, *whole, state.capped)
-                                       : std::numeric_limits<Index>::min();
+    const Index cap_from = rule.needs_merged_statistics() ? decide(rule, state.selection, *whole, state.capped)
+                                                          : std::numeric_limits<Index>::min();
     state.selection.running = false;
     state.mass.max = own.max;
     state.mass.total_mass = own.sum;
@@ -377,9 +378,11 @@ class KeyRangeAttention {
           if (out.kept_value_sum.size() > 0) out.kept_value_sum += value_row(key.position);
         }
       if (selection_.compensation().denominator == DenominatorCompensation::exact)
-        state.mass.pruned_mass = state.mass.kept == 0 ? state.mass.total_mass
-                                                      : std::max(Acc(0), state.mass.total_mass - state.mass.kept_mass *
-                                                                             std::exp(state.mass.kept_max - state.mass.max));
+        state.mass.pruned_mass =
+            state.mass.kept == 0
+                ? state.mass.total_mass
+                : std::max(Acc(0), state.mass.total_mass -
+                                       state.mass.kept_mass * std::exp(state.mass.kept_max - state.mass.max));
       // The never-empty rule may need this range's max-score key: always when the range kept nothing and the
       // rule decided alone; with merged statistics only in the one range that holds the row's max-score key.
       const bool owns_best = whole ? whole->best_position == own.best_position && own.best_position >= 0 &&

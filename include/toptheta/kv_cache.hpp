@@ -56,7 +56,9 @@ class KvCache {
   void append(const TensorView<Stored>& keys, const TensorView<Stored>& values) {
     tokens_.template check<Scalar>(keys, values, capacity_ - length(), "free capacity");
     const auto row_at = [this](AlignedVector<Scalar>& rows) {
-      return [&rows, this](Index t, Index h) { return rows.data() + (t * kv_heads() + h) * elements_of<Scalar>(head_dim()); };
+      return [&rows, this](Index t, Index h) {
+        return rows.data() + (t * kv_heads() + h) * elements_of<Scalar>(head_dim());
+      };
     };
     tokens_.template append<Stored, Scalar>(keys, values, row_at(keys_), row_at(values_));
   }

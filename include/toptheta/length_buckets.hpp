@@ -34,8 +34,8 @@ struct LengthBuckets {
 
   /// Throws `invalid_argument` naming `argument` unless the scheme is valid.
   void validate(const std::string& argument = "buckets") const {
-    detail::require(exact_limit >= 1 && exact_limit <= max_length, argument + ".exact_limit",
-                    "a length in [1, 2^50]", exact_limit);
+    detail::require(exact_limit >= 1 && exact_limit <= max_length, argument + ".exact_limit", "a length in [1, 2^50]",
+                    exact_limit);
     detail::require(buckets_per_doubling >= 1 && buckets_per_doubling <= (Index(1) << 16) &&
                         (buckets_per_doubling & (buckets_per_doubling - 1)) == 0,
                     argument + ".buckets_per_doubling", "a power of two in [1, 65536]", buckets_per_doubling);

@@ -15,10 +15,10 @@
 namespace toptheta {
 
 /// `pages` pages of K and `pages` pages of V of `page_size x kv_heads x head_dim` values (`PageLayout`,
-/// token-major by default), allocated once (on cache lines) and lent to the sequences of one layer (`PagedKvCache`) one page at a time; the pool hands out the
-/// most recently returned page first. Views of its pages stay valid until the pool is destroyed.
-/// \tparam Scalar stored type: `float`, `double`, `Eigen::half`, `Eigen::bfloat16` or `BlockQ8<N>` (an int8 cache,
-/// quantized on append; `head_dim` a multiple of N).
+/// token-major by default), allocated once (on cache lines) and lent to the sequences of one layer (`PagedKvCache`) one
+/// page at a time; the pool hands out the most recently returned page first. Views of its pages stay valid until the
+/// pool is destroyed. \tparam Scalar stored type: `float`, `double`, `Eigen::half`, `Eigen::bfloat16` or `BlockQ8<N>`
+/// (an int8 cache, quantized on append; `head_dim` a multiple of N).
 template <class Scalar>
 class PagePool {
  public:

@@ -66,13 +66,15 @@ class PagedKvCache {
   void append(const TensorView<Stored>& keys, const TensorView<Stored>& values) {
     const Index page_size = pool_->page_size();
     const Index room = Index(block_table_.size()) * page_size - length();  // in the last page
-    tokens_.template check<Scalar>(keys, values, room + pool_->free_pages() * page_size,
-                  "free room in the last page and the pool's " + std::to_string(pool_->free_pages()) + " free pages");
+    tokens_.template check<Scalar>(
+        keys, values, room + pool_->free_pages() * page_size,
+        "free room in the last page and the pool's " + std::to_string(pool_->free_pages()) + " free pages");
     while (Index(block_table_.size()) * page_size < length() + keys.tokens()) block_table_.push_back(pool_->allocate());
     const PagedTensorView<Scalar> key_pages = view(pool_->key_pages(), length() + keys.tokens());
     const PagedTensorView<Scalar> value_pages = view(pool_->value_pages(), length() + keys.tokens());
-    tokens_.template append<Stored, Scalar>(keys, values, [&](Index t, Index h) { return key_pages.row(t, h); },
-                                            [&](Index t, Index h) { return value_pages.row(t, h); });
+    tokens_.template append<Stored, Scalar>(
+        keys, values, [&](Index t, Index h) { return key_pages.row(t, h); },
+        [&](Index t, Index h) { return value_pages.row(t, h); });
   }
 
   PagedTensorView<const Scalar> keys() const { return view(pool_->key_pages(), length()); }
@@ -98,8 +100,8 @@ class PagedKvCache {
   /// The first `tokens` tokens of the pages at `pages` (K or V) through the block table.
   template <class Pages>
   PagedTensorView<Pages> view(Pages* pages, Index tokens) const {
-    return {pages, pool_->pages(), pool_->page_size(), block_table_.data(), tokens, kv_heads(), head_dim(),
-            pool_->layout()};
+    return {pages,  pool_->pages(), pool_->page_size(), block_table_.data(),
+            tokens, kv_heads(),     head_dim(),         pool_->layout()};
   }
 
   PagePool<Scalar>* pool_;

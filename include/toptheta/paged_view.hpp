@@ -42,10 +42,18 @@ class PagedTensorView {
   /// \throws invalid_argument naming the argument (the table entry) that is out of range.
   PagedTensorView(Scalar* pages, Index pool_pages, Index page_size, const std::int32_t* block_table, Index tokens,
                   Index heads, Index head_dim, PageLayout layout = PageLayout::token_major)
-      : pages_(pages), block_table_(block_table), pool_pages_(pool_pages), page_size_(page_size), tokens_(tokens),
-        heads_(heads), head_dim_(head_dim), layout_(layout),
-        token_stride_(layout == PageLayout::token_major ? heads * elements_of<Scalar>(head_dim) : elements_of<Scalar>(head_dim)),
-        head_stride_(layout == PageLayout::token_major ? elements_of<Scalar>(head_dim) : page_size * elements_of<Scalar>(head_dim)) {
+      : pages_(pages),
+        block_table_(block_table),
+        pool_pages_(pool_pages),
+        page_size_(page_size),
+        tokens_(tokens),
+        heads_(heads),
+        head_dim_(head_dim),
+        layout_(layout),
+        token_stride_(layout == PageLayout::token_major ? heads * elements_of<Scalar>(head_dim)
+                                                        : elements_of<Scalar>(head_dim)),
+        head_stride_(layout == PageLayout::token_major ? elements_of<Scalar>(head_dim)
+                                                       : page_size * elements_of<Scalar>(head_dim)) {
     using detail::require;
     require(page_size >= 1 && (page_size & (page_size - 1)) == 0, "page_size", "a power of two >= 1", page_size);
     require(tokens >= 0, "tokens", "a count >= 0", tokens);

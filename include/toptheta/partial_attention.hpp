@@ -40,9 +40,9 @@ struct ScoredKey {
 
 /// Which scored keys a range's row statistics carry: those a row's kept set may need from other ranges.
 enum class CandidateList : std::uint8_t {
-  none,               ///< each key is decided alone, or by (m_i, Z_i) only
-  largest_scores,     ///< top-k: the range's `limit` = k + 1 largest scores (ties: the larger position first)
-  largest_positions,  ///< a cap of k on a fixed threshold: the range's `limit` = k survivors of largest position
+  none,                     ///< each key is decided alone, or by (m_i, Z_i) only
+  largest_scores,           ///< top-k: the range's `limit` = k + 1 largest scores (ties: the larger position first)
+  largest_positions,        ///< a cap of k on a fixed threshold: the range's `limit` = k survivors of largest position
   above_running_threshold,  ///< a cap in a row-relative space: the keys above the range's running threshold
 };
 
@@ -50,8 +50,8 @@ enum class CandidateList : std::uint8_t {
 /// merged over the ranges it is the row's (m_i, Z_i)), its max-score key, and the keys `CandidateList` names.
 template <class Acc>
 struct PartialRowStatistics {
-  Acc max = -std::numeric_limits<Acc>::infinity();  ///< m over the range's visible keys, NaN scores left out
-  Acc sum = 0;                                      ///< Z = Σ exp(a_ij - m)
+  Acc max = -std::numeric_limits<Acc>::infinity();         ///< m over the range's visible keys, NaN scores left out
+  Acc sum = 0;                                             ///< Z = Σ exp(a_ij - m)
   Acc best_score = -std::numeric_limits<Acc>::infinity();  ///< the max-score key's a_ij
   Index best_position = -1;                                ///< its j (ties: the larger); -1 for none
   bool non_finite = false;                                 ///< some visible score is NaN or +inf
@@ -119,10 +119,10 @@ struct PartialStatistics {
 template <class Acc>
 struct PartialRowOutput {
   using Vector = Eigen::Matrix<Acc, 1, Eigen::Dynamic>;
-  RowState<Acc> state;     ///< selection: the decided rule; mass: over the range's visible keys (length L_i)
-  Vector numerator;        ///< Σ_{j∈S_i in the range} exp(a_ij - m_S) v_j
-  Vector kept_value_sum;   ///< Σ_{j∈S_i in the range} v_j (V mean of the pruned rows), else empty
-  Vector value_sum;        ///< Σ_{j<L_i in the range} v_j (V-mean compensation), else empty
+  RowState<Acc> state;    ///< selection: the decided rule; mass: over the range's visible keys (length L_i)
+  Vector numerator;       ///< Σ_{j∈S_i in the range} exp(a_ij - m_S) v_j
+  Vector kept_value_sum;  ///< Σ_{j∈S_i in the range} v_j (V mean of the pruned rows), else empty
+  Vector value_sum;       ///< Σ_{j<L_i in the range} v_j (V-mean compensation), else empty
   /// v of the range's max-score key, when the row may need it for the never-empty rule (the range kept
   /// nothing), else empty.
   Vector best_value;
@@ -142,25 +142,24 @@ struct PartialOutput {
   /// \throws invalid_argument naming `other` when the two do not describe the same rows and decided rules.
   void merge(const PartialOutput& other) {
     detail::require(other.query_rows == query_rows && other.q_heads == q_heads && other.kv_heads == kv_heads &&
-                        other.head_dim == head_dim &&
-                        other.rows.size() == rows.size(),
+                        other.head_dim == head_dim && other.rows.size() == rows.size(),
                     "other", "a partial output of the same shape (" + describe() + ")", other.describe());
     for (std::size_t r = 0; r < rows.size(); ++r) {
       PartialRowOutput<Acc>& row = rows[r];
       const PartialRowOutput<Acc>& theirs = other.rows[r];
       detail::require(same_rule(row.state, theirs.state), "other",
-                      "row " + std::to_string(r) + " decided by the same rule (L_i = " +
-                          std::to_string(row.state.mass.length) + ", τ_i = " +
-                          std::to_string(double(row.state.selection.score_threshold)) + ")",
-                      "L_i = " + std::to_string(theirs.state.mass.length) + ", τ_i = " +
-                          std::to_string(double(theirs.state.selection.score_threshold)));
+                      "row " + std::to_string(r) +
+                          " decided by the same rule (L_i = " + std::to_string(row.state.mass.length) +
+                          ", τ_i = " + std::to_string(double(row.state.selection.score_threshold)) + ")",
+                      "L_i = " + std::to_string(theirs.state.mass.length) +
+                          ", τ_i = " + std::to_string(double(theirs.state.selection.score_threshold)));
       detail::require(theirs.state.mass.kept <= row.state.mass.length - row.state.mass.kept, "other",
-                      "row " + std::to_string(r) + " over other keys: at most L_i = " +
-                          std::to_string(row.state.mass.length) + " kept in all",
+                      "row " + std::to_string(r) +
+                          " over other keys: at most L_i = " + std::to_string(row.state.mass.length) + " kept in all",
                       std::to_string(row.state.mass.kept) + " + " + std::to_string(theirs.state.mass.kept));
-      const bool their_best = theirs.state.best_score > row.state.best_score ||
-                              (theirs.state.best_score == row.state.best_score &&
-                               theirs.state.best_position > row.state.best_position);
+      const bool their_best =
+          theirs.state.best_score > row.state.best_score ||
+          (theirs.state.best_score == row.state.best_score && theirs.state.best_position > row.state.best_position);
       if (their_best) {
         row.best_value = theirs.best_value;
         row.best_kept_in_group = theirs.best_kept_in_group;
@@ -182,9 +181,11 @@ struct PartialOutput {
   static bool same_rule(const RowState<Acc>& a, const RowState<Acc>& b) {
     return a.mass.length == b.mass.length && a.selection.dense == b.selection.dense &&
            same_bits(a.selection.score_threshold, b.selection.score_threshold) &&
-           a.selection.tie_from == b.selection.tie_from && same_bits(a.selection.pruned_bound, b.selection.pruned_bound);
+           a.selection.tie_from == b.selection.tie_from &&
+           same_bits(a.selection.pruned_bound, b.selection.pruned_bound);
   }
-  static void add_sum(typename PartialRowOutput<Acc>::Vector& into, const typename PartialRowOutput<Acc>::Vector& from) {
+  static void add_sum(typename PartialRowOutput<Acc>::Vector& into,
+                      const typename PartialRowOutput<Acc>::Vector& from) {
     detail::require(into.size() == from.size(), "other", "V sums of " + std::to_string(into.size()) + " values",
                     from.size());
     into += from;
@@ -203,12 +204,12 @@ struct PartialOutput {
 template <class Scalar, class Acc, class Selection>
 void finish_partial_attention(const PartialOutput<Acc>& merged, const Selection& selection,
                               const TensorView<Scalar>& out, AttentionStats* stats = nullptr) {
-  detail::require(out.tokens() == merged.query_rows && out.heads() == merged.q_heads &&
-                      out.head_dim() == merged.head_dim,
-                  "out", "shape [" + std::to_string(merged.query_rows) + ", " + std::to_string(merged.q_heads) +
-                             ", " + std::to_string(merged.head_dim) + "] of the partial",
-                  "[" + std::to_string(out.tokens()) + ", " + std::to_string(out.heads()) + ", " +
-                      std::to_string(out.head_dim()) + "]");
+  detail::require(
+      out.tokens() == merged.query_rows && out.heads() == merged.q_heads && out.head_dim() == merged.head_dim, "out",
+      "shape [" + std::to_string(merged.query_rows) + ", " + std::to_string(merged.q_heads) + ", " +
+          std::to_string(merged.head_dim) + "] of the partial",
+      "[" + std::to_string(out.tokens()) + ", " + std::to_string(out.heads()) + ", " + std::to_string(out.head_dim()) +
+          "]");
   const Compensation& compensation = selection.compensation();
   if (stats && stats->elements_kept.empty()) stats->reset(merged.q_heads, merged.kv_heads);
   std::vector<std::pair<Index, Index>> best_rows;  // (KV head, position) of the rows that kept nothing
@@ -239,8 +240,9 @@ void finish_partial_attention(const PartialOutput<Acc>& merged, const Selection&
     }
     detail::require(!compensation.v_mean || partial.value_sum.size() == merged.head_dim, "merged",
                     "the V sum of row " + std::to_string(r) + " for V-mean compensation", "none");
-    row.normalise(numerator, compensation, selection.post_softmax(),
-                  [&] { return (partial.value_sum / Acc(row.mass.length)).eval(); }, [&] { return kept_value_sum; });
+    row.normalise(
+        numerator, compensation, selection.post_softmax(),
+        [&] { return (partial.value_sum / Acc(row.mass.length)).eval(); }, [&] { return kept_value_sum; });
     output = numerator.template cast<Scalar>();
     if (stats) {
       stats->elements_kept[std::size_t(head)] += std::uint64_t(row.mass.kept);

@@ -155,8 +155,7 @@ PartialStatistics<Acc> decode_partial_statistics(const std::uint8_t* bytes, std:
   std::tie(statistics.query_rows, statistics.q_heads) =
       detail::read_partial_header<Acc>(in, detail::PartialKind::statistics);
   const auto list = in.unsigned_integer(1);
-  detail::require(list <= std::uint64_t(CandidateList::above_running_threshold), "bytes", "a candidate list 0-3",
-                  list);
+  detail::require(list <= std::uint64_t(CandidateList::above_running_threshold), "bytes", "a candidate list 0-3", list);
   statistics.list = CandidateList(list);
   const auto needed = in.unsigned_integer(1);
   detail::require(needed <= 1, "bytes", "a flag 0 or 1 (needed)", needed);
@@ -225,7 +224,8 @@ PartialOutput<Acc> decode_partial_output(const std::uint8_t* bytes, std::size_t 
     state.mass.kept = in.integer();
     state.mass.length = in.integer();
     detail::require(state.mass.length >= 0 && state.mass.kept >= 0 && state.mass.kept <= state.mass.length, "bytes",
-                    "0 <= kept <= length", std::to_string(state.mass.kept) + " of " + std::to_string(state.mass.length));
+                    "0 <= kept <= length",
+                    std::to_string(state.mass.kept) + " of " + std::to_string(state.mass.length));
     state.best_score = in.real<Acc>();
     state.best_position = in.integer();
     detail::require(state.best_position >= -1, "bytes", "a max-score position >= -1", state.best_position);

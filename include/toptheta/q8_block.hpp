@@ -87,8 +87,7 @@ void quantize_q8(const Source* source, Index count, BlockQ8<N>* blocks, const st
     for (Index i = 0; i < N; ++i) {
       if (!(std::abs(double(x[i])) <= q8_max_magnitude))
         detail::fail(argument + " (element " + std::to_string(b * N + i) + ")",
-                     "a finite value of magnitude at most 127 x 65504 (an int8 block's scale is a half)",
-                     double(x[i]));
+                     "a finite value of magnitude at most 127 x 65504 (an int8 block's scale is a half)", double(x[i]));
       largest = std::max(largest, std::abs(float(x[i])));
     }
     BlockQ8<N>& block = blocks[b];

@@ -30,8 +30,8 @@ struct ReferenceSparsity {
   /// `C_i` given the row and its kept set.
   std::function<double(const ReferenceRow&, const std::vector<bool>&)> denominator_term;
   double lambda = 1.0;
-  bool post_softmax = false;  ///< denominator `Z_i`: probabilities are not renormalised
-  bool v_mean = false;        ///< add `(1 - Σ_j p_ij) vbar(L_i)`
+  bool post_softmax = false;      ///< denominator `Z_i`: probabilities are not renormalised
+  bool v_mean = false;            ///< add `(1 - Σ_j p_ij) vbar(L_i)`
   bool v_mean_of_pruned = false;  ///< with `v_mean`, vbar over the pruned keys `j ∉ S_i` (none pruned: nothing)
 };
 
@@ -63,8 +63,7 @@ Eigen::MatrixXd reference_attention(const TensorView<const Scalar>& q, const Ten
       const std::vector<bool> kept = sparsity.keep ? sparsity.keep(row) : std::vector<bool>(row.length, true);
       detail::require(Index(kept.size()) == row.length, "sparsity.keep", "one flag per visible key", kept.size());
       detail::require(std::find(kept.begin(), kept.end(), true) != kept.end(), "sparsity.keep",
-                      "at least one kept key in row " + std::to_string(i) + " of head " + std::to_string(h),
-                      "none");
+                      "at least one kept key in row " + std::to_string(i) + " of head " + std::to_string(h), "none");
       double kept_mass = 0;
       Eigen::RowVectorXd weighted = Eigen::RowVectorXd::Zero(shape.head_dim);
       for (Index j = 0; j < row.length; ++j) {

@@ -1,10 +1,10 @@
 // Import of the Top-θ reference implementation's calibration text files into a `ThresholdTable`.
 #pragma once
 
-#include <toptheta/detail/require.hpp>
-#include <toptheta/length_buckets.hpp>
 #include <toptheta/detail/file_text.hpp>
+#include <toptheta/detail/require.hpp>
 #include <toptheta/errors.hpp>
+#include <toptheta/length_buckets.hpp>
 #include <toptheta/threshold_space.hpp>
 #include <toptheta/threshold_table.hpp>
 
@@ -51,8 +51,7 @@ constexpr Index max_reference_index = Index(1) << 20;
 
 /// Parses one reference file. `with_k`: thresholds (`{theta} {num_samples} {k}`), else denominator terms
 /// (`{sdc} {num_samples}`). Blank lines are skipped; fields are separated by spaces or tabs; `\r\n` is accepted.
-inline std::vector<ReferenceEntry> parse_reference_file(std::string_view text, const std::string& file,
-                                                        bool with_k) {
+inline std::vector<ReferenceEntry> parse_reference_file(std::string_view text, const std::string& file, bool with_k) {
   const char* format = with_k ? "`L{layer}_H{head}:{seqlen} {theta} {num_samples} {k}`"
                               : "`L{layer}_H{head}:{seqlen} {sdc} {num_samples}`";
   std::vector<ReferenceEntry> entries;
@@ -80,8 +79,7 @@ inline std::vector<ReferenceEntry> parse_reference_file(std::string_view text, c
     auto integer = [&](const char* what, long long lowest, long long highest) {
       long long value = 0;
       const auto [next, error] = std::from_chars(p, last, value);
-      if (error != std::errc() || next == p)
-        fail(std::string("expected ") + what + " as a decimal integer");
+      if (error != std::errc() || next == p) fail(std::string("expected ") + what + " as a decimal integer");
       if (value < lowest || value > highest)
         fail(std::string(what) + " " + std::to_string(value) + " outside [" + std::to_string(lowest) + ", " +
              std::to_string(highest) + "]");
@@ -107,8 +105,8 @@ inline std::vector<ReferenceEntry> parse_reference_file(std::string_view text, c
     {
       const auto [next, error] = std::from_chars(p, last, entry.value);
       if (error == std::errc::result_out_of_range) fail("value out of the range of double");
-      if (error != std::errc() || next == p) fail(with_k ? "expected the threshold as a number"
-                                                         : "expected the denominator term as a number");
+      if (error != std::errc() || next == p)
+        fail(with_k ? "expected the threshold as a number" : "expected the denominator term as a number");
       p = next;
       if (!std::isfinite(entry.value))
         fail(with_k ? "the threshold is not finite" : "the denominator term is not finite");
@@ -137,8 +135,7 @@ inline std::vector<ReferenceEntry> parse_reference_thresholds(std::string_view t
 
 /// Parses the text of a reference denominator-term file (`L{layer}_H{head}:{seqlen} {sdc} {num_samples}` per
 /// line, as the reference code's `sdc.txt`). Throws `threshold_file_error` naming `file` and the line.
-inline std::vector<ReferenceEntry> parse_reference_denominator_terms(std::string_view text,
-                                                                     const std::string& file) {
+inline std::vector<ReferenceEntry> parse_reference_denominator_terms(std::string_view text, const std::string& file) {
   return detail::parse_reference_file(text, file, false);
 }
 
@@ -156,17 +153,20 @@ inline ThresholdTable reference_table(const std::vector<ReferenceEntry>& thresho
   auto fail = [](const std::string& file, const ReferenceEntry* entry, const std::string& problem) {
     throw threshold_file_error(file, entry ? "line " + std::to_string(entry->line) : "", problem);
   };
-  auto key = [](const ReferenceEntry& e) { return "L" + std::to_string(e.layer) + "_H" + std::to_string(e.head) +
-                                                   ":" + std::to_string(e.length); };
+  auto key = [](const ReferenceEntry& e) {
+    return "L" + std::to_string(e.layer) + "_H" + std::to_string(e.head) + ":" + std::to_string(e.length);
+  };
   auto sorted = [&](const std::vector<ReferenceEntry>& entries, const std::string& file) {
     std::vector<const ReferenceEntry*> order;
     for (const auto& entry : entries) {
       if (entry.layer >= shape.layers)
-        fail(file, &entry, "layer " + std::to_string(entry.layer) + " outside the model's " +
-                               std::to_string(shape.layers) + " layers");
+        fail(file, &entry,
+             "layer " + std::to_string(entry.layer) + " outside the model's " + std::to_string(shape.layers) +
+                 " layers");
       if (entry.head >= shape.q_heads)
-        fail(file, &entry, "head " + std::to_string(entry.head) + " outside the model's " +
-                               std::to_string(shape.q_heads) + " query heads");
+        fail(file, &entry,
+             "head " + std::to_string(entry.head) + " outside the model's " + std::to_string(shape.q_heads) +
+                 " query heads");
       order.push_back(&entry);
     }
     std::sort(order.begin(), order.end(), [](const ReferenceEntry* a, const ReferenceEntry* b) {
@@ -178,8 +178,8 @@ inline ThresholdTable reference_table(const std::vector<ReferenceEntry>& thresho
     for (std::size_t i = 1; i < order.size(); ++i)
       if (order[i]->layer == order[i - 1]->layer && order[i]->length == order[i - 1]->length &&
           order[i]->head == order[i - 1]->head)
-        fail(file, order[i], "duplicate key " + key(*order[i]) + " (first at line " +
-                                 std::to_string(order[i - 1]->line) + ")");
+        fail(file, order[i],
+             "duplicate key " + key(*order[i]) + " (first at line " + std::to_string(order[i - 1]->line) + ")");
     return order;
   };
   const auto theta_entries = sorted(thresholds, thresholds_file);
@@ -202,9 +202,9 @@ inline ThresholdTable reference_table(const std::vector<ReferenceEntry>& thresho
     for (std::size_t i = begin; i < end; ++i) {
       const ReferenceEntry& entry = *theta_entries[i];
       if (entry.k != k)
-        fail(thresholds_file, &entry, "k " + std::to_string(entry.k) + " differs from k " + std::to_string(k) +
-                                          " of layer " + std::to_string(l) + " at line " +
-                                          std::to_string(theta_entries[begin]->line));
+        fail(thresholds_file, &entry,
+             "k " + std::to_string(entry.k) + " differs from k " + std::to_string(k) + " of layer " +
+                 std::to_string(l) + " at line " + std::to_string(theta_entries[begin]->line));
       if (lengths.empty() || lengths.back() != entry.length) lengths.push_back(entry.length);
     }
     // Sorted by (length, head) and free of duplicates: a full grid lists heads 0..H-1 for every length.
@@ -213,8 +213,8 @@ inline ThresholdTable reference_table(const std::vector<ReferenceEntry>& thresho
         const std::size_t i = begin + c * std::size_t(shape.q_heads) + std::size_t(h);
         if (i >= end || theta_entries[i]->length != lengths[c] || theta_entries[i]->head != h)
           fail(thresholds_file, nullptr,
-               "no threshold for L" + std::to_string(l) + "_H" + std::to_string(h) + ":" +
-                   std::to_string(lengths[c]) + " (every head of a layer needs the same sequence lengths)");
+               "no threshold for L" + std::to_string(l) + "_H" + std::to_string(h) + ":" + std::to_string(lengths[c]) +
+                   " (every head of a layer needs the same sequence lengths)");
       }
     const Index columns = Index(lengths.size());
     Eigen::MatrixXd theta(shape.q_heads, columns);
@@ -241,10 +241,12 @@ inline ThresholdTable reference_table(const std::vector<ReferenceEntry>& thresho
                            std::make_tuple(term_entries[i]->layer, term_entries[i]->length, term_entries[i]->head) <
                                std::make_tuple(expected.layer, expected.length, expected.head);
         if (extra)
-          fail(terms_file, term_entries[i], "denominator term for " + key(*term_entries[i]) +
-                                                ", which the thresholds file " + thresholds_file + " lacks");
-        fail(terms_file, nullptr, "no denominator term for " + key(expected) + " (thresholds file " +
-                                      thresholds_file + " line " + std::to_string(expected.line) + ")");
+          fail(terms_file, term_entries[i],
+               "denominator term for " + key(*term_entries[i]) + ", which the thresholds file " + thresholds_file +
+                   " lacks");
+        fail(terms_file, nullptr,
+             "no denominator term for " + key(expected) + " (thresholds file " + thresholds_file + " line " +
+                 std::to_string(expected.line) + ")");
       }
     }
     if (term_entries.size() > theta_entries.size())

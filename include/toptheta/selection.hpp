@@ -215,14 +215,13 @@ class TopThetaSelection {
     const ThresholdSpace space = thresholds.space();
     compensation.validate("options.compensation");
     two_pass_ = passes == Passes::two;
-    detail::require(space != ThresholdSpace::probability ||
-                        compensation.denominator == DenominatorCompensation::none,
+    detail::require(space != ThresholdSpace::probability || compensation.denominator == DenominatorCompensation::none,
                     "options.compensation.denominator",
                     "none for the probability space (post-softmax keeps the full softmax denominator)",
                     to_string(compensation.denominator));
-    detail::require(compensation.denominator != DenominatorCompensation::calibrated ||
-                        thresholds.has_denominator_terms(),
-                    "thresholds", "calibrated denominator terms for calibrated compensation", "none");
+    detail::require(
+        compensation.denominator != DenominatorCompensation::calibrated || thresholds.has_denominator_terms(),
+        "thresholds", "calibrated denominator terms for calibrated compensation", "none");
   }
 
   bool needs_row_scores() const { return two_pass_; }
@@ -250,8 +249,7 @@ class TopThetaSelection {
       selection.space = thresholds_.space();
       selection.offset = score_threshold(selection.space, lookup.theta, Acc(0), Acc(1), Acc(0));
     } else {
-      selection.score_threshold =
-          score_threshold(thresholds_.space(), lookup.theta, row.max, row.sum, row.query_norm);
+      selection.score_threshold = score_threshold(thresholds_.space(), lookup.theta, row.max, row.sum, row.query_norm);
       selection.pruned_bound = selection.score_threshold;
     }
     selection.calibrated_term = Acc(lookup.denominator_term);

@@ -21,10 +21,10 @@ namespace toptheta {
 struct SyntheticAttentionOptions {
   Index tokens = 1024, q_heads = 8, kv_heads = 2, head_dim = 128;
   double sink_strength = 10.0;        ///< extra score of key 0
-  double recency_strength = 8.0;     ///< extra score of the nearest keys, decaying as ρ^|i-j|
+  double recency_strength = 8.0;      ///< extra score of the nearest keys, decaying as ρ^|i-j|
   double recency_correlation = 0.98;  ///< AR(1) coefficient: the recency window is ~1 / (1 - ρ) tokens
   double salient_fraction = 0.01;     ///< fraction of keys that are salient
-  double salient_strength = 6.0;     ///< extra score of a salient key
+  double salient_strength = 6.0;      ///< extra score of a salient key
   double query_norm_spread = 0.3;     ///< standard deviation of log ||q_i||
   unsigned seed = 1;                  ///< the data: queries, keys, values, which keys are salient
   /// The "model": each KV head's sink and salient directions. Unset: drawn from `seed` with the data. Two
@@ -70,7 +70,8 @@ struct SyntheticAttention {
         sink = random_vector(d).normalized();
         salient = random_vector(d).normalized();
       }
-      std::vector<Eigen::VectorXd> recency(static_cast<std::size_t>(n));  // z_t = ρ z_{t-1} + sqrt(1 - ρ²) ε_t, <z_i, z_j> ≈ ρ^|i-j|
+      std::vector<Eigen::VectorXd> recency(
+          static_cast<std::size_t>(n));  // z_t = ρ z_{t-1} + sqrt(1 - ρ²) ε_t, <z_i, z_j> ≈ ρ^|i-j|
       Eigen::VectorXd z = random_vector(d) / std::sqrt(double(d));
       for (Index t = 0; t < n; ++t) {
         z = rho * z + innovation * random_vector(d) / std::sqrt(double(d));

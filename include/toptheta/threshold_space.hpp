@@ -19,10 +19,14 @@ enum class ThresholdSpace {
 
 inline const char* to_string(ThresholdSpace space) {
   switch (space) {
-    case ThresholdSpace::raw_score: return "raw_score";
-    case ThresholdSpace::probability: return "probability";
-    case ThresholdSpace::score_minus_max: return "score_minus_max";
-    case ThresholdSpace::score_over_query_norm: return "score_over_query_norm";
+    case ThresholdSpace::raw_score:
+      return "raw_score";
+    case ThresholdSpace::probability:
+      return "probability";
+    case ThresholdSpace::score_minus_max:
+      return "score_minus_max";
+    case ThresholdSpace::score_over_query_norm:
+      return "score_over_query_norm";
   }
   return "unknown";
 }
@@ -46,10 +50,14 @@ constexpr bool needs_row_statistics(ThresholdSpace space) {
 template <class Acc>
 Acc value_in_space(ThresholdSpace space, Acc score, Acc row_max, Acc row_sum, Acc query_norm) {
   switch (space) {
-    case ThresholdSpace::raw_score: return score;
-    case ThresholdSpace::probability: return std::exp(score - row_max) / row_sum;
-    case ThresholdSpace::score_minus_max: return score - row_max;
-    case ThresholdSpace::score_over_query_norm: return score / query_norm;
+    case ThresholdSpace::raw_score:
+      return score;
+    case ThresholdSpace::probability:
+      return std::exp(score - row_max) / row_sum;
+    case ThresholdSpace::score_minus_max:
+      return score - row_max;
+    case ThresholdSpace::score_over_query_norm:
+      return score / query_norm;
   }
   return score;
 }
@@ -61,11 +69,13 @@ Acc value_in_space(ThresholdSpace space, Acc score, Acc row_max, Acc row_sum, Ac
 template <class Acc>
 Acc score_threshold(ThresholdSpace space, double theta, Acc row_max, Acc row_sum, Acc query_norm) {
   switch (space) {
-    case ThresholdSpace::raw_score: return Acc(theta);
+    case ThresholdSpace::raw_score:
+      return Acc(theta);
     case ThresholdSpace::probability:
       if (theta <= 0) return -std::numeric_limits<Acc>::infinity();
       return row_max + Acc(std::log(theta)) + std::log(row_sum);
-    case ThresholdSpace::score_minus_max: return row_max + Acc(theta);
+    case ThresholdSpace::score_minus_max:
+      return row_max + Acc(theta);
     case ThresholdSpace::score_over_query_norm: {
       constexpr Acc infinity = std::numeric_limits<Acc>::infinity();
       if (query_norm == 0) return theta < 0 ? -infinity : infinity;

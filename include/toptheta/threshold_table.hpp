@@ -39,7 +39,10 @@ class LayerThresholds {
   /// \param denominator_terms empty, or the same shape as `theta`, finite and >= 0.
   LayerThresholds(Index k, ThresholdSpace space, std::vector<Index> lengths, Eigen::MatrixXd theta,
                   Eigen::MatrixXd denominator_terms = {})
-      : k_(k), space_(space), lengths_(std::move(lengths)), theta_(std::move(theta)),
+      : k_(k),
+        space_(space),
+        lengths_(std::move(lengths)),
+        theta_(std::move(theta)),
         denominator_terms_(std::move(denominator_terms)) {
     validate();
     range_first_ = lengths_.front();
@@ -52,8 +55,8 @@ class LayerThresholds {
     Eigen::MatrixXd theta = Eigen::Map<const Eigen::VectorXd>(theta_per_head.data(), Index(theta_per_head.size()));
     Eigen::MatrixXd terms;
     if (!denominator_term_per_head.empty())
-      terms = Eigen::Map<const Eigen::VectorXd>(denominator_term_per_head.data(),
-                                                Index(denominator_term_per_head.size()));
+      terms =
+          Eigen::Map<const Eigen::VectorXd>(denominator_term_per_head.data(), Index(denominator_term_per_head.size()));
     LayerThresholds table(k, space, {1}, std::move(theta), std::move(terms));
     table.length_independent_ = true;
     return table;
@@ -75,8 +78,8 @@ class LayerThresholds {
   void set_calibrated_range(Index first, Index last) {
     detail::require(first >= 1 && first <= lengths_.front(), "calibrated_range.first",
                     "a length in [1, " + std::to_string(lengths_.front()) + "]", first);
-    detail::require(last >= lengths_.back(), "calibrated_range.last",
-                    "a length >= " + std::to_string(lengths_.back()), last);
+    detail::require(last >= lengths_.back(), "calibrated_range.last", "a length >= " + std::to_string(lengths_.back()),
+                    last);
     range_first_ = first;
     range_last_ = last;
   }
@@ -92,8 +95,8 @@ class LayerThresholds {
     const Index left = right - 1;  // lengths_[left] <= L < lengths_[right]
     const double weight = double(length - lengths_[left]) / double(lengths_[right] - lengths_[left]);
     const ThresholdLookup a = at(head, left, false), b = at(head, right, false);
-    return {(1 - weight) * a.theta + weight * b.theta,
-            (1 - weight) * a.denominator_term + weight * b.denominator_term, false};
+    return {(1 - weight) * a.theta + weight * b.theta, (1 - weight) * a.denominator_term + weight * b.denominator_term,
+            false};
   }
 
  private:
@@ -181,10 +184,14 @@ enum class CalibrationMethod {
 
 inline const char* to_string(CalibrationMethod method) {
   switch (method) {
-    case CalibrationMethod::mean_of_thresholds: return "mean_of_thresholds";
-    case CalibrationMethod::count_matched: return "count_matched";
-    case CalibrationMethod::mass_matched: return "mass_matched";
-    case CalibrationMethod::budget_matched: return "budget_matched";
+    case CalibrationMethod::mean_of_thresholds:
+      return "mean_of_thresholds";
+    case CalibrationMethod::count_matched:
+      return "count_matched";
+    case CalibrationMethod::mass_matched:
+      return "mass_matched";
+    case CalibrationMethod::budget_matched:
+      return "budget_matched";
   }
   return "unknown";
 }
@@ -220,11 +227,16 @@ class ThresholdTable {
   /// \param samples one `heads x lengths` matrix per layer.
   /// Every layer's lengths must be representatives of `buckets` (`buckets.representative(buckets.bucket(L)) ==
   /// L`), every layer must have `shape.q_heads` heads and all layers one threshold space.
-  ThresholdTable(const ModelShape& shape, ThresholdSpace space, const LengthBuckets& buckets,
-                 CalibrationMethod method, std::optional<double> sigma_add, std::vector<LayerThresholds> layers,
+  ThresholdTable(const ModelShape& shape, ThresholdSpace space, const LengthBuckets& buckets, CalibrationMethod method,
+                 std::optional<double> sigma_add, std::vector<LayerThresholds> layers,
                  std::vector<SampleCounts> samples)
-      : shape_(shape), space_(space), buckets_(buckets), method_(method), sigma_add_(sigma_add),
-        layers_(std::move(layers)), samples_(std::move(samples)) {
+      : shape_(shape),
+        space_(space),
+        buckets_(buckets),
+        method_(method),
+        sigma_add_(sigma_add),
+        layers_(std::move(layers)),
+        samples_(std::move(samples)) {
     validate();
   }
 
@@ -266,27 +278,27 @@ class ThresholdTable {
     require(!needs_probability_space(method_) || space_ == ThresholdSpace::probability, "method",
             std::string(to_string(method_)) + " only with probability thresholds",
             to_string(space_) + std::string(" thresholds"));
-    require(Index(layers_.size()) == shape_.layers, "layers",
-            std::to_string(shape_.layers) + " layers (shape.layers)", layers_.size());
-    require(samples_.size() == layers_.size(), "samples", "one matrix per layer (" +
-            std::to_string(layers_.size()) + ")", samples_.size());
+    require(Index(layers_.size()) == shape_.layers, "layers", std::to_string(shape_.layers) + " layers (shape.layers)",
+            layers_.size());
+    require(samples_.size() == layers_.size(), "samples",
+            "one matrix per layer (" + std::to_string(layers_.size()) + ")", samples_.size());
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       LayerThresholds& layer = layers_[l];
       const std::string name = "layers[" + std::to_string(l) + "]";
       require(layer.heads() == shape_.q_heads, name + ".theta",
               std::to_string(shape_.q_heads) + " heads (shape.q_heads)", layer.heads());
       require(layer.space() == space_, name + ".space", to_string(space_), to_string(layer.space()));
-      require(samples_[l].rows() == layer.theta().rows() && samples_[l].cols() == layer.theta().cols(),
-              "samples[" + std::to_string(l) + "]",
-              "the shape of theta, " + std::to_string(layer.theta().rows()) + "x" +
-                  std::to_string(layer.theta().cols()),
-              std::to_string(samples_[l].rows()) + "x" + std::to_string(samples_[l].cols()));
+      require(
+          samples_[l].rows() == layer.theta().rows() && samples_[l].cols() == layer.theta().cols(),
+          "samples[" + std::to_string(l) + "]",
+          "the shape of theta, " + std::to_string(layer.theta().rows()) + "x" + std::to_string(layer.theta().cols()),
+          std::to_string(samples_[l].rows()) + "x" + std::to_string(samples_[l].cols()));
       if (layer.length_independent()) continue;
       const std::vector<Index>& lengths = layer.lengths();
       for (std::size_t c = 0; c < lengths.size(); ++c) {
         const Index length = lengths[c];
-        require(length <= LengthBuckets::max_length, name + ".lengths[" + std::to_string(c) + "]",
-                "a length <= 2^50", length);
+        require(length <= LengthBuckets::max_length, name + ".lengths[" + std::to_string(c) + "]", "a length <= 2^50",
+                length);
         const Index representative = buckets_.representative(buckets_.bucket(length));
         require(representative == length, name + ".lengths[" + std::to_string(c) + "]",
                 "the representative length of its bucket (" + std::to_string(representative) + ")", length);

@@ -53,9 +53,9 @@ SparseProbabilities<typename Derived::Scalar> thresholded_softmax(const Eigen::M
   detail::require(rows.query_norms.empty() || Index(rows.query_norms.size()) == row_count, "rows.query_norms",
                   "empty or one norm per score row (" + std::to_string(row_count) + ")", rows.query_norms.size());
   if constexpr (std::is_same_v<Selection, TopThetaSelection>)
-    detail::require(selection.thresholds().space() != ThresholdSpace::score_over_query_norm ||
-                        !rows.query_norms.empty(),
-                    "rows.query_norms", "one norm per row for the score_over_query_norm space", "none");
+    detail::require(
+        selection.thresholds().space() != ThresholdSpace::score_over_query_norm || !rows.query_norms.empty(),
+        "rows.query_norms", "one norm per row for the score_over_query_norm space", "none");
   selection.require_query_head(rows.query_head, "rows.query_head");
   const bool track_pruned_mass =
       !selection.post_softmax() && selection.compensation().denominator == DenominatorCompensation::exact;

@@ -24,9 +24,8 @@ struct TopKOptions : SparseAttentionOptions {
 /// O(query block x group x L) per work item. Errors and non-finite data as `dense_attention`.
 template <class Tiles = DefaultTiles, class Scalar, class KView = TensorView<const Scalar>,
           class VView = TensorView<const Scalar>, class Executor = DefaultExecutor>
-void top_k_attention(const TensorView<const detail::identity_t<Scalar>>& q,
-                     const KView& k, const VView& v, const TensorView<Scalar>& out,
-                     const TopKOptions& options = {}, AttentionStats* stats = nullptr,
+void top_k_attention(const TensorView<const detail::identity_t<Scalar>>& q, const KView& k, const VView& v,
+                     const TensorView<Scalar>& out, const TopKOptions& options = {}, AttentionStats* stats = nullptr,
                      const Executor& executor = {}) {
   if (options.thresholds)
     detail::require(options.thresholds->heads() == q.heads(), "options.thresholds",

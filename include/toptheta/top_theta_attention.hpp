@@ -39,10 +39,10 @@ struct TopThetaOptions : SparseAttentionOptions {
 /// Errors and non-finite data as `dense_attention`.
 template <class Tiles = DefaultTiles, class Scalar, class KView = TensorView<const Scalar>,
           class VView = TensorView<const Scalar>, class Executor = DefaultExecutor>
-void top_theta_attention(const TensorView<const detail::identity_t<Scalar>>& q,
-                         const KView& k, const VView& v, const TensorView<Scalar>& out,
-                         const LayerThresholds& thresholds, const TopThetaOptions& options = {},
-                         AttentionStats* stats = nullptr, const Executor& executor = {}) {
+void top_theta_attention(const TensorView<const detail::identity_t<Scalar>>& q, const KView& k, const VView& v,
+                         const TensorView<Scalar>& out, const LayerThresholds& thresholds,
+                         const TopThetaOptions& options = {}, AttentionStats* stats = nullptr,
+                         const Executor& executor = {}) {
   detail::require(thresholds.heads() == q.heads(), "thresholds",
                   "one row per query head (" + std::to_string(q.heads()) + ")", thresholds.heads());
   const TopThetaSelection selection(thresholds, options.compensation, options.cap_k, options.passes);

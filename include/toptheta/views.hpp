@@ -27,24 +27,28 @@ template <class Scalar>
 class TensorView {
  public:
   using value_type = std::remove_const_t<Scalar>;
-  using HeadRows = Eigen::Map<std::conditional_t<std::is_const_v<Scalar>,
-                                                 const Eigen::Matrix<value_type, Eigen::Dynamic, Eigen::Dynamic,
-                                                                     Eigen::RowMajor>,
-                                                 Eigen::Matrix<value_type, Eigen::Dynamic, Eigen::Dynamic,
-                                                               Eigen::RowMajor>>,
-                              Eigen::Unaligned, Eigen::OuterStride<>>;
+  using HeadRows =
+      Eigen::Map<std::conditional_t<std::is_const_v<Scalar>,
+                                    const Eigen::Matrix<value_type, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
+                                    Eigen::Matrix<value_type, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>,
+                 Eigen::Unaligned, Eigen::OuterStride<>>;
 
   TensorView() = default;
   TensorView(Scalar* data, Index tokens, Index heads, Index head_dim)
       : TensorView(data, tokens, heads, head_dim, dense_token_stride(heads, head_dim), elements_of<Scalar>(head_dim)) {}
   TensorView(Scalar* data, Index tokens, Index heads, Index head_dim, Index token_stride, Index head_stride)
-      : data_(data), tokens_(tokens), heads_(heads), head_dim_(head_dim), token_stride_(token_stride),
+      : data_(data),
+        tokens_(tokens),
+        heads_(heads),
+        head_dim_(head_dim),
+        token_stride_(token_stride),
         head_stride_(head_stride) {
     detail::require(tokens >= 0, "tokens", "a count >= 0", tokens);
     detail::require(heads >= 1, "heads", "a count >= 1", heads);
     detail::require(head_dim >= 1, "head_dim", "a count >= 1", head_dim);
     detail::require(head_dim % values_per_element_v<Scalar> == 0, "head_dim",
-                    "a multiple of the " + std::to_string(values_per_element_v<Scalar>) + " values of a block", head_dim);
+                    "a multiple of the " + std::to_string(values_per_element_v<Scalar>) + " values of a block",
+                    head_dim);
     detail::require(data != nullptr || tokens == 0, "data", "a non-null pointer", "nullptr");
     detail::require(token_stride >= 0 && head_stride >= 0, "strides", "non-negative strides",
                     std::to_string(token_stride) + ", " + std::to_string(head_stride));
@@ -65,7 +69,8 @@ class TensorView {
   /// The rows of head `h`: a `tokens x head_dim` row-major map with outer stride `token_stride`.
   HeadRows head(Index h) const {
     static_assert(!is_block_type_v<Scalar>, "rows of blocks are read through row()");
-    return HeadRows(data_ + h * head_stride_, tokens_, head_dim_, Eigen::OuterStride<>(token_stride_)); }
+    return HeadRows(data_ + h * head_stride_, tokens_, head_dim_, Eigen::OuterStride<>(token_stride_));
+  }
   /// Pointer to the `head_dim` values (the blocks that hold them) of token `t`, head `h`.
   Scalar* row(Index t, Index h) const { return data_ + t * token_stride_ + h * head_stride_; }
   /// Tokens from `t` on whose rows lie `token_stride` apart: all the rest (a paged view: the rest of the page).
@@ -127,8 +132,8 @@ AttentionShape attention_shape(const TensorView<Q>& q, const KView& k, const VVi
   require(v.head_dim() == q.head_dim(), "v.head_dim", "q.head_dim = " + std::to_string(q.head_dim()), v.head_dim());
   require(v.tokens() == k.tokens(), "v.tokens", "k.tokens = " + std::to_string(k.tokens()), v.tokens());
   require(v.heads() == k.heads(), "v.heads", "k.heads = " + std::to_string(k.heads()), v.heads());
-  require(q.heads() % k.heads() == 0, "q.heads",
-          "a multiple of the KV heads (" + std::to_string(k.heads()) + ")", q.heads());
+  require(q.heads() % k.heads() == 0, "q.heads", "a multiple of the KV heads (" + std::to_string(k.heads()) + ")",
+          q.heads());
   require(out.tokens() == q.tokens() && out.heads() == q.heads() && out.head_dim() == q.head_dim(), "out",
           "shape [" + std::to_string(q.tokens()) + ", " + std::to_string(q.heads()) + ", " +
               std::to_string(q.head_dim()) + "] like q",
@@ -149,8 +154,7 @@ AttentionShape attention_shape(const TensorView<Q>& q, const KView& k, const VVi
                 " for causal attention",
             k.tokens());
   } else {
-    require(q.tokens() == 0 || k.tokens() >= 1, "k.tokens", "at least 1 key for non-causal attention",
-            k.tokens());
+    require(q.tokens() == 0 || k.tokens() >= 1, "k.tokens", "at least 1 key for non-causal attention", k.tokens());
   }
   shape.scale = options.scale ? *options.scale : 1.0 / std::sqrt(double(q.head_dim()));
   require(std::isfinite(shape.scale) && shape.scale > 0, "options.scale", "a finite value > 0", shape.scale);

@@ -26,8 +26,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     return 0;
   }
   if (encode_calibrator_state(calibrator) != std::vector<std::uint8_t>(data + 1, data + size)) std::abort();
-  for (CalibrationMethod method : {CalibrationMethod::mean_of_thresholds, probability ? CalibrationMethod::budget_matched
-                                                                                      : CalibrationMethod::count_matched}) {
+  for (CalibrationMethod method :
+       {CalibrationMethod::mean_of_thresholds,
+        probability ? CalibrationMethod::budget_matched : CalibrationMethod::count_matched}) {
     TableOptions table_options;
     table_options.method = method;
     table_options.missing = MissingCalibration::keep_all;

@@ -11,9 +11,9 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -50,7 +50,8 @@ void run(Bytes& bytes) {
   const Index kv_heads = 1 + Index(bytes.pick(3)), group = 1 + Index(bytes.pick(4));
   // float only: K and V also as int8 blocks of 8 values, so head_dim a multiple of 8.
   const bool blocks = std::is_same_v<Scalar, float> && bytes.pick(3) == 0;
-  const Index q_heads = kv_heads * group, head_dim = blocks ? 8 * (1 + Index(bytes.pick(5))) : 1 + Index(bytes.pick(40));
+  const Index q_heads = kv_heads * group,
+              head_dim = blocks ? 8 * (1 + Index(bytes.pick(5))) : 1 + Index(bytes.pick(40));
   const Index query_rows = Index(bytes.pick(80)), extra_keys = Index(bytes.pick(2) ? bytes.pick(250) : bytes.pick(8));
   const bool causal = bytes.pick(4) != 0, head_major = bytes.pick(4) == 0;
   const unsigned out_placement = bytes.pick(16);  // 0: over v, 1: over q, 2: rows overlap, else apart
@@ -99,9 +100,9 @@ void run(Bytes& bytes) {
   sparse.attention = attention;
   sparse.compensation.v_mean = (kernel & 1) != 0;
   sparse.compensation.v_mean_of_pruned = sparse.compensation.v_mean && k % 2 == 0;  // the mean of the pruned rows
-  const toptheta::ThresholdSpace spaces[] = {
-      toptheta::ThresholdSpace::raw_score, toptheta::ThresholdSpace::probability,
-      toptheta::ThresholdSpace::score_minus_max, toptheta::ThresholdSpace::score_over_query_norm};
+  const toptheta::ThresholdSpace spaces[] = {toptheta::ThresholdSpace::raw_score, toptheta::ThresholdSpace::probability,
+                                             toptheta::ThresholdSpace::score_minus_max,
+                                             toptheta::ThresholdSpace::score_over_query_norm};
   const auto table = toptheta::LayerThresholds::uniform(k, spaces[kernel % 4],
                                                         std::vector<double>(std::size_t(q_heads), double(theta)));
   const auto attend = [&](const auto& k_rows, const auto& v_rows, const toptheta::TensorView<Scalar>& into) {
@@ -178,7 +179,8 @@ void run(Bytes& bytes) {
     }
   std::vector<Scalar> contiguous_out(out.size()), paged_out(out.size());
   attend(toptheta::TensorView<const Scalar>(gathered(gathered_keys)),
-         toptheta::TensorView<const Scalar>(gathered(gathered_values)), view(contiguous_out.data(), query_rows, q_heads));
+         toptheta::TensorView<const Scalar>(gathered(gathered_values)),
+         view(contiguous_out.data(), query_rows, q_heads));
   attend(toptheta::PagedTensorView<const Scalar>(pages_view(key_pages)),
          toptheta::PagedTensorView<const Scalar>(pages_view(value_pages)), view(paged_out.data(), query_rows, q_heads));
   if (std::memcmp(contiguous_out.data(), paged_out.data(), out.size() * sizeof(Scalar)) != 0) __builtin_trap();
@@ -190,9 +192,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   Bytes bytes(data, size);
   try {
     switch (bytes.pick(3)) {
-      case 0: run<float>(bytes); break;
-      case 1: run<double>(bytes); break;
-      default: run<Eigen::bfloat16>(bytes); break;
+      case 0:
+        run<float>(bytes);
+        break;
+      case 1:
+        run<double>(bytes);
+        break;
+      default:
+        run<Eigen::bfloat16>(bytes);
+        break;
     }
   } catch (const toptheta::invalid_argument&) {
   }

@@ -76,11 +76,11 @@ struct AttentionBlock {
   Call* call = nullptr;  // the call whose rows the block holds since `start`
   Index kv_head = 0;
   std::vector<Row> rows;
-  Matrix scaled_queries;  // s q_i, one row per (head of the group, query row)
+  Matrix scaled_queries;              // s q_i, one row per (head of the group, query row)
   PackedQueries<Acc> packed_queries;  // scaled_queries for the GEMM, packed on first use
-  Matrix row_scores;      // a_ij of every visible key, for selections that need whole rows
+  Matrix row_scores;                  // a_ij of every visible key, for selections that need whole rows
   Matrix tile_scores, tile_weights, output;
-  Matrix converted_rows;              // K or V rows converted to Acc (stored type other than Acc)
+  Matrix converted_rows;                     // K or V rows converted to Acc (stored type other than Acc)
   Matrix gathered_weights, gathered_values;  // the kept columns of a tile, for one GEMM
   std::vector<char> column_kept;
   std::vector<Index> kept_columns;
@@ -103,17 +103,16 @@ struct AttentionBlock {
   Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1> candidate_positions;
   Eigen::Matrix<Acc, Eigen::Dynamic, 1> candidate_scores;
   ScannedKeys<Acc> scanned_keys;
-  Index visible_end = 0;  // keys [0, visible_end) are visible to some row of the block
+  Index visible_end = 0;                 // keys [0, visible_end) are visible to some row of the block
   Index tile_first = 0, tile_width = 0;  // the tile being accumulated
   bool tile_sparse = false;              // its V rows are added row by row from the survivors
   std::vector<Acc> scratch;
-  std::vector<Index> candidate_cursor;  // per row: its candidates added so far (`accumulate_candidates`)
+  std::vector<Index> candidate_cursor;            // per row: its candidates added so far (`accumulate_candidates`)
   std::vector<std::int32_t> candidate_tile_ends;  // [tile][row]: where the row's candidates of the tile end
   // Σ_{j∈S_i} v_j per row, for V-mean compensation over the pruned rows (`Compensation::v_mean_of_pruned`), and
   // unit weights to gather them with.
   Matrix kept_value_sums;
   std::vector<Acc> unit_weights;
-
 
   /// Whether the rows' scores over every visible key come first (`select_rows`), with their max and sum: the
   /// two-pass rules (top-k, Top-θ with `Passes::two`). The tiles then read them instead of scoring keys.
@@ -312,9 +311,9 @@ struct AttentionBlock {
         for (Index c : kept_columns) call->kept_rows.mark(kv_head, tile_first + c);
     }
     const Index selected = dense_elements + survivor_count;
-    tile_sparse = dense_elements == 0 && (output.rows() <= streaming_rows
-                                              ? kept < tile_width
-                                              : selected * sparse_tile_ratio < output.rows() * kept);
+    tile_sparse =
+        dense_elements == 0 &&
+        (output.rows() <= streaming_rows ? kept < tile_width : selected * sparse_tile_ratio < output.rows() * kept);
     if (!tile_sparse) fill_tile_weights();
     return true;
   }
@@ -325,8 +324,7 @@ struct AttentionBlock {
     for (Index r = 0; r < Index(rows.size()); ++r)
       if (!weights_written[std::size_t(r)]) tile_weights.row(r).setZero();
     for (const SurvivorRun& run : survivor_runs)
-      for (Index t = run.begin; t < run.end; ++t)
-        tile_weights(run.row, survivor_columns[t]) = survivor_weights[t];
+      for (Index t = run.begin; t < run.end; ++t) tile_weights(run.row, survivor_columns[t]) = survivor_weights[t];
   }
 
   /// w = exp(a - m_kept) for every survivor of the tile in one vectorised pass; adds each row's kept mass.
@@ -385,7 +383,7 @@ struct AttentionBlock {
         row.mass.pruned_mass += (visible.array() <= threshold).select((visible.array() - row.mass.max).exp(), 0).sum();
       row.mass.kept += survivors;
       kept_max = tile_max;  // the tile's max survives whenever anything does
-    } else {  // ties or a cap: elements in decreasing position
+    } else {                // ties or a cap: elements in decreasing position
       track_max_score_key(row, visible, first, max_of(visible.data(), visible.size()));
       for (Index c = visible.size() - 1; c >= 0; --c) {
         const Acc a = visible(c);
@@ -439,8 +437,8 @@ struct AttentionBlock {
     row.mass.kept_max = candidates.max_score();
     row.mass.kept_mass = candidates.weigh(row.mass.kept_max);
     if (call->track_pruned_mass)  // Σ_{j∉S_i} exp(a_ij - m_i) = Z_i - D_i exp(m_S - m_i)
-      row.mass.pruned_mass = std::max(
-          Acc(0), row.mass.total_mass - row.mass.kept_mass * std::exp(row.mass.kept_max - row.mass.max));
+      row.mass.pruned_mass =
+          std::max(Acc(0), row.mass.total_mass - row.mass.kept_mass * std::exp(row.mass.kept_max - row.mass.max));
   }
 
   /// Decides the rows with a running threshold and adds their kept V rows, row by row: each row gathers its
@@ -475,8 +473,8 @@ struct AttentionBlock {
     if (output.rows() <= streaming_rows) {
       for (Index r = 0; r < Index(rows.size()); ++r) {
         const RowCandidates<Acc>& candidates = rows[std::size_t(r)].candidates;
-        add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(),
-                          call->value_rows(kv_head, 0), dim, output.row(r).data());
+        add_gathered_rows(candidates.scores(), candidates.positions(), candidates.size(), call->value_rows(kv_head, 0),
+                          dim, output.row(r).data());
       }
       return;
     }
@@ -505,9 +503,7 @@ struct AttentionBlock {
   }
 
   /// Marks V row `position` as needed by some row of the block (running thresholds, statistics collected).
-  void need_value(Index position) {
-    needed_values[std::size_t(position / 64)] |= std::uint64_t(1) << (position % 64);
-  }
+  void need_value(Index position) { needed_values[std::size_t(position / 64)] |= std::uint64_t(1) << (position % 64); }
 
   /// With running thresholds, after the rows are finished: the V rows the block read (each once), the call's
   /// kept rows, and the tiles none of them fell in.
@@ -548,9 +544,8 @@ struct AttentionBlock {
     }
     if (tile_sparse) {
       for (const SurvivorRun& run : survivor_runs)
-        add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.data() + run.begin,
-                          run.end - run.begin, call->value_rows(kv_head, tile_first), dim,
-                          output.data() + run.row * dim);
+        add_gathered_rows(survivor_weights.data() + run.begin, survivor_columns.data() + run.begin, run.end - run.begin,
+                          call->value_rows(kv_head, tile_first), dim, output.data() + run.row * dim);
     } else if (output.rows() <= streaming_rows) {
       Call::for_each_run(call->v, from, count, [&](Index run_from, Index run_count) {
         add_weighted_rows(RowBlock<const Acc>{tile_weights.data() + (run_from - tile_first), tile_weights.cols()},
@@ -603,8 +598,7 @@ struct AttentionBlock {
   void forget_stale_candidates() {
     for (Row& row : rows)
       if (row.selection.running)
-        row.candidates.keep_above(
-            forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass)));
+        row.candidates.keep_above(forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass)));
   }
 
   /// Joins the same rows' partial state over another key range; of its candidates, those above the joined
@@ -656,12 +650,11 @@ struct AttentionBlock {
           if (call->collect_stats) call->kept_rows.mark(kv_head, row.best_position);
         }
       }
-      row.normalise(output.row(r), compensation, call->selection.post_softmax(),
-                    [&] { return call->value_means->mean(kv_head, row.length); },
-                    [&] { return kept_value_sums.row(r); });
+      row.normalise(
+          output.row(r), compensation, call->selection.post_softmax(),
+          [&] { return call->value_means->mean(kv_head, row.length); }, [&] { return kept_value_sums.row(r); });
       // x · 0 is 0 for a finite x and NaN otherwise: one vectorised sum (Eigen's allFinite tests each element).
-      if (!call->careful_values && !((output.row(r).array() * Acc(0)).sum() == Acc(0)))
-        call->non_finite_output = true;
+      if (!call->careful_values && !((output.row(r).array() * Acc(0)).sum() == Acc(0))) call->non_finite_output = true;
       output_row_of(r) = output.row(r).template cast<Scalar>();
       stats.elements_kept[std::size_t(row.query_head)] += std::uint64_t(row.mass.kept);
       stats.dense_rows += row.selection.dense;

@@ -58,8 +58,8 @@ class ByteReader {
   /// Requires the 4-byte `text` next, naming `what` the encoding is.
   void magic(const char (&text)[5], const std::string& what) {
     need(4);
-    require(std::memcmp(bytes_ + offset_, text, 4) == 0, "bytes",
-            what + " (magic \"" + std::string(text, 4) + "\")", "other bytes");
+    require(std::memcmp(bytes_ + offset_, text, 4) == 0, "bytes", what + " (magic \"" + std::string(text, 4) + "\")",
+            "other bytes");
     offset_ += 4;
   }
   std::uint64_t unsigned_integer(int bytes) {

@@ -20,7 +20,9 @@ namespace toptheta::detail {
 class CachedTokens {
  public:
   CachedTokens(Index kv_heads, Index head_dim)
-      : kv_heads_(kv_heads), head_dim_(head_dim), value_sum_(std::size_t(kv_heads * head_dim), 0.0),
+      : kv_heads_(kv_heads),
+        head_dim_(head_dim),
+        value_sum_(std::size_t(kv_heads * head_dim), 0.0),
         value_sum_before_append_(value_sum_) {}
 
   Index length() const { return length_; }
@@ -39,10 +41,10 @@ class CachedTokens {
     const std::string expected =
         "[tokens, " + std::to_string(kv_heads_) + ", " + std::to_string(head_dim_) + "] like the cache";
     require(keys.heads() == kv_heads_ && keys.head_dim() == head_dim_, "keys", expected, shape_of(keys));
-    require(values.heads() == kv_heads_ && values.head_dim() == head_dim_ && values.tokens() == keys.tokens(),
-            "values", "the shape of keys, " + shape_of(keys), shape_of(values));
-    require(keys.tokens() <= free_tokens, "keys.tokens", "at most " + std::to_string(free_tokens) + " (" + free_what + ")",
-            keys.tokens());
+    require(values.heads() == kv_heads_ && values.head_dim() == head_dim_ && values.tokens() == keys.tokens(), "values",
+            "the shape of keys, " + shape_of(keys), shape_of(values));
+    require(keys.tokens() <= free_tokens, "keys.tokens",
+            "at most " + std::to_string(free_tokens) + " (" + free_what + ")", keys.tokens());
     if (check_finite_ || is_block_type_v<Cached>) {
       const double largest = is_block_type_v<Cached> ? q8_max_magnitude : HUGE_VAL;
       require_finite(keys, "keys", largest);
@@ -67,7 +69,8 @@ class CachedTokens {
           quantize_q8(keys.row(t, h), head_dim_, key, "keys");
           quantize_q8(values.row(t, h), head_dim_, value, "values");
           convert(value, head_dim_, stored.data());
-          for (Index d = 0; d < head_dim_; ++d) value_sum_[std::size_t(h * head_dim_ + d)] += double(stored[std::size_t(d)]);
+          for (Index d = 0; d < head_dim_; ++d)
+            value_sum_[std::size_t(h * head_dim_ + d)] += double(stored[std::size_t(d)]);
         } else {
           for (Index d = 0; d < head_dim_; ++d) {
             key[d] = Scalar(keys.row(t, h)[d]);

@@ -26,7 +26,13 @@ struct CallState {
   CallState(const TensorView<const Scalar>& queries, const KvView& keys, const KvView& values,
             const TensorView<Scalar>& output, const AttentionShape& call_shape, const Selection& rule,
             const ValueMeans<Acc>* means, bool stats_wanted)
-      : q(queries), k(keys), v(values), out(output), shape(call_shape), selection(rule), value_means(means),
+      : q(queries),
+        k(keys),
+        v(values),
+        out(output),
+        shape(call_shape),
+        selection(rule),
+        value_means(means),
         track_pruned_mass(!rule.post_softmax() && rule.compensation().denominator == DenominatorCompensation::exact),
         defers_values(rule.has_running_threshold()),
         collect_stats(stats_wanted) {

@@ -1,3 +1,4 @@
+// Identities: a non-deduced context for template arguments, and the identity map.
 #pragma once
 
 namespace toptheta::detail {
@@ -9,5 +10,13 @@ struct identity {
 };
 template <class T>
 using identity_t = typename identity<T>::type;
+
+/// The value itself: `ValueHistogram::add`'s default map from inputs to values.
+struct Identity {
+  template <class T>
+  T operator()(T x) const {
+    return x;
+  }
+};
 
 }  // namespace toptheta::detail

@@ -17,9 +17,7 @@ class KeptRowSets {
     words_per_head_ = (key_rows + 63) / 64;
     bits_ = std::vector<std::atomic<std::uint64_t>>(std::size_t(kv_heads * words_per_head_));
   }
-  void mark(Index kv_head, Index position) {
-    mark_word(kv_head, position / 64, std::uint64_t(1) << (position % 64));
-  }
+  void mark(Index kv_head, Index position) { mark_word(kv_head, position / 64, std::uint64_t(1) << (position % 64)); }
   /// Marks the positions 64 word + b for the bits b set in `bits`.
   void mark_word(Index kv_head, Index word, std::uint64_t bits) {
     bits_[std::size_t(kv_head * words_per_head_ + word)].fetch_or(bits, std::memory_order_relaxed);

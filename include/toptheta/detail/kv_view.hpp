@@ -60,7 +60,8 @@ auto rows_as_accumulator(const View& view, Index head, Index first, Index count,
     return as_accumulator<Acc>(view.head(head).middleRows(first, count), buffer);
   } else {
     buffer.resize(count, view.head_dim());
-    for (Index t = 0; t < count; ++t) convert(view.row(first + t, head), view.head_dim(), buffer.data() + t * view.head_dim());
+    for (Index t = 0; t < count; ++t)
+      convert(view.row(first + t, head), view.head_dim(), buffer.data() + t * view.head_dim());
     return Eigen::Ref<const Buffer>(buffer);
   }
 }

@@ -25,8 +25,7 @@ class PackedQueries {
     rows_ = rows;
     dim_ = dim;
     packed_queries_.resize(rows * dim);
-    ei::gemm_pack_rhs<Acc, Index, ei::const_blas_data_mapper<Acc, Index, Eigen::ColMajor>, Traits::nr,
-                      Eigen::ColMajor>
+    ei::gemm_pack_rhs<Acc, Index, ei::const_blas_data_mapper<Acc, Index, Eigen::ColMajor>, Traits::nr, Eigen::ColMajor>
         pack_rhs;
     pack_rhs(packed_queries_.data(), ei::const_blas_data_mapper<Acc, Index, Eigen::ColMajor>(queries, stride), dim,
              rows);

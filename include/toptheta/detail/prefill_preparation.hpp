@@ -30,15 +30,13 @@ class PrefillPreparation {
   using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
   /// Whether a V viewed as `KvView` may be copied head-major: a contiguous view of the type of q.
-  static constexpr bool copies_values =
-      !is_paged_view_v<KvView> && std::is_same_v<typename KvView::value_type, Scalar>;
+  static constexpr bool copies_values = !is_paged_view_v<KvView> && std::is_same_v<typename KvView::value_type, Scalar>;
 
   /// Most bytes of packed K tiles, and of copied V rows, that a call prepares.
   static constexpr std::size_t max_bytes = std::size_t(64) << 20;
 
   /// Plans the buffers for keys [0, `visible`) of `k` and `v`.
-  PrefillPreparation(const KvView& k, const KvView& v, Index visible)
-      : k_(k), v_(v) {
+  PrefillPreparation(const KvView& k, const KvView& v, Index visible) : k_(k), v_(v) {
     const Index kv_heads = k.heads(), dim = k.head_dim();
     const Index tiles = visible / Tiles::kv_block;
     if (double(tiles * Tiles::kv_block * dim * kv_heads) * sizeof(Acc) <= double(max_bytes)) {
@@ -46,7 +44,8 @@ class PrefillPreparation {
       packed_keys_.resize(kv_heads * tiles * Tiles::kv_block * dim);
     }
     if constexpr (copies_values) {
-      if (v.token_stride() != dim && double(visible * kv_heads * dim) * sizeof(typename KvView::value_type) <= double(max_bytes)) {
+      if (v.token_stride() != dim &&
+          double(visible * kv_heads * dim) * sizeof(typename KvView::value_type) <= double(max_bytes)) {
         head_major_values_.resize(visible * kv_heads * dim);
         copied_values_ = KvView(head_major_values_.data(), visible, kv_heads, dim, dim, visible * dim);
         value_chunks_ = (visible + Tiles::kv_block - 1) / Tiles::kv_block;
@@ -88,7 +87,7 @@ class PrefillPreparation {
 
  private:
   KvView k_, v_, copied_values_;
-  Index key_tiles_ = 0;                          // full K tiles per KV head packed
+  Index key_tiles_ = 0;                                // full K tiles per KV head packed
   Eigen::Matrix<Acc, Eigen::Dynamic, 1> packed_keys_;  // [KV head][tile], kv_block x d packed each
   // V as [KV head][token][d]; Eigen storage is aligned to the vector width, so that a row of 64-byte
   // multiples starts on a cache line and no load straddles two (a plain vector this large starts 16 bytes in).

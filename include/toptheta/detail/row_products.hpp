@@ -40,7 +40,7 @@ inline Packet<float> widened_bytes(const std::int8_t* bytes) {
 /// block's scale, which is what `dequantize_q8` computes, bit for bit.
 template <class Acc, class Stored>
 constexpr bool widens_blocks =
-    std::is_same_v<Acc, float> && is_q8_block_v<Stored> && values_per_element_v<Stored> % packet_size<float> == 0;
+    std::is_same_v<Acc, float>&& is_q8_block_v<Stored>&& values_per_element_v<Stored> % packet_size<float> == 0;
 
 /// `Packet<Acc>` of values `[d, d + packet_size)` of the row at `row` (`d` a multiple of the packet size).
 /// bfloat16 is the upper half of a float, so widening it is a zero-extension and a shift; half uses F16C; int8
@@ -90,8 +90,7 @@ Packet<Acc> load_widened(const Stored* row, Index d) {
 /// Packets of `Acc` a block of `Stored` fills exactly (2 for q8_0 blocks and float packets of 16), or 1: the
 /// products below widen this many packets at a time, so that a block's scale is read once.
 template <class Acc, class Stored>
-constexpr int packets_per_block =
-    widens_blocks<Acc, Stored> ? int(values_per_element_v<Stored> / packet_size<Acc>) : 1;
+constexpr int packets_per_block = widens_blocks<Acc, Stored> ? int(values_per_element_v<Stored> / packet_size<Acc>) : 1;
 
 /// `out[p]` = packet `p` of values `[d, d + Packets * packet_size)` of the row at `row`, as `load_widened` gives
 /// them. For blocks that hold whole packets and `Packets` a multiple of `packets_per_block`, `d` must start a
@@ -190,8 +189,7 @@ void store_dots(const Packet<Acc> (&sums)[keys_per_pass][rows_per_pass], RowBloc
     // Each level adds lanes of pairs of vectors picked by two-source permutes (GCC 12 warns about the
     // undefined pass-through operands of the shuffles and unpacks): sum a = 4 t + r ends in lane 4 r + t.
     __m512 level[16];
-    for (int a = 0; a < 16; ++a)
-      level[a] = (a / 4 < Keys && a % 4 < Rows) ? sums[a / 4][a % 4] : _mm512_setzero_ps();
+    for (int a = 0; a < 16; ++a) level[a] = (a / 4 < Keys && a % 4 < Rows) ? sums[a / 4][a % 4] : _mm512_setzero_ps();
     const auto pair_sums = [&](int pairs, __m512i first, __m512i second) {
       for (int a = 0; a < pairs; ++a)
         level[a] = _mm512_add_ps(_mm512_permutex2var_ps(level[2 * a], first, level[2 * a + 1]),
@@ -232,7 +230,8 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
     for (int r = 0; r < Rows; ++r) sums[t][r] = ei::pset1<P>(Acc(0));
   // Outside the loop below, whose sums GCC spills when it holds a branch.
   for (Index t = 0; t < next_count; ++t)
-    for (Index b = 0; b < row_bytes; b += 64) ask_for_line(reinterpret_cast<const char*>(next_keys + t * key_stride) + b);
+    for (Index b = 0; b < row_bytes; b += 64)
+      ask_for_line(reinterpret_cast<const char*>(next_keys + t * key_stride) + b);
   // Packets a step widens per key row: a block's (its scale read once), or one; blocks hold whole packets only
   // when head_dim is a multiple of the block, so no packet is left after the steps.
   constexpr int step = packets_per_block<Acc, Stored>;
@@ -248,7 +247,8 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
   store_dots<Rows, Keys>(sums, scores);
   for (int r = 0; r < Rows; ++r)
     for (int t = 0; t < Keys; ++t)
-      for (Index d = vector_dim; d < dim; ++d) scores.row(r)[t] += queries.row(r)[d] * value_at<Acc>(keys + t * key_stride, d);
+      for (Index d = vector_dim; d < dim; ++d)
+        scores.row(r)[t] += queries.row(r)[d] * value_at<Acc>(keys + t * key_stride, d);
 }
 
 /// `output_r += Σ_j weights(r, j) values_j` for `Rows` rows over `Packets` packets of the head dimension
@@ -337,7 +337,6 @@ void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* va
       });
   }
 }
-
 
 /// `output += Σ_t weights_t row_at(columns_t)` over `Packets` packets of the head dimension starting at
 /// `offset`: the output's packets stay in registers while the picked value rows stream.

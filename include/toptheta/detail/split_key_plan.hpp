@@ -62,7 +62,8 @@ class SplitKeyPlan {
     const auto sweep = [&](Index first, Index end, const KvView& rows, auto&& streams, auto&& after, auto&& step) {
       const auto step_keys = [&](Index from) { return std::min({sweep_keys, end - from, rows.contiguous_from(from)}); };
       for (auto& block : blocks)
-        if (streams(*block)) prefetch_rows(rows.row(first, block->kv_head), rows.token_stride(), step_keys(first), row_bytes);
+        if (streams(*block))
+          prefetch_rows(rows.row(first, block->kv_head), rows.token_stride(), step_keys(first), row_bytes);
       for (Index from = first; from < end;) {
         const Index count = step_keys(from), next = from + count;
         for (auto& block : blocks) {
@@ -82,14 +83,15 @@ class SplitKeyPlan {
       // After its last K rows, a block asks for the first K rows of the next tile (the one before).
       const auto next_tile_keys = [&](const Block& block) {
         return tile > first_tile ? NextRows<KvScalar>{call_.k.row(first - Tiles::kv_block, block.kv_head),
-                                                  std::min({sweep_keys, Tiles::kv_block,
-                                                            call_.k.contiguous_from(first - Tiles::kv_block)})}
+                                                      std::min({sweep_keys, Tiles::kv_block,
+                                                                call_.k.contiguous_from(first - Tiles::kv_block)})}
                                  : NextRows<KvScalar>{};
       };
-      sweep(first, end, call_.k, [](const Block& block) { return !block.scores_rows_first(); }, next_tile_keys,
-            [&](Block& block, Index from, Index count, NextRows<KvScalar> next) {
-              block.score_keys(from, count, stats, next);
-            });
+      sweep(
+          first, end, call_.k, [](const Block& block) { return !block.scores_rows_first(); }, next_tile_keys,
+          [&](Block& block, Index from, Index count, NextRows<KvScalar> next) {
+            block.score_keys(from, count, stats, next);
+          });
       for (std::size_t b = 0; b < blocks.size(); ++b) needs_values[b] = blocks[b]->weigh_tile(stats);
       for (std::size_t b = 0; b < blocks.size(); ++b)
         if (needs_values[b] && blocks[b]->tile_sparse) blocks[b]->accumulate_values(first, end - first);
@@ -136,7 +138,7 @@ class SplitKeyPlan {
   Call& call_;
   Index query_blocks_ = 0, tiles_ = 0, tiles_per_split_ = 0, key_splits_ = 0;
   std::vector<std::unique_ptr<Block>> partials_;  // [query block][key range][KV head]
-  BlockPool<Block>& blocks_;  // shared by the calls of a batch
+  BlockPool<Block>& blocks_;                      // shared by the calls of a batch
 };
 
 }  // namespace toptheta::detail

@@ -105,7 +105,7 @@ class TiledAttention {
   using QueryBlocks = QueryBlockPlan<Tiles, Scalar, Selection, KvView>;
 
   CallState<Tiles, Scalar, Selection, KvView> call_;
-  std::optional<SplitKeys> split_keys_;      // one plan of the two
+  std::optional<SplitKeys> split_keys_;  // one plan of the two
   std::optional<QueryBlocks> query_blocks_;
 };
 
@@ -133,7 +133,8 @@ AttentionShape checked_call_shape(const SequenceCall<Scalar, KvView>& call, cons
             "token_stride " + std::to_string(out.token_stride()) + ", head_stride " +
                 std::to_string(out.head_stride()) + ", head_dim " + std::to_string(out.head_dim()));
     for (const auto& [input, overlaps] : {std::pair<const char*, bool>{"q", may_overlap(out, call.q)},
-                                          {"k", may_overlap(out, call.k)}, {"v", may_overlap(out, call.v)}})
+                                          {"k", may_overlap(out, call.k)},
+                                          {"v", may_overlap(out, call.v)}})
       require(!overlaps, "out", std::string("memory apart from ") + input + " (no in-place attention)",
               std::string("a view that overlaps ") + input);
     return shape;
@@ -158,7 +159,7 @@ void run_tiled_attention_batch(const std::vector<SequenceCall<Scalar, KvView>>& 
   for (std::size_t c = 0; c < count; ++c)
     shapes.push_back(checked_call_shape(calls[c], name_calls ? "sequences[" + std::to_string(c) + "]" : ""));
   std::vector<ValueMeans<Acc>> value_means(count);
-  BlockPool<typename Kernel::Block> blocks;  // every call's work items borrow from it
+  BlockPool<typename Kernel::Block> blocks;             // every call's work items borrow from it
   std::vector<std::unique_ptr<Kernel>> kernels(count);  // none for a call without query rows: it does nothing
   for (std::size_t c = 0; c < count; ++c) {
     const SequenceCall<Scalar, KvView>& call = calls[c];

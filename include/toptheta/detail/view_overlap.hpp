@@ -2,8 +2,8 @@
 // before it writes its output.
 #pragma once
 
-#include <toptheta/scalar_traits.hpp>
 #include <toptheta/paged_view.hpp>
+#include <toptheta/scalar_traits.hpp>
 #include <toptheta/views.hpp>
 
 #include <cstdint>
@@ -55,11 +55,10 @@ bool may_overlap(const TensorView<A>& a, const TensorView<B>& b) {
   const ViewBytes x = ViewBytes::of(a), y = ViewBytes::of(b);
   if (x.first == x.end || y.first == y.end || x.end <= y.first || y.end <= x.first) return false;
   const std::uintptr_t period = x.token_stride;
-  if (period == 0 || period != y.token_stride || x.token_footprint > period || y.token_footprint > period)
-    return true;
+  if (period == 0 || period != y.token_stride || x.token_footprint > period || y.token_footprint > period) return true;
   // Within one period x covers [0, x.footprint) and y covers [offset, offset + y.footprint), modulo the period.
-  const std::uintptr_t y_offset = y.first >= x.first ? (y.first - x.first) % period
-                                                      : (period - (x.first - y.first) % period) % period;
+  const std::uintptr_t y_offset =
+      y.first >= x.first ? (y.first - x.first) % period : (period - (x.first - y.first) % period) % period;
   return y_offset < x.token_footprint || y_offset + y.token_footprint > period;
 }
 
