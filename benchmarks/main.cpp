@@ -54,8 +54,8 @@ int main(int argc, char** argv) {
   std::vector<char*> arguments = parse_settings(argc, argv);
   const toptheta::bench::Settings& settings = toptheta::bench::settings();
   // The kernels parallelise through their executor and call Eigen products inside each work item. Eigen's own
-  // OpenMP GEMM would start a nested team of nbThreads() threads inside every work item of a 1-thread team
-  // (threads:1 prefill ran 20-40x slower than with 2 threads), so it is off except in the GEMM probe.
+  // OpenMP GEMM would start a nested team of nbThreads() threads inside every work item of a 1-thread team,
+  // oversubscribing the cores, so it is off except in the GEMM probe.
   Eigen::setNbThreads(1);
 
   toptheta::bench::register_probe_benchmarks();

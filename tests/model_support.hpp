@@ -3,8 +3,8 @@
 
 #include "catch.hpp"
 
-#include "llama2c/engine.hpp"
-#include "llama2c/tokens.hpp"
+#include "llama2c/engine/engine.hpp"
+#include "llama2c/tools/tokens.hpp"
 
 #include <Eigen/Core>
 

@@ -2,7 +2,7 @@
 // k elements per row on the held-out eval.tokens, for every layer and head, with the engine running Top-θ.
 #include "test_support.hpp"
 
-#include "llama2c/calibration.hpp"
+#include "llama2c/tools/calibration.hpp"
 #include "model_support.hpp"
 
 #include <toptheta/calibrator.hpp>

@@ -3,9 +3,9 @@
 // Top-θ attention, and Top-θ with keep-everything thresholds equal to dense.
 #include "test_support.hpp"
 
-#include "llama2c/calibration.hpp"
-#include "llama2c/engine.hpp"
-#include "llama2c/evaluation.hpp"
+#include "llama2c/engine/engine.hpp"
+#include "llama2c/tools/calibration.hpp"
+#include "llama2c/tools/evaluation.hpp"
 #include "model_support.hpp"
 
 #if __has_include(<nlohmann/json.hpp>)

@@ -2,13 +2,13 @@
 // logits, the llama2.c tokenizer file, and end-to-end runs on stories260K (skipped without ../shared).
 #include "test_support.hpp"
 
-#include "llama2c/evaluation.hpp"
-#include "llama2c/options.hpp"
-#include "llama2c/tokenizer.hpp"
+#include "llama2c/engine/tokenizer.hpp"
+#include "llama2c/tools/evaluation.hpp"
+#include "llama2c/tools/options.hpp"
 #include "model_support.hpp"
 
 #if __has_include(<nlohmann/json.hpp>)
-#include "llama2c/commands.hpp"
+#include "llama2c/tools/commands.hpp"
 #define LLAMA2C_CLI_HAVE_JSON 1
 #endif
 

@@ -19,8 +19,8 @@
 #include <mpi.h>
 
 #if TOPTHETA_HAVE_NLOHMANN_JSON
-#include "llama2c/engine.hpp"
-#include "llama2c/tokens.hpp"
+#include "llama2c/engine/engine.hpp"
+#include "llama2c/tools/tokens.hpp"
 
 #include <toptheta/threshold_io.hpp>
 

@@ -1,6 +1,7 @@
 // What a calibration collects and how its table is built: the options of `Calibrator` and `Calibrator::table`.
 #pragma once
 
+#include <toptheta/detail/enum_names.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/length_buckets.hpp>
 #include <toptheta/scalar_traits.hpp>
@@ -55,25 +56,22 @@ enum class DenominatorTermSource {
   none,
 };
 
-inline const char* to_string(DenominatorTermSource source) {
-  switch (source) {
-    case DenominatorTermSource::row_threshold:
-      return "row_threshold";
-    case DenominatorTermSource::table_threshold:
-      return "table_threshold";
-    case DenominatorTermSource::none:
-      return "none";
-  }
-  return "unknown";
+namespace detail {
+inline constexpr EnumName<DenominatorTermSource> denominator_term_source_names[] = {
+    {DenominatorTermSource::row_threshold, "row_threshold"},
+    {DenominatorTermSource::table_threshold, "table_threshold"},
+    {DenominatorTermSource::none, "none"},
+};
+}  // namespace detail
+
+inline const char* to_string(DenominatorTermSource value) {
+  return detail::name_of(value, detail::denominator_term_source_names);
 }
 
 /// Parses the names printed by `to_string`; throws naming `argument` for any other text.
 inline DenominatorTermSource denominator_term_source_from_string(const std::string& name,
                                                                  const std::string& argument = "denominator_terms") {
-  for (auto source :
-       {DenominatorTermSource::row_threshold, DenominatorTermSource::table_threshold, DenominatorTermSource::none})
-    if (name == to_string(source)) return source;
-  detail::fail(argument, "one of row_threshold, table_threshold, none", name);
+  return detail::value_named(name, detail::denominator_term_source_names, argument);
 }
 
 /// What `Calibrator::table` does with a (layer, head) that saw no calibration row longer than `k`.

@@ -1,7 +1,9 @@
 // Softmax-denominator compensation (SDC) and V-mean compensation (VMC) of the mass that pruning drops.
 #pragma once
 
+#include <toptheta/detail/enum_names.hpp>
 #include <toptheta/detail/require.hpp>
+#include <toptheta/online_softmax.hpp>
 #include <toptheta/scalar_traits.hpp>
 
 #include <cmath>
@@ -18,27 +20,23 @@ enum class DenominatorCompensation {
   calibrated,     ///< `C_i = c_h(L_i)`: the calibrated mean of the exact term, from the threshold table.
 };
 
-inline const char* to_string(DenominatorCompensation mode) {
-  switch (mode) {
-    case DenominatorCompensation::none:
-      return "none";
-    case DenominatorCompensation::exact:
-      return "exact";
-    case DenominatorCompensation::exp_threshold:
-      return "exp_threshold";
-    case DenominatorCompensation::calibrated:
-      return "calibrated";
-  }
-  return "unknown";
+namespace detail {
+inline constexpr EnumName<DenominatorCompensation> denominator_compensation_names[] = {
+    {DenominatorCompensation::none, "none"},
+    {DenominatorCompensation::exact, "exact"},
+    {DenominatorCompensation::exp_threshold, "exp_threshold"},
+    {DenominatorCompensation::calibrated, "calibrated"},
+};
+}  // namespace detail
+
+inline const char* to_string(DenominatorCompensation value) {
+  return detail::name_of(value, detail::denominator_compensation_names);
 }
 
 /// Parses the names printed by `to_string`; throws naming `argument` for any other text.
 inline DenominatorCompensation denominator_compensation_from_string(const std::string& name,
                                                                     const std::string& argument = "denominator") {
-  for (auto mode : {DenominatorCompensation::none, DenominatorCompensation::exact,
-                    DenominatorCompensation::exp_threshold, DenominatorCompensation::calibrated})
-    if (name == to_string(mode)) return mode;
-  detail::fail(argument, "one of none, exact, exp_threshold, calibrated", name);
+  return detail::value_named(name, detail::denominator_compensation_names, argument);
 }
 
 /// How a sparse kernel compensates for pruned elements.
@@ -58,19 +56,6 @@ struct Compensation {
     detail::require(v_mean || !v_mean_of_pruned, argument + ".v_mean_of_pruned",
                     "false unless v_mean is on (it chooses which V rows v_mean averages)", "true with v_mean off");
   }
-};
-
-/// The row's scalars after selection. Kept weights are taken relative to the kept max `m_S` (equal to `m_i`
-/// unless a cap dropped the row's max), so that no choice of kept set can underflow every kept weight.
-template <class Acc>
-struct RowMass {
-  Acc max = -std::numeric_limits<Acc>::infinity();       ///< m_i over the visible keys
-  Acc kept_max = -std::numeric_limits<Acc>::infinity();  ///< m_S over the kept keys
-  Acc kept_mass = 0;    ///< `Σ_{j∈S_i} exp(a_ij - m_S)`: D_i in units of exp(m_S - m_i)
-  Acc pruned_mass = 0;  ///< `Σ_{j∉S_i} exp(a_ij - m_i)`, tracked only for exact compensation
-  Acc total_mass = 0;   ///< `Z_i = Σ_j exp(a_ij - m_i)`, known to two-pass kernels
-  Index kept = 0;       ///< `|S_i|`
-  Index length = 0;     ///< `L_i`
 };
 
 /// The normaliser of the kept weights: `p_ij = exp(a_ij - m_S) / denominator`, the denominator being

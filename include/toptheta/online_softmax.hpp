@@ -1,8 +1,13 @@
-// Running row max and sums of the online softmax, rescaled when the max grows.
+// The online softmax of one row: running max and sums, rescaled when the max grows, and their merge over key
+// ranges.
 #pragma once
 
+#include <toptheta/scalar_traits.hpp>
+
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 namespace toptheta {
 
@@ -38,6 +43,56 @@ struct RowStatistics {
     if (!has_softmax(row.max)) return row;
     for (long j = 0; j < count; ++j) row.sum += std::exp(scores[j] - row.max);
     return row;
+  }
+};
+
+/// The row's online-softmax state (design.md §1, steps 4–5): its max and sums over the visible keys, and the kept
+/// keys' mass. Kept weights are taken relative to the kept max `m_S` (equal to `m_i` unless a cap dropped the
+/// row's max), so that no choice of kept set can underflow every kept weight.
+template <class Acc>
+struct RowMass {
+  Acc max = -std::numeric_limits<Acc>::infinity();       ///< m_i over the visible keys
+  Acc kept_max = -std::numeric_limits<Acc>::infinity();  ///< m_S over the kept keys
+  Acc kept_mass = 0;    ///< `Σ_{j∈S_i} exp(a_ij - m_S)`: D_i in units of exp(m_S - m_i)
+  Acc pruned_mass = 0;  ///< `Σ_{j∉S_i} exp(a_ij - m_i)`, tracked only for exact compensation
+  Acc total_mass = 0;   ///< `Z_i = Σ_j exp(a_ij - m_i)`, known to two-pass kernels
+  Index kept = 0;       ///< `|S_i|`
+  Index length = 0;     ///< `L_i`
+
+  /// Over all visible keys: moves the pruned mass and the row sum to a larger row max.
+  void raise_max(Acc candidate) {
+    if (candidate <= max) return;
+    const Acc factor = rescale_factor(max, candidate);
+    pruned_mass *= factor;
+    total_mass *= factor;
+    max = candidate;
+  }
+
+  /// Over the kept keys: moves the kept mass to a larger kept max and returns the factor that the row's
+  /// accumulated output must be multiplied by (1 when the kept max stays).
+  Acc raise_kept_max(Acc candidate) {
+    if (candidate <= kept_max) return Acc(1);
+    const Acc factor = rescale_factor(kept_max, candidate);
+    kept_mass *= factor;
+    kept_max = candidate;
+    return factor;
+  }
+
+  /// Joins this row's masses with the same row's over another key range (the online-softmax merge of split
+  /// keys). Returns the factors by which this range's and the other range's kept numerators must be multiplied
+  /// before they are added.
+  std::pair<Acc, Acc> merge(const RowMass& other) {
+    const Acc joined_max = std::max(max, other.max);
+    const Acc own_sums = rescale_factor(max, joined_max), their_sums = rescale_factor(other.max, joined_max);
+    pruned_mass = pruned_mass * own_sums + other.pruned_mass * their_sums;
+    total_mass = total_mass * own_sums + other.total_mass * their_sums;
+    max = joined_max;
+    const Acc joined_kept_max = std::max(kept_max, other.kept_max);
+    const Acc own = rescale_factor(kept_max, joined_kept_max), theirs = rescale_factor(other.kept_max, joined_kept_max);
+    kept_mass = kept_mass * own + other.kept_mass * theirs;
+    kept_max = joined_kept_max;
+    kept += other.kept;
+    return {own, theirs};
   }
 };
 

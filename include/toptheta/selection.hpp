@@ -107,46 +107,24 @@ struct RowState {
     return false;
   }
 
-  /// Online softmax over all visible keys: moves the pruned mass and the row sum to a larger row max.
-  void raise_max(Acc candidate) {
-    if (candidate <= mass.max) return;
-    const Acc factor = rescale_factor(mass.max, candidate);
-    mass.pruned_mass *= factor;
-    mass.total_mass *= factor;
-    mass.max = candidate;
-  }
+  /// Online softmax over all visible keys (`RowMass::raise_max`).
+  void raise_max(Acc candidate) { mass.raise_max(candidate); }
 
-  /// Online softmax over the kept keys: moves the kept mass to a larger kept max and returns the factor that
-  /// the row's accumulated output must be multiplied by (1 when the kept max stays).
-  Acc raise_kept_max(Acc candidate) {
-    if (candidate <= mass.kept_max) return Acc(1);
-    const Acc factor = rescale_factor(mass.kept_max, candidate);
-    mass.kept_mass *= factor;
-    mass.kept_max = candidate;
-    return factor;
-  }
+  /// Online softmax over the kept keys (`RowMass::raise_kept_max`): the factor for the accumulated output.
+  Acc raise_kept_max(Acc candidate) { return mass.raise_kept_max(candidate); }
 
   /// Joins this row's state with the same row's state over another key range (the online-softmax merge of
   /// split-KV). Returns the factors by which this range's and the other range's accumulated outputs must be
   /// multiplied before they are added.
   std::pair<Acc, Acc> merge(const RowState& other) {
-    const Acc max = std::max(mass.max, other.mass.max);
-    const Acc own_sums = rescale_factor(mass.max, max), their_sums = rescale_factor(other.mass.max, max);
-    mass.pruned_mass = mass.pruned_mass * own_sums + other.mass.pruned_mass * their_sums;
-    mass.total_mass = mass.total_mass * own_sums + other.mass.total_mass * their_sums;
-    mass.max = max;
-    const Acc kept_max = std::max(mass.kept_max, other.mass.kept_max);
-    const Acc own = rescale_factor(mass.kept_max, kept_max), theirs = rescale_factor(other.mass.kept_max, kept_max);
-    mass.kept_mass = mass.kept_mass * own + other.mass.kept_mass * theirs;
-    mass.kept_max = kept_max;
-    mass.kept += other.mass.kept;
+    const std::pair<Acc, Acc> factors = mass.merge(other.mass);
     if (other.best_score > best_score || (other.best_score == best_score && other.best_position > best_position)) {
       best_score = other.best_score;
       best_position = other.best_position;
     }
     capped = capped || other.capped;
     non_finite = non_finite || other.non_finite;
-    return {own, theirs};
+    return factors;
   }
 
   /// Steps 4–6 of design.md §1 on `output` = the row's kept numerator `Σ_{j∈S_i} exp(a_ij - m_S) v_j`: divides

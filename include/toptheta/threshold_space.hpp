@@ -1,6 +1,7 @@
 // The quantity a threshold θ is compared with, and its conversion to a per-row score threshold.
 #pragma once
 
+#include <toptheta/detail/enum_names.hpp>
 #include <toptheta/detail/require.hpp>
 
 #include <cmath>
@@ -17,26 +18,20 @@ enum class ThresholdSpace {
   score_over_query_norm,  ///< `a_ij / ||q_i|| > θ`; one pass, `||q_i||` is known before any key is read.
 };
 
-inline const char* to_string(ThresholdSpace space) {
-  switch (space) {
-    case ThresholdSpace::raw_score:
-      return "raw_score";
-    case ThresholdSpace::probability:
-      return "probability";
-    case ThresholdSpace::score_minus_max:
-      return "score_minus_max";
-    case ThresholdSpace::score_over_query_norm:
-      return "score_over_query_norm";
-  }
-  return "unknown";
-}
+namespace detail {
+inline constexpr EnumName<ThresholdSpace> threshold_space_names[] = {
+    {ThresholdSpace::raw_score, "raw_score"},
+    {ThresholdSpace::probability, "probability"},
+    {ThresholdSpace::score_minus_max, "score_minus_max"},
+    {ThresholdSpace::score_over_query_norm, "score_over_query_norm"},
+};
+}  // namespace detail
+
+inline const char* to_string(ThresholdSpace value) { return detail::name_of(value, detail::threshold_space_names); }
 
 /// Parses the names printed by `to_string`; throws naming `argument` for any other text.
 inline ThresholdSpace threshold_space_from_string(const std::string& name, const std::string& argument = "space") {
-  for (auto space : {ThresholdSpace::raw_score, ThresholdSpace::probability, ThresholdSpace::score_minus_max,
-                     ThresholdSpace::score_over_query_norm})
-    if (name == to_string(space)) return space;
-  detail::fail(argument, "one of raw_score, probability, score_minus_max, score_over_query_norm", name);
+  return detail::value_named(name, detail::threshold_space_names, argument);
 }
 
 /// True when comparing in `space` needs the row max `m_i` (and sum) before any element can be tested.

@@ -2,6 +2,7 @@
 // (`LayerThresholds`) and a whole model's with the calibration that produced them (`ThresholdTable`).
 #pragma once
 
+#include <toptheta/detail/enum_names.hpp>
 #include <toptheta/detail/require.hpp>
 #include <toptheta/length_buckets.hpp>
 #include <toptheta/scalar_traits.hpp>
@@ -182,18 +183,17 @@ enum class CalibrationMethod {
   budget_matched,
 };
 
-inline const char* to_string(CalibrationMethod method) {
-  switch (method) {
-    case CalibrationMethod::mean_of_thresholds:
-      return "mean_of_thresholds";
-    case CalibrationMethod::count_matched:
-      return "count_matched";
-    case CalibrationMethod::mass_matched:
-      return "mass_matched";
-    case CalibrationMethod::budget_matched:
-      return "budget_matched";
-  }
-  return "unknown";
+namespace detail {
+inline constexpr EnumName<CalibrationMethod> calibration_method_names[] = {
+    {CalibrationMethod::mean_of_thresholds, "mean_of_thresholds"},
+    {CalibrationMethod::count_matched, "count_matched"},
+    {CalibrationMethod::mass_matched, "mass_matched"},
+    {CalibrationMethod::budget_matched, "budget_matched"},
+};
+}  // namespace detail
+
+inline const char* to_string(CalibrationMethod value) {
+  return detail::name_of(value, detail::calibration_method_names);
 }
 
 /// Whether `method` is defined for probability thresholds only (its θ is a probability mass's cut).
@@ -204,10 +204,7 @@ constexpr bool needs_probability_space(CalibrationMethod method) {
 /// Parses the names printed by `to_string`; throws naming `argument` for any other text.
 inline CalibrationMethod calibration_method_from_string(const std::string& name,
                                                         const std::string& argument = "method") {
-  for (auto method : {CalibrationMethod::mean_of_thresholds, CalibrationMethod::count_matched,
-                      CalibrationMethod::mass_matched, CalibrationMethod::budget_matched})
-    if (name == to_string(method)) return method;
-  detail::fail(argument, "one of mean_of_thresholds, count_matched, mass_matched, budget_matched", name);
+  return detail::value_named(name, detail::calibration_method_names, argument);
 }
 
 /// Calibration rows behind each table entry: `heads x lengths`, like `LayerThresholds::theta()`.

@@ -3,6 +3,8 @@
 
 #include <toptheta/compensation.hpp>
 #include <toptheta/detail/require.hpp>
+#include <toptheta/detail/row_survivors.hpp>
+#include <toptheta/detail/threshold_scan.hpp>
 #include <toptheta/online_softmax.hpp>
 #include <toptheta/selection.hpp>
 #include <toptheta/stats.hpp>
@@ -10,6 +12,8 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -62,8 +66,9 @@ SparseProbabilities<typename Derived::Scalar> thresholded_softmax(const Eigen::M
   if (stats) stats->reset(1, 1);
 
   SparseProbabilities<Acc> result;
-  std::vector<Acc> row_scores, scratch, weights;
-  std::vector<Index> kept;
+  std::vector<Acc> row_scores, scratch, weights, kept_scores;
+  std::vector<std::int32_t> columns;
+  std::vector<Index> kept;  // kept positions, decreasing
   for (Index r = 0; r < row_count; ++r) {
     const Index length = rows.lengths.empty() ? scores.cols() : rows.lengths[std::size_t(r)];
     detail::require(length >= 1 && length <= scores.cols(), "rows.lengths[" + std::to_string(r) + "]",
@@ -93,20 +98,17 @@ SparseProbabilities<typename Derived::Scalar> thresholded_softmax(const Eigen::M
     row.mass.length = length;
     row.selection = selection.select(
         RowFacts<Acc>{rows.query_head, length, norm, statistics.max, statistics.sum, row_scores.data()}, scratch);
+    // The kernel's per-row step over the whole row: survivors (offsets increasing, or decreasing under a tie
+    // rule or a cap), the row's max-score key and, for exact compensation, the pruned mass.
+    columns.resize(std::size_t(length + detail::scan_slack));
+    kept_scores.resize(std::size_t(length + detail::scan_slack));
+    const detail::Survivors<Acc> survivors = detail::select_survivors<Acc>(
+        row, row_scores.data(), length, 0, track_pruned_mass, columns.data(), kept_scores.data());
+    if (survivors.count > 0) row.raise_kept_max(survivors.max);
     kept.clear();
-    for (Index j = length - 1; j >= 0; --j) {
-      const Acc a = row_scores[std::size_t(j)];
-      if (a > row.best_score) {
-        row.best_score = a;
-        row.best_position = j;
-      }
-      if (row.admit(a, j)) {
-        kept.push_back(j);
-        row.mass.kept_max = std::max(row.mass.kept_max, a);
-      } else if (track_pruned_mass) {
-        row.mass.pruned_mass += std::exp(a - row.mass.max);
-      }
-    }
+    const bool increasing = row.selection.threshold_only();
+    for (Index t = 0; t < survivors.count; ++t)
+      kept.push_back(columns[std::size_t(increasing ? survivors.count - 1 - t : t)]);  // decreasing positions
     const bool filled_empty_row = row.keep_best_if_empty();
     if (filled_empty_row) kept.push_back(row.best_position);
     weights.clear();

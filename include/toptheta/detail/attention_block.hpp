@@ -10,6 +10,7 @@
 #include <toptheta/detail/packed_queries.hpp>
 #include <toptheta/detail/row_candidates.hpp>
 #include <toptheta/detail/row_products.hpp>
+#include <toptheta/detail/row_survivors.hpp>
 #include <toptheta/detail/serial_product.hpp>
 #include <toptheta/detail/threshold_scan.hpp>
 #include <toptheta/scalar_traits.hpp>
@@ -261,7 +262,7 @@ struct AttentionBlock {
       if (visible <= 0) continue;
       const auto row_tile = scores.row(r).head(visible);
       if (row.selection.dense) {
-        track_max_score_key(row, row_tile, first, max_of(row_tile.data(), visible));
+        track_max_score_key<Acc>(row, row_tile.data(), visible, first, max_of(row_tile.data(), visible));
         weigh_all(r, row, row_tile);
         dense_elements += visible;
       } else if (row.selection.running) {
@@ -363,38 +364,16 @@ struct AttentionBlock {
     survivor_weights.conservativeResize(room);
   }
 
-  /// Tests each visible score against the row's rule (in decreasing position, for the cap), tracks the row max,
-  /// and appends the survivors with their scores relative to the kept max, to be weighed with the tile's
-  /// others. Pruned scores feed the exact compensation when it is on.
+  /// Tests each visible score against the row's rule (`select_survivors`) and appends the survivors with their
+  /// scores relative to the kept max, to be weighed with the tile's others.
   template <class Visible>
   void select_and_weigh(Index r, Row& row, const Visible& visible, Index first) {
     make_survivor_room(visible.size());
     const Index begin = survivor_count;
     std::int32_t* columns = survivor_columns.data() + begin;
     Acc* kept = survivor_weights.data() + begin;
-    Index survivors = 0;
-    Acc kept_max = -std::numeric_limits<Acc>::infinity();  // of the tile's survivors
-    if (row.selection.threshold_only()) {  // a > τ alone decides: one scan finds the survivors and the max
-      const Acc threshold = row.selection.score_threshold;
-      Acc tile_max = 0;
-      survivors = scan_above(visible.data(), visible.size(), threshold, columns, kept, tile_max);
-      track_max_score_key(row, visible, first, tile_max);
-      if (call->track_pruned_mass)
-        row.mass.pruned_mass += (visible.array() <= threshold).select((visible.array() - row.mass.max).exp(), 0).sum();
-      row.mass.kept += survivors;
-      kept_max = tile_max;  // the tile's max survives whenever anything does
-    } else {                // ties or a cap: elements in decreasing position
-      track_max_score_key(row, visible, first, max_of(visible.data(), visible.size()));
-      for (Index c = visible.size() - 1; c >= 0; --c) {
-        const Acc a = visible(c);
-        if (row.admit(a, first + c)) {
-          columns[survivors] = std::int32_t(c);
-          kept[survivors++] = a;
-          kept_max = std::max(kept_max, a);
-        } else if (call->track_pruned_mass)
-          row.mass.pruned_mass += std::exp(a - row.mass.max);
-      }
-    }
+    const auto [survivors, kept_max] =
+        select_survivors<Acc>(row, visible.data(), visible.size(), first, call->track_pruned_mass, columns, kept);
     if (survivors == 0) return;
     if (const Acc factor = row.raise_kept_max(kept_max); factor != Acc(1)) output.row(r) *= factor;
     Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(kept, survivors) -= row.mass.kept_max;
@@ -413,7 +392,7 @@ struct AttentionBlock {
   template <class Visible>
   void collect_candidates(Row& row, const Visible& visible, Index first) {
     const Acc tile_max = max_of(visible.data(), visible.size());
-    track_max_score_key(row, visible, first, tile_max);
+    track_max_score_key<Acc>(row, visible.data(), visible.size(), first, tile_max);
     row.mass.total_mass += exp_sum(visible.data(), visible.size(), row.mass.max);
     const Acc floor = forget_floor(row.selection.running_threshold(row.mass.max, row.mass.total_mass));
     if (!(tile_max > floor)) return;
@@ -578,19 +557,6 @@ struct AttentionBlock {
     Acc* const into = output.row(r).data();
     const KvScalar* const value = call->v.row(position, kv_head);
     for (Index d = 0; d < output.cols(); ++d) into[d] += weight * value_at<Acc>(value, d);
-  }
-
-  /// Remembers the max-score key and moves the row's pruned mass to a larger row max (online softmax). A NaN
-  /// or +inf `tile_max` marks the row as having no softmax; a NaN leaves its max where it was.
-  template <class Visible>
-  void track_max_score_key(Row& row, const Visible& visible, Index first, Acc tile_max) {
-    row.note_scores_max(tile_max);
-    if (tile_max != tile_max) return;
-    if (tile_max > row.best_score) {  // strict, and tiles run backwards: ties go to the larger position
-      row.best_score = tile_max;
-      row.best_position = first + last_position_of(visible.data(), visible.size(), tile_max);
-    }
-    row.raise_max(tile_max);
   }
 
   /// Forgets the candidates at or below each row's running threshold: at the end of a key range, whose

@@ -35,9 +35,9 @@ struct Tiles {
 };
 
 /// 64 query rows x 256 keys: on a Llama-3-8B layer (GQA 4, d = 128; benchmarks/) each K tile packed for the
-/// score GEMM serves 256 stacked rows and per-tile work is paid a quarter as often as with 32 x 128 (prefill
-/// n:2048 11 % faster for Top-θ, 9 % for dense; n:8192 15 % and 7 %), for about 1.5 MB of tile buffers per
-/// work item. Decode (one query row, keys split across work items) is unaffected.
+/// score GEMM serves 256 stacked rows and per-tile work is paid a quarter as often as with 32 x 128 (faster
+/// prefill for every kernel in the suite's `prefill` cases), for about 1.5 MB of tile buffers per work item.
+/// Decode (one query row, keys split across work items) is unaffected.
 using DefaultTiles = Tiles<64, 256>;
 
 namespace detail {

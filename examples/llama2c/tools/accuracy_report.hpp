@@ -1,7 +1,7 @@
 // The accuracy table as markdown (docs/accuracy.md) and as JSON. Needs nlohmann/json.
 #pragma once
 
-#include "llama2c/accuracy_table.hpp"
+#include "llama2c/tools/accuracy_table.hpp"
 
 #include <nlohmann/json.hpp>
 

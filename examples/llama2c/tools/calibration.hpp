@@ -1,7 +1,7 @@
 // Calibrating Top-θ thresholds on an engine's own attention rows, and counting what a threshold table keeps.
 #pragma once
 
-#include "llama2c/engine.hpp"
+#include "llama2c/engine/engine.hpp"
 
 #include <toptheta/calibrator.hpp>
 

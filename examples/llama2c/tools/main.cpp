@@ -1,6 +1,6 @@
 // The llama2c program: calibrate, eval, generate and table on a llama2.c checkpoint (see commands.hpp, or run
 // `llama2c --help`).
-#include "llama2c/commands.hpp"
+#include "llama2c/tools/commands.hpp"
 
 #include <Eigen/Core>
 

@@ -2,14 +2,14 @@
 // main.cpp only calls `run_command_line`. Needs nlohmann/json (threshold files, JSON results).
 #pragma once
 
-#include "llama2c/accuracy_report.hpp"
-#include "llama2c/accuracy_table.hpp"
-#include "llama2c/calibration.hpp"
-#include "llama2c/evaluation.hpp"
-#include "llama2c/layer_split.hpp"
-#include "llama2c/options.hpp"
-#include "llama2c/tokenizer.hpp"
-#include "llama2c/tokens.hpp"
+#include "llama2c/engine/tokenizer.hpp"
+#include "llama2c/tools/accuracy_report.hpp"
+#include "llama2c/tools/accuracy_table.hpp"
+#include "llama2c/tools/calibration.hpp"
+#include "llama2c/tools/evaluation.hpp"
+#include "llama2c/tools/layer_split.hpp"
+#include "llama2c/tools/options.hpp"
+#include "llama2c/tools/tokens.hpp"
 
 #include <toptheta/threshold_io.hpp>
 

@@ -1,7 +1,7 @@
 // Token sequences as text: one sequence per line, token ids separated by white space.
 #pragma once
 
-#include "llama2c/model.hpp"
+#include "llama2c/engine/model.hpp"
 
 #include <fstream>
 #include <limits>

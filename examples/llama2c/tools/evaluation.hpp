@@ -2,8 +2,8 @@
 // top-1 agreement, on sequences fed as a prefill of their first part and token-by-token decode of the rest.
 #pragma once
 
-#include "llama2c/attention_policy.hpp"
-#include "llama2c/engine.hpp"
+#include "llama2c/engine/attention_policy.hpp"
+#include "llama2c/engine/engine.hpp"
 
 #include <toptheta/stats.hpp>
 

@@ -2,13 +2,13 @@
 // model's divergence from dense attention on calibration text.
 #pragma once
 
-#include "llama2c/attention_policy.hpp"
-#include "llama2c/calibration.hpp"
-#include "llama2c/engine.hpp"
-#include "llama2c/evaluation.hpp"
-#include "llama2c/parallel_for.hpp"
+#include "llama2c/engine/attention_policy.hpp"
+#include "llama2c/engine/engine.hpp"
+#include "llama2c/tools/calibration.hpp"
+#include "llama2c/tools/evaluation.hpp"
 
 #include <toptheta/calibrator.hpp>
+#include <toptheta/executor.hpp>
 #include <toptheta/threshold_table.hpp>
 
 #include <algorithm>
@@ -152,7 +152,7 @@ inline LayerSplit split_layers(const Model& model, const std::vector<std::vector
         candidates.push_back(std::move(candidate));
       }
     std::vector<double> kl(candidates.size());
-    parallel_for(Index(candidates.size()), std::max(1, options.threads), [&](Index c) {
+    toptheta::OpenMPExecutor{std::max(1, options.threads)}.parallel_for(Index(candidates.size()), [&](Index c) {
       Engine<float> worker(model, engine_options);
       kl[std::size_t(c)] = score(worker, candidates[std::size_t(c)]);
     });

@@ -1,8 +1,9 @@
 // The llama2.c forward pass with a toptheta::KvCache per layer and every attention call through the library.
 #pragma once
 
-#include "llama2c/attention_policy.hpp"
-#include "llama2c/model.hpp"
+#include "llama2c/engine/attention_layer.hpp"
+#include "llama2c/engine/attention_policy.hpp"
+#include "llama2c/engine/model.hpp"
 
 #include <toptheta/toptheta.hpp>
 
@@ -53,8 +54,8 @@ enum class LogitRows {
 /// The llama2.c transformer over a `Model`: RMSNorm (eps 1e-5), RoPE on interleaved pairs with frequency
 /// 10000^(-2i/hs), GQA, SwiGLU FFN, final RMSNorm and classifier; activations in `Real`, Eigen products.
 ///
-/// Attention runs only through toptheta's kernels, per layer as the `AttentionPlan` says, on K and V kept in
-/// a `toptheta::KvCache<KvScalar>` per layer. A sequence is fed by `prefill` (any number of tokens in one
+/// Attention runs only through toptheta's kernels, one `AttentionLayer` per layer (its KV cache and kernel, as
+/// the `AttentionPlan` says). A sequence is fed by `prefill` (any number of tokens in one
 /// kernel call per layer, causal, `past` = tokens already cached, so it also does chunked prefill) and
 /// `decode` (one token, the same kernels with one query row); both give the same logits for the same tokens.
 /// \tparam Real activations and matrix products: `float` (the engine), or `double` (a reference: it keeps a
@@ -70,23 +71,25 @@ class Engine {
  public:
   using Matrix = RowMatrix<Real>;
   using Vector = ColumnVector<Real>;
+  using Layer = AttentionLayer<Real, KvScalar>;
   /// The kernels' Q and output type: the cache's stored type, or `Real` for int8 blocks.
-  using KernelScalar = std::conditional_t<toptheta::is_q8_block_v<KvScalar>, Real, KvScalar>;
+  using KernelScalar = typename Layer::KernelScalar;
   /// Sees each layer's attention call once its new K and V rows are cached, before the kernel runs: the layer,
   /// the kernel's queries `[n, heads, head_dim]`, the layer's cache and `past` (the rows cached before the call).
   using CallObserver = std::function<void(Index layer, const toptheta::TensorView<const KernelScalar>& queries,
                                           const toptheta::KvCache<KvScalar>& cache, Index past)>;
 
   explicit Engine(const Model& model, const EngineOptions& options = {})
-      : model_(model), options_(options), executor_{options.threads}, plan_(dense_plan(model.config.layers)) {
+      : model_(model), options_(options), plan_(dense_plan(model.config.layers)) {
     if constexpr (!std::is_same_v<Real, float>) converted_weights_ = model.template cast<Real>();
     const Config& c = model.config;
     toptheta::detail::require(options.max_tokens >= 0 && options.max_tokens <= c.seq_len, "max_tokens",
                               "a count in [0, " + std::to_string(c.seq_len) + "] (the model's context)",
                               options.max_tokens);
     capacity_ = options.max_tokens > 0 ? options.max_tokens : c.seq_len;
-    caches_.reserve(std::size_t(c.layers));
-    for (Index l = 0; l < c.layers; ++l) caches_.emplace_back(c.kv_heads, c.head_dim(), capacity_);
+    layers_.reserve(std::size_t(c.layers));
+    for (Index l = 0; l < c.layers; ++l)
+      layers_.emplace_back(c.heads, c.kv_heads, c.head_dim(), capacity_, options.threads);
     rope_tables(c.head_dim());
     reset_stats();
   }
@@ -97,7 +100,7 @@ class Engine {
   Index position() const { return position_; }
   /// Most tokens a sequence may have.
   Index capacity() const { return capacity_; }
-  const toptheta::KvCache<KvScalar>& cache(Index layer) const { return caches_.at(std::size_t(layer)); }
+  const toptheta::KvCache<KvScalar>& cache(Index layer) const { return layers_.at(std::size_t(layer)).cache(); }
 
   /// Sets every layer's attention policy. Throws `toptheta::invalid_argument` naming the layer when the plan
   /// has the wrong length or a policy does not fit the model (threshold table heads, k, compensation).
@@ -108,6 +111,7 @@ class Engine {
                                        std::to_string(c.layers) + "), got " + std::to_string(plan.size()));
     for (Index l = 0; l < c.layers; ++l) validate(plan[std::size_t(l)], l);
     plan_ = std::move(plan);
+    for (Index l = 0; l < c.layers; ++l) layers_[std::size_t(l)].set_policy(plan_[std::size_t(l)]);
   }
   const AttentionPlan& attention() const { return plan_; }
 
@@ -118,7 +122,7 @@ class Engine {
 
   /// Forgets the sequence: empties the caches. Statistics are kept (see `reset_stats`).
   void reset() {
-    for (auto& cache : caches_) cache.clear();
+    for (auto& layer : layers_) layer.clear();
     position_ = 0;
   }
 
@@ -138,9 +142,6 @@ class Engine {
   Vector decode(int token) { return forward({token}, /*decode=*/true, LogitRows::last).row(0).transpose(); }
 
  private:
-  using KvMatrix = RowMatrix<KernelScalar>;
-  static constexpr bool kv_is_real = std::is_same_v<KernelScalar, Real>;
-
   /// The weights in `Real`: the model's own for float, else the engine's converted copy.
   const ModelWeights<Real>& weights() const {
     if constexpr (std::is_same_v<Real, float>)
@@ -177,66 +178,17 @@ class Engine {
     return rms_norm(x.bottomRows(n - first), weights().final_norm) * weights().output_weights().transpose();
   }
 
-  /// Appends the new K and V rows to the layer's cache, runs the layer's kernel, and returns its output
-  /// `[n, heads * hs]`.
+  /// Runs the layer's attention (`AttentionLayer::attend`) with the observers and the engine's statistics.
   Matrix attend(Index layer, const Matrix& q, const Matrix& k, const Matrix& v, bool decode) {
-    const Config& c = config();
-    const Index n = q.rows(), hs = c.head_dim();
-    toptheta::KvCache<KvScalar>& cache = caches_[std::size_t(layer)];
-    const Index past = cache.length();
-    cache.append(toptheta::TensorView<const Real>(k.data(), n, c.kv_heads, hs),
-                 toptheta::TensorView<const Real>(v.data(), n, c.kv_heads, hs));
-
-    // The kernels take Q and the output in the cache's stored type (Real for int8 blocks).
-    KvMatrix q_stored, out_stored;
-    Matrix out(n, c.heads * hs);
-    const KernelScalar* q_data;
-    KernelScalar* out_data;
-    if constexpr (kv_is_real) {
-      q_data = q.data();
-      out_data = out.data();
-    } else {
-      q_stored = q.template cast<KernelScalar>();
-      out_stored.resize(n, c.heads * hs);
-      q_data = q_stored.data();
-      out_data = out_stored.data();
-    }
-    const toptheta::TensorView<const KernelScalar> queries(q_data, n, c.heads, hs);
-    const toptheta::TensorView<KernelScalar> output(out_data, n, c.heads, hs);
-    if (observer_) observe(layer, queries, cache, past, decode);
-    if (call_observer_) call_observer_(layer, queries, cache, past);
-
-    toptheta::AttentionOptions placement;
-    placement.causal = true;
-    placement.past = past;
     toptheta::AttentionStats call_stats;
     toptheta::AttentionStats* stats = options_.collect_stats ? &call_stats : nullptr;
-    const auto keys = cache.keys();
-    const auto values = cache.values();
-    const LayerAttention& policy = plan_[std::size_t(layer)];
-    if (std::holds_alternative<DenseAttention>(policy)) {
-      toptheta::dense_attention(queries, keys, values, output, placement, stats, executor_);
-    } else if (const auto* top_k = std::get_if<TopKAttention>(&policy)) {
-      toptheta::TopKOptions kernel_options;
-      kernel_options.attention = placement;
-      kernel_options.compensation = top_k->compensation;
-      kernel_options.value_prefix_sum = cache.value_sum_before(past);
-      kernel_options.k = top_k->k;
-      kernel_options.thresholds = top_k->denominator_terms ? &*top_k->denominator_terms : nullptr;
-      toptheta::top_k_attention(queries, keys, values, output, kernel_options, stats, executor_);
-    } else {
-      const auto& top_theta = std::get<TopThetaAttention>(policy);
-      toptheta::TopThetaOptions kernel_options;
-      kernel_options.attention = placement;
-      kernel_options.compensation = top_theta.compensation;
-      kernel_options.value_prefix_sum = cache.value_sum_before(past);
-      kernel_options.cap_k = top_theta.cap_k;
-      kernel_options.passes = top_theta.passes;
-      toptheta::top_theta_attention(queries, keys, values, output, top_theta.thresholds, kernel_options, stats,
-                                    executor_);
-    }
+    const auto before_kernel = [&](const toptheta::TensorView<const KernelScalar>& queries,
+                                   const toptheta::KvCache<KvScalar>& cache, Index past) {
+      if (observer_) observe(layer, queries, cache, past, decode);
+      if (call_observer_) call_observer_(layer, queries, cache, past);
+    };
+    Matrix out = layers_[std::size_t(layer)].attend(q, k, v, stats, before_kernel);
     if (stats) (decode ? stats_.decode : stats_.prefill)[std::size_t(layer)].merge(call_stats);
-    if constexpr (!kv_is_real) out = out_stored.template cast<Real>();
     return out;
   }
 
@@ -353,11 +305,10 @@ class Engine {
   const Model& model_;
   ModelWeights<Real> converted_weights_;  // the weights in Real, unless Real is float (then empty)
   EngineOptions options_;
-  toptheta::OpenMPExecutor executor_;
   AttentionPlan plan_;
   AttentionObserver observer_;
   CallObserver call_observer_;
-  std::vector<toptheta::KvCache<KvScalar>> caches_;
+  std::vector<Layer> layers_;
   Index capacity_ = 0, position_ = 0;
   Matrix cos_, sin_;  // [capacity, hs / 2]
   EngineStats stats_;

@@ -4,7 +4,7 @@
 // `length` bytes of the piece. The number of tokens is the model's vocab_size (not stored in the file).
 #pragma once
 
-#include "llama2c/model.hpp"
+#include "llama2c/engine/model.hpp"
 
 #include <algorithm>
 #include <cstdint>

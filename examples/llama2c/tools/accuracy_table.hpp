@@ -2,12 +2,12 @@
 // method, calibrated on one set of sequences and evaluated against dense attention on another.
 #pragma once
 
-#include "llama2c/calibration.hpp"
-#include "llama2c/evaluation.hpp"
-#include "llama2c/layer_split.hpp"
-#include "llama2c/parallel_for.hpp"
+#include "llama2c/tools/calibration.hpp"
+#include "llama2c/tools/evaluation.hpp"
+#include "llama2c/tools/layer_split.hpp"
 
 #include <toptheta/calibrator.hpp>
+#include <toptheta/executor.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -62,7 +62,7 @@ inline std::vector<CalibratedTable> calibrate_tables(const Model& model, const s
         options.summary_masses = true;
         shard.push_back(std::make_unique<toptheta::Calibrator>(options));
       }
-  parallel_for(Index(calibrators.size()), threads, [&](Index shard) {
+  toptheta::OpenMPExecutor{std::max(1, threads)}.parallel_for(Index(calibrators.size()), [&](Index shard) {
     std::vector<std::vector<int>> part;
     for (std::size_t i = std::size_t(shard); i < sequences.size(); i += calibrators.size())
       part.push_back(sequences[i]);
@@ -267,7 +267,7 @@ inline AccuracyTable run_accuracy_table(const Model& model, const std::vector<st
   result.evaluation_sequences_given = Index(evaluation.size());
   result.rows.resize(configurations.size());
   std::mutex progress_mutex;
-  parallel_for(Index(configurations.size()), std::max(1, options.threads), [&](Index i) {
+  toptheta::OpenMPExecutor{std::max(1, options.threads)}.parallel_for(Index(configurations.size()), [&](Index i) {
     TableRow& row = result.rows[std::size_t(i)];
     row.configuration = configurations[std::size_t(i)];
     Engine<float> worker(model, engine_options);
