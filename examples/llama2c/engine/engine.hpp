@@ -1,4 +1,4 @@
-// The llama2.c forward pass with a toptheta::KvCache per layer and every attention call through the library.
+// The llama2.c forward pass: every attention call through the library, one `AttentionLayer` per layer.
 #pragma once
 
 #include "llama2c/engine/attention_layer.hpp"
