@@ -53,20 +53,28 @@ if(nlohmann_json_FOUND)
   target_compile_definitions(toptheta_project_options INTERFACE TOPTHETA_HAVE_NLOHMANN_JSON=1)
 endif()
 
-# The kernel instantiations own programs share (cmake/kernel_instances.hpp), compiled once here with the same
-# settings: a program that links toptheta_shared_kernels gets the header force-included (explicit instantiation
-# declarations: its calls to those kernels compile to calls) and these objects linked in. The fuzz targets do
-# not use it: libFuzzer must instrument the kernels they call.
+# The kernel instantiations own programs share (cmake/kernel_instances.hpp), compiled once:
+# toptheta_add_kernel_instances(<name> [<compile option>...]) makes an INTERFACE target <name>; a program that
+# links it gets the header force-included (explicit instantiation declarations: its calls to those kernels
+# compile to calls) and the objects of cmake/kernel_instances_*.cpp, built with the project's settings plus the
+# options given. Those must be the program's own code-generation options: Eigen chooses its alignment, and with
+# it how it allocates and frees, from the target architecture (-march), so objects built for another one cannot
+# be mixed with the program's. toptheta_shared_kernels has the project's settings; the benchmarks, built
+# -march=native, make their own. The fuzz targets use neither: libFuzzer must instrument the kernels they call.
 file(GLOB _toptheta_kernel_instance_sources CONFIGURE_DEPENDS
      "${CMAKE_CURRENT_LIST_DIR}/kernel_instances_*.cpp")
-add_library(toptheta_kernel_instances OBJECT ${_toptheta_kernel_instance_sources})
-target_link_libraries(toptheta_kernel_instances PRIVATE toptheta::toptheta toptheta_project_options)
-set_target_properties(toptheta_kernel_instances PROPERTIES POSITION_INDEPENDENT_CODE ON)  # also in the Python module
-add_library(toptheta_shared_kernels INTERFACE)
 set(_toptheta_kernel_instances_header "${CMAKE_CURRENT_LIST_DIR}/kernel_instances.hpp")
-if(MSVC)
-  target_compile_options(toptheta_shared_kernels INTERFACE "/FI${_toptheta_kernel_instances_header}")
-else()
-  target_compile_options(toptheta_shared_kernels INTERFACE "SHELL:-include ${_toptheta_kernel_instances_header}")
-endif()
-target_sources(toptheta_shared_kernels INTERFACE $<TARGET_OBJECTS:toptheta_kernel_instances>)
+function(toptheta_add_kernel_instances name)
+  add_library(${name}_objects OBJECT ${_toptheta_kernel_instance_sources})
+  target_link_libraries(${name}_objects PRIVATE toptheta::toptheta toptheta_project_options)
+  target_compile_options(${name}_objects PRIVATE ${ARGN})
+  set_target_properties(${name}_objects PROPERTIES POSITION_INDEPENDENT_CODE ON)  # also in the Python module
+  add_library(${name} INTERFACE)
+  if(MSVC)
+    target_compile_options(${name} INTERFACE "/FI${_toptheta_kernel_instances_header}")
+  else()
+    target_compile_options(${name} INTERFACE "SHELL:-include ${_toptheta_kernel_instances_header}")
+  endif()
+  target_sources(${name} INTERFACE $<TARGET_OBJECTS:${name}_objects>)
+endfunction()
+toptheta_add_kernel_instances(toptheta_shared_kernels)

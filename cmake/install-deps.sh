@@ -14,6 +14,7 @@ packages=(
   libeigen3-dev                       # the library's one dependency
   catch2 libbenchmark-dev             # tests and benchmarks
   nlohmann-json3-dev                  # reference data in tests/examples
+  libcli11-dev                        # the llama2c tools' command line
   python3 python3-matplotlib          # benchmarks/report: markdown table and PNG plot
   python3-dev pybind11-dev python3-numpy python3-pytest  # the Python module and its tests
   libopenmpi-dev openmpi-bin          # the sharded-decode example on MPI

@@ -1,13 +1,17 @@
-// Command-line options in the `--name value` style: declared per subcommand, parsed, typed, with `--help`.
+// Command-line options of the `llama2c` subcommands, on CLI11: declared per subcommand, parsed, typed, with
+// `--help`.
 #pragma once
 
 #include <toptheta/scalar_traits.hpp>
 
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <filesystem>
 #include <limits>
-#include <map>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -18,8 +22,8 @@ namespace llama2c {
 
 using toptheta::Index;
 
-/// A command line that cannot be run: what() reads "<flag>: expected <what>, got <value>" (or a sentence naming
-/// the subcommand). Programs exit with status 2 on it.
+/// A command line that cannot be run: what() names the flag and what was expected (or the subcommand). Programs
+/// exit with status 2 on it.
 class usage_error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -36,87 +40,61 @@ struct OptionSpec {
 
 /// The options of one subcommand: what it accepts, and, after `parse`, what was given.
 ///
-/// Every option is `--name value` (or `--name=value`) except flags, which are `--name` alone; `--help` (or `-h`)
-/// anywhere asks for `help()`. The typed getters throw `usage_error` naming the flag and the expected value.
+/// CLI11 parses: every option is `--name value` (or `--name=value`) except flags, which are `--name` alone;
+/// `--help` (or `-h`) anywhere asks for `help()`. The typed getters check the values and throw `usage_error`
+/// naming the flag and the expected value.
 class CommandLine {
  public:
   CommandLine(std::string program, std::string command, std::string summary, std::vector<OptionSpec> options)
       : program_(std::move(program)),
         command_(std::move(command)),
-        summary_(std::move(summary)),
-        options_(std::move(options)) {}
+        options_(std::move(options)),
+        app_(std::make_unique<CLI::App>(std::move(summary), program_ + " " + command_)) {
+    for (const OptionSpec& spec : options_) {
+      CLI::Option* option = spec.value_name.empty() ? app_->add_flag("--" + spec.name, spec.help)
+                                                    : app_->add_option("--" + spec.name, spec.help);
+      if (spec.value_name.empty()) {
+        option->disable_flag_override();  // `--flag=value` is an error, not a way to turn it off
+      } else {
+        option->type_name(spec.value_name)->multi_option_policy(CLI::MultiOptionPolicy::Throw);
+        if (spec.default_value) option->default_str(*spec.default_value);
+      }
+      if (spec.required) option->required();
+    }
+  }
 
   /// Parses `arguments` (those after the subcommand's name). Throws `usage_error` for an unknown option, a
   /// missing value, a value given to a flag, a repeated option, a stray word, or (unless `--help` was given) a
-  /// missing required option.
+  /// missing required option: CLI11's message, with the subcommand and where its options are listed.
   void parse(const std::vector<std::string>& arguments) {
-    for (std::size_t i = 0; i < arguments.size(); ++i) {
-      std::string word = arguments[i];
-      if (word == "--help" || word == "-h") {
-        help_requested_ = true;
-        continue;
-      }
-      if (word.rfind("--", 0) != 0)
-        throw usage_error(command_ + ": unexpected argument \"" + word + "\"; options are --name value (see " +
-                          program_ + " " + command_ + " --help)");
-      std::optional<std::string> inline_value;
-      if (const auto equals = word.find('='); equals != std::string::npos) {
-        inline_value = word.substr(equals + 1);
-        word = word.substr(0, equals);
-      }
-      const OptionSpec* spec = find(word.substr(2));
-      if (!spec)
-        throw usage_error(word + ": unknown option of " + command_ + " (see " + program_ + " " + command_ + " --help)");
-      if (given_.count(spec->name)) throw usage_error(word + ": given twice");
-      if (spec->value_name.empty()) {
-        if (inline_value) throw usage_error(word + ": a flag, expected no value, got \"" + *inline_value + "\"");
-        given_[spec->name] = "";
-      } else if (inline_value) {
-        given_[spec->name] = *inline_value;
-      } else {
-        if (i + 1 >= arguments.size())
-          throw usage_error(word + ": expected a value (" + spec->value_name + "), got nothing");
-        given_[spec->name] = arguments[++i];
-      }
+    std::vector<std::string> words = arguments;
+    std::reverse(words.begin(), words.end());  // CLI11 takes the words last first
+    try {
+      app_->parse(words);
+    } catch (const CLI::CallForHelp&) {
+      help_requested_ = true;
+    } catch (const CLI::ParseError& error) {
+      throw usage_error(command_ + ": " + error.what() + " (see " + program_ + " " + command_ + " --help)");
     }
-    if (help_requested_) return;
-    for (const OptionSpec& spec : options_)
-      if (spec.required && !given_.count(spec.name))
-        throw usage_error("--" + spec.name + ": required, expected " + spec.value_name + " (see " + program_ + " " +
-                          command_ + " --help)");
   }
 
   bool help_requested() const { return help_requested_; }
 
-  /// Usage line, summary and one line per option with its default.
-  std::string help() const {
-    std::ostringstream out;
-    out << "usage: " << program_ << " " << command_ << " [options]\n\n" << summary_ << "\n\noptions:\n";
-    std::vector<OptionSpec> listed = options_;
-    listed.push_back({"help", "", "this text", std::nullopt});
-    for (const OptionSpec& spec : listed) {
-      std::string left = "  --" + spec.name + (spec.value_name.empty() ? "" : " " + spec.value_name);
-      if (left.size() < 30) left.resize(30, ' ');
-      out << left << " " << spec.help;
-      if (spec.required) out << " (required)";
-      if (spec.default_value && !spec.default_value->empty()) out << " [default: " << *spec.default_value << "]";
-      out << "\n";
-    }
-    return out.str();
-  }
+  /// CLI11's usage line, summary and one line per option with its default.
+  std::string help() const { return app_->help(); }
 
   /// True when the option was given on the command line (defaults do not count).
-  bool given(const std::string& name) const { return given_.count(spec(name).name) > 0; }
+  bool given(const std::string& name) const { return option(name).count() > 0; }
 
   /// A flag: true when given.
   bool flag(const std::string& name) const { return given(name); }
 
   /// The option's text: as given, else its default. Throws when neither exists.
   std::string text(const std::string& name) const {
-    const OptionSpec& option = spec(name);
-    if (const auto it = given_.find(name); it != given_.end()) return it->second;
-    if (option.default_value) return *option.default_value;
-    throw usage_error("--" + name + ": required here, expected " + option.value_name);
+    const OptionSpec& declared = spec(name);
+    if (given(name)) return option(name).as<std::string>();
+    if (declared.default_value) return *declared.default_value;
+    throw usage_error("--" + name + ": required here, expected " + declared.value_name);
   }
 
   /// The option's text, which must name an existing file.
@@ -194,6 +172,7 @@ class CommandLine {
     if (const OptionSpec* option = find(name)) return *option;
     throw std::logic_error("llama2c: " + command_ + " declares no option --" + name);
   }
+  const CLI::Option& option(const std::string& name) const { return *app_->get_option("--" + spec(name).name); }
 
   static long long parse_integer(const std::string& name, const std::string& value, long long min, long long max) {
     std::size_t used = 0;
@@ -227,9 +206,9 @@ class CommandLine {
     return "";
   }
 
-  std::string program_, command_, summary_;
+  std::string program_, command_;
   std::vector<OptionSpec> options_;
-  std::map<std::string, std::string> given_;
+  std::unique_ptr<CLI::App> app_;  // not movable itself
   bool help_requested_ = false;
 };
 
