@@ -253,6 +253,8 @@ void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens) {
       copy = (copy + 1) % rotation.copies();
     });
     report_call_counters(state, **summary, seconds, executor.threads);
+    // Beside probe/row_products/<type>'s: what the products alone take per key and KV head.
+    state.counters["ns/key-head"] = seconds * executor.threads / double(tokens * LayerShape::kv_heads) * 1e9;
   });
 }
 

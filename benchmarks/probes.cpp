@@ -1,14 +1,21 @@
 // The machine's own limits, measured in the same run as the kernels: read bandwidth from memory and Eigen's
-// float GEMM rate. Every case reports its rate as a percentage of them (bw%, gemm%).
+// float GEMM rate. Every case reports its rate as a percentage of them (bw%, gemm%). And the decode kernel's
+// arithmetic alone: its row products on K and V rows held in cache (probe/row_products/<type>), the time per
+// key and KV head that decode/<kernel>/... (counter ns/key-head) would take if no row came from memory.
+#include "kernels.hpp"
 #include "suite.hpp"
 
+#include <toptheta/aligned_vector.hpp>
+#include <toptheta/detail/row_products.hpp>
 #include <toptheta/executor.hpp>
+#include <toptheta/q8_block.hpp>
 
 #include <Eigen/Core>
 
 #include <algorithm>
 #include <chrono>
 #include <memory>
+#include <random>
 #include <vector>
 
 namespace toptheta::bench {
@@ -72,6 +79,71 @@ double best_seconds(int repeats, Work&& work) {
   return best;
 }
 
+/// Keys of the row-product probe: one sweep step of decode (16 keys per KV head) twice, so that its K and V
+/// rows (`[keys, kv_heads, head_dim]`, 256 KiB for f32) stay in each core's L2.
+constexpr Index product_keys = 32;
+/// Passes over those keys per work item.
+constexpr Index product_passes = 16;
+
+/// K and V rows of `product_keys` tokens of the layer, random in [-1, 1] (q8_0 blocks quantized from them).
+template <class Stored>
+AlignedVector<Stored> product_rows(unsigned seed) {
+  constexpr Index d = LayerShape::head_dim, elements = stored_bytes<Stored>(d) / Index(sizeof(Stored));
+  const Index rows = product_keys * LayerShape::kv_heads;
+  std::mt19937 generator(seed);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> values(std::size_t(rows * d));
+  for (float& value : values) value = uniform(generator);
+  AlignedVector<Stored> stored(std::size_t(rows * elements));
+  if constexpr (is_q8_block_v<Stored>)
+    quantize_q8(values.data(), rows * d, stored.data());
+  else
+    for (std::size_t i = 0; i < values.size(); ++i) stored[i] = Stored(values[i]);
+  return stored;
+}
+
+/// probe/row_products/<type>: per work item, `product_passes` times for every KV head, the scores of the GQA
+/// group's 4 query rows against `product_keys` cached K rows (`detail::dot_rows`) and their weighted sum of
+/// the V rows (`detail::add_weighted_rows`): the two products dense decode runs per key and KV head, as the
+/// kernel calls them (one sweep step per call), without its softmax, merges or memory traffic. Counters:
+/// `ns/key-head` (time per key and KV head, times the threads: compare with decode's), `GMAC/s`.
+template <class Stored>
+void register_row_product_probe() {
+  register_case(std::string("probe/row_products/") + type_name<Stored>(), true, [](benchmark::State& state) {
+    constexpr Index d = LayerShape::head_dim, rows = LayerShape::q_heads / LayerShape::kv_heads;
+    constexpr Index stride = LayerShape::kv_heads * stored_bytes<Stored>(d) / Index(sizeof(Stored));
+    const AlignedVector<Stored> keys = product_rows<Stored>(1), values = product_rows<Stored>(2);
+    const int threads = settings().threads;
+    const Index items = 4 * threads;
+    AlignedVector<float> queries(std::size_t(rows * d), 0.01f);
+    // Per item: its scores (rows x keys) and its output rows (rows x d).
+    AlignedVector<float> scores(std::size_t(items * rows * product_keys)), outputs(std::size_t(items * rows * d));
+    const OpenMPExecutor executor{threads};
+    // head_dim as the kernel sees it, a run-time value (a constant would let GCC unroll what the kernel cannot).
+    static volatile Index run_time_head_dim = d;
+    const Index dim = run_time_head_dim;
+    const double seconds = timed_loop(state, [&] {
+      executor.parallel_for(items, [&](Index item) {
+        float* score = scores.data() + item * rows * product_keys;
+        float* output = outputs.data() + item * rows * d;
+        for (Index pass = 0; pass < product_passes; ++pass)
+          for (Index head = 0; head < LayerShape::kv_heads; ++head) {
+            const Index first = head * (stride / LayerShape::kv_heads);
+            detail::dot_rows(detail::RowBlock<const float>{queries.data(), d}, rows, keys.data() + first, stride,
+                             product_keys, dim, detail::RowBlock<float>{score, product_keys});
+            detail::add_weighted_rows(detail::RowBlock<const float>{score, product_keys}, rows, values.data() + first,
+                                      stride, product_keys, dim, detail::RowBlock<float>{output, d});
+          }
+      });
+      benchmark::DoNotOptimize(outputs.data());
+    });
+    const double key_heads = double(items * product_passes * LayerShape::kv_heads * product_keys);
+    state.counters["ns/key-head"] = seconds * threads / key_heads * 1e9;
+    state.counters["GMAC/s"] = key_heads * 2.0 * double(rows * d) / seconds * 1e-9;
+    state.counters["threads"] = threads;
+  });
+}
+
 }  // namespace
 
 /// Measured once, on first use (before the first case reports): the best of 5 sums and of 3 GEMMs.
@@ -105,6 +177,9 @@ void register_probe_benchmarks() {
     state.counters["reference_GFLOP/s"] = reference * 1e-9;
     state.counters["threads"] = settings().threads;
   });
+  register_row_product_probe<float>();
+  register_row_product_probe<Eigen::bfloat16>();
+  register_row_product_probe<BlockQ8_0>();
 }
 
 }  // namespace toptheta::bench

@@ -93,20 +93,22 @@ template <class Acc, class Stored>
 constexpr int packets_per_block = widens_blocks<Acc, Stored> ? int(values_per_element_v<Stored> / packet_size<Acc>) : 1;
 
 /// `out[p]` = packet `p` of values `[d, d + Packets * packet_size)` of the row at `row`, as `load_widened` gives
-/// them. For blocks that hold whole packets and `Packets` a multiple of `packets_per_block`, `d` must start a
-/// block: each block's scale is converted once for its packets.
+/// them. For blocks that hold whole packets and `Packets` a multiple or a divisor of `packets_per_block`, the
+/// values must be whole blocks or lie in one block (`d` a multiple of `Packets * packet_size`): each block's
+/// scale is converted once for its packets.
 template <class Acc, int Packets, class Stored>
 void widen_packets(const Stored* row, Index d, Packet<Acc> (&out)[Packets]) {
   constexpr int per_block = packets_per_block<Acc, Stored>;
-  if constexpr (per_block > 1 && Packets % per_block == 0) {
+  if constexpr (per_block > 1 && (Packets % per_block == 0 || per_block % Packets == 0)) {
     namespace ei = Eigen::internal;
     using P = Packet<Acc>;
-    constexpr Index size = packet_size<Acc>;
-    for (int b = 0; b < Packets / per_block; ++b) {
-      const Stored& block = row[d / values_per_element_v<Stored> + b];
+    constexpr Index size = packet_size<Acc>, values_per_block = values_per_element_v<Stored>;
+    constexpr int in_block = std::min(Packets, per_block);
+    for (int b = 0; b < Packets / in_block; ++b) {
+      const Stored& block = row[d / values_per_block + b];
       const P scale = ei::pset1<P>(scale_of(block));
-      for (int p = 0; p < per_block; ++p)
-        out[b * per_block + p] = ei::pmul(widened_bytes(block.values + p * size), scale);
+      for (int p = 0; p < in_block; ++p)
+        out[b * in_block + p] = ei::pmul(widened_bytes(block.values + d % values_per_block + p * size), scale);
     }
   } else {
     for (int p = 0; p < Packets; ++p) out[p] = load_widened<Acc>(row, d + p * packet_size<Acc>);
@@ -177,15 +179,19 @@ struct RowBlock {
 /// registers.
 constexpr int rows_per_pass = 4;
 
-/// Key rows dotted at once by `dot_rows_pass`: with `rows_per_pass` query rows, 16 accumulators.
-constexpr int keys_per_pass = 4;
+/// Key rows dotted at once by `dot_rows_pass`: 4 (16 accumulators with `rows_per_pass` query rows) where
+/// they fit beside the key packets: with AVX-512's 32 vector registers, or when the keys need no widening
+/// (the multiply-adds read their packets from memory); else 2, so that the 8 sums, the widened key packets
+/// and their scales fit AVX2's 16 registers.
+template <class Acc, class Stored>
+constexpr int keys_per_pass = packet_size<Acc> * sizeof(Acc) >= 64 || std::is_same_v<Stored, Acc> ? 4 : 2;
 
 /// `scores(r, t) = Σ lanes of sums[t][r]` for `Rows` rows and `Keys` keys. With AVX-512 floats the 16 sums
 /// are reduced together by a transposing tree (15 adds instead of 16 separate horizontal sums).
-template <int Rows, int Keys, class Acc>
-void store_dots(const Packet<Acc> (&sums)[keys_per_pass][rows_per_pass], RowBlock<Acc> scores) {
+template <int Rows, int Keys, class Acc, int PassKeys>
+void store_dots(const Packet<Acc> (&sums)[PassKeys][rows_per_pass], RowBlock<Acc> scores) {
 #if defined(EIGEN_VECTORIZE_AVX512)
-  if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16) {
+  if constexpr (std::is_same_v<Acc, float> && packet_size<Acc> == 16 && PassKeys == 4) {
     // Each level adds lanes of pairs of vectors picked by two-source permutes (GCC 12 warns about the
     // undefined pass-through operands of the shuffles and unpacks): sum a = 4 t + r ends in lane 4 r + t.
     __m512 level[16];
@@ -225,7 +231,7 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
   constexpr Index size = packet_size<Acc>;
   const Index row_bytes = stored_bytes<Stored>(dim);
   const Index vector_dim = dim - dim % size;
-  P sums[keys_per_pass][rows_per_pass];
+  P sums[keys_per_pass<Acc, Stored>][rows_per_pass];
   for (int t = 0; t < Keys; ++t)
     for (int r = 0; r < Rows; ++r) sums[t][r] = ei::pset1<P>(Acc(0));
   // Outside the loop below, whose sums GCC spills when it holds a branch.
@@ -235,14 +241,26 @@ void dot_rows_pass(RowBlock<const Acc> queries, const Stored* keys, Index key_st
   // Packets a step widens per key row: a block's (its scale read once), or one; blocks hold whole packets only
   // when head_dim is a multiple of the block, so no packet is left after the steps.
   constexpr int step = packets_per_block<Acc, Stored>;
+  constexpr Index values_per_block = values_per_element_v<Stored>;
   for (Index d = 0; d < vector_dim; d += step * size) {
-    P key[Keys][step];
-    for (int t = 0; t < Keys; ++t) widen_packets<Acc>(keys + t * key_stride, d, key[t]);
-    for (int s = 0; s < step; ++s)
+    // A block's scale is converted once per key row, and its packets widened one at a time: only Keys of them
+    // are live beside the sums.
+    [[maybe_unused]] P scale[Keys];
+    if constexpr (step > 1)
+      for (int t = 0; t < Keys; ++t) scale[t] = ei::pset1<P>(scale_of(keys[t * key_stride + d / values_per_block]));
+    for (int s = 0; s < step; ++s) {
+      P key[Keys];
+      for (int t = 0; t < Keys; ++t) {
+        if constexpr (step > 1)
+          key[t] = ei::pmul(widened_bytes(keys[t * key_stride + d / values_per_block].values + s * size), scale[t]);
+        else
+          key[t] = load_widened<Acc>(keys + t * key_stride, d);
+      }
       for (int r = 0; r < Rows; ++r) {
         const P query = ei::ploadu<P>(queries.row(r) + d + s * size);
-        for (int t = 0; t < Keys; ++t) sums[t][r] = ei::pmadd(query, key[t][s], sums[t][r]);
+        for (int t = 0; t < Keys; ++t) sums[t][r] = ei::pmadd(query, key[t], sums[t][r]);
       }
+    }
   }
   store_dots<Rows, Keys>(sums, scores);
   for (int r = 0; r < Rows; ++r)
@@ -289,8 +307,9 @@ void dot_rows(RowBlock<const Acc> queries, Index rows, const Stored* keys, Index
   for (Index first = 0; first < rows; first += rows_per_pass)
     with_constant<rows_per_pass>(std::min<Index>(rows_per_pass, rows - first), [&](auto pass_rows) {
       const RowBlock<const Acc> pass_queries{queries.row(first), queries.stride};
-      for (Index j = 0; j < count; j += keys_per_pass)
-        with_constant<keys_per_pass>(std::min<Index>(keys_per_pass, count - j), [&](auto pass_keys) {
+      constexpr int most_keys = keys_per_pass<Acc, Stored>;
+      for (Index j = 0; j < count; j += most_keys)
+        with_constant<most_keys>(std::min<Index>(most_keys, count - j), [&](auto pass_keys) {
           constexpr int Keys = decltype(pass_keys)::value;
           // The next rows are asked for once, by the first pass of query rows.
           const NextRows<Stored> ahead = first == 0 ? next.from(j, key_stride) : NextRows<Stored>{};
@@ -301,6 +320,17 @@ void dot_rows(RowBlock<const Acc> queries, Index rows, const Stored* keys, Index
         });
     });
 }
+
+/// Packets of the head dimension one pass of `add_weighted_rows` keeps for each of `Rows` output rows: 16
+/// accumulators in all, for whole blocks of a block type; for blocks without AVX-512, 8 in all (parts of a
+/// block), so that they, the widened packets and a scale fit AVX2's 16 registers.
+template <class Acc, class Stored, int Rows>
+constexpr int value_packets_per_pass = packets_per_block<Acc, Stored> == 1 ? 16 / Rows
+                                       : packet_size<Acc> * sizeof(Acc) >= 64
+                                           ? std::max(packets_per_block<Acc, Stored>,
+                                                      16 / Rows / packets_per_block<Acc, Stored> *
+                                                          packets_per_block<Acc, Stored>)
+                                           : std::min(packets_per_block<Acc, Stored>, 8 / Rows);
 
 /// `output_r += Σ_j weights(r, j) values_j` for `rows` rows and `count` value rows of `dim` stored values;
 /// asks for the `next` rows meanwhile. Value rows are taken in groups small enough to stay in L1 while each
@@ -315,9 +345,7 @@ void add_weighted_rows(RowBlock<const Acc> weights, Index rows, const Stored* va
     const Stored* group = values + first_key * value_stride;
     for (Index first = 0; first < rows; first += rows_per_pass)
       with_constant<rows_per_pass>(std::min<Index>(rows_per_pass, rows - first), [&](auto pass_rows) {
-        constexpr int per_block = packets_per_block<Acc, Stored>;
-        constexpr int Rows = decltype(pass_rows)::value,
-                      Packets = std::max(per_block, 16 / Rows / per_block * per_block);
+        constexpr int Rows = decltype(pass_rows)::value, Packets = value_packets_per_pass<Acc, Stored, Rows>;
         const RowBlock<const Acc> pass_weights{weights.row(first) + first_key, weights.stride};
         const RowBlock<Acc> pass_output{output.row(first), output.stride};
         // The next rows are asked for once, by the first pass of output rows (in the packets it reads).
