@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -98,8 +99,9 @@ Index copy_above(const std::int32_t* positions, const Acc* scores, Index count, 
   return kept;
 }
 
-/// `max_c scores[c]` (count >= 1), NaN when a score is NaN: with AVX-512 floats 64 scores per step in four
-/// independent maxima, so that a tile row costs a few cycles more than loading it; elsewhere Eigen's `maxCoeff`.
+/// `max_c scores[c]` (count >= 1), NaN when a score is NaN: with AVX-512 (AVX) floats 64 (32) scores per step in
+/// four independent maxima, so that a tile row costs a few cycles more than loading it; elsewhere Eigen's
+/// `maxCoeff`.
 template <class Acc>
 Acc max_of(const Acc* scores, Index count) {
 #if defined(EIGEN_VECTORIZE_AVX512)
@@ -127,13 +129,41 @@ Acc max_of(const Acc* scores, Index count) {
     if (nan) return std::numeric_limits<float>::quiet_NaN();
     return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(max0, max1), _mm512_max_ps(max2, max3)));
   }
+#elif defined(EIGEN_VECTORIZE_AVX)
+  if constexpr (std::is_same_v<Acc, float>) {
+    // As above, 32 scores per step; the NaN lanes are or-ed, and the last scores taken one by one.
+    const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 max0 = lowest, max1 = lowest, max2 = lowest, max3 = lowest, nan = _mm256_setzero_ps();
+    const auto note = [&](__m256& max, __m256 a) {
+      max = _mm256_max_ps(max, a);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    };
+    Index c = 0;
+    for (; c + 32 <= count; c += 32) {
+      note(max0, _mm256_loadu_ps(scores + c));
+      note(max1, _mm256_loadu_ps(scores + c + 8));
+      note(max2, _mm256_loadu_ps(scores + c + 16));
+      note(max3, _mm256_loadu_ps(scores + c + 24));
+    }
+    for (; c + 8 <= count; c += 8) note(max0, _mm256_loadu_ps(scores + c));
+    const __m256 max = _mm256_max_ps(_mm256_max_ps(max0, max1), _mm256_max_ps(max2, max3));
+    const __m128 half = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+    const __m128 pair = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    float result = _mm_cvtss_f32(_mm_max_ss(pair, _mm_movehdup_ps(pair)));
+    bool any_nan = _mm256_movemask_ps(nan) != 0;
+    for (; c < count; ++c) {
+      any_nan |= std::isnan(scores[c]);
+      result = std::max(result, scores[c]);
+    }
+    return any_nan ? std::numeric_limits<float>::quiet_NaN() : result;
+  }
 #endif
   const auto values = Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>(scores, count);
   return values.isNaN().any() ? std::numeric_limits<Acc>::quiet_NaN() : values.maxCoeff();
 }
 
 /// The largest `c < count` with `scores[c] == value` (one must exist): where a row's max lies, searched from
-/// the end so that ties go to the larger position; 16 scores at a time with AVX-512 floats.
+/// the end so that ties go to the larger position; 16 (8) scores at a time with AVX-512 (AVX) floats.
 template <class Acc>
 Index last_position_of(const Acc* scores, Index count, Acc value) {
   Index c = count;
@@ -143,6 +173,13 @@ Index last_position_of(const Acc* scores, Index count, Acc value) {
     for (; c >= 16; c -= 16)
       if (const __mmask16 equal = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores + c - 16), wanted, _CMP_EQ_OQ))
         return c - 16 + (31 - __builtin_clz(unsigned(equal)));
+  }
+#elif defined(EIGEN_VECTORIZE_AVX)
+  if constexpr (std::is_same_v<Acc, float>) {
+    const __m256 wanted = _mm256_set1_ps(value);
+    for (; c >= 8; c -= 8)
+      if (const int equal = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(scores + c - 8), wanted, _CMP_EQ_OQ)))
+        return c - 8 + (31 - __builtin_clz(unsigned(equal)));
   }
 #endif
   while (scores[--c] != value) {
