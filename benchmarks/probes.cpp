@@ -88,7 +88,7 @@ constexpr Index product_passes = 16;
 /// K and V rows of `product_keys` tokens of the layer, random in [-1, 1] (q8_0 blocks quantized from them).
 template <class Stored>
 AlignedVector<Stored> product_rows(unsigned seed) {
-  constexpr Index d = LayerShape::head_dim, elements = stored_bytes<Stored>(d) / Index(sizeof(Stored));
+  constexpr Index d = LayerShape::head_dim, elements = elements_of<Stored>(d);
   const Index rows = product_keys * LayerShape::kv_heads;
   std::mt19937 generator(seed);
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
@@ -111,7 +111,7 @@ template <class Stored>
 void register_row_product_probe() {
   register_case(std::string("probe/row_products/") + type_name<Stored>(), true, [](benchmark::State& state) {
     constexpr Index d = LayerShape::head_dim, rows = LayerShape::q_heads / LayerShape::kv_heads;
-    constexpr Index stride = LayerShape::kv_heads * stored_bytes<Stored>(d) / Index(sizeof(Stored));
+    constexpr Index row = elements_of<Stored>(d), stride = LayerShape::kv_heads * row;
     const AlignedVector<Stored> keys = product_rows<Stored>(1), values = product_rows<Stored>(2);
     const int threads = settings().threads;
     const Index items = 4 * threads;
@@ -128,7 +128,7 @@ void register_row_product_probe() {
         float* output = outputs.data() + item * rows * d;
         for (Index pass = 0; pass < product_passes; ++pass)
           for (Index head = 0; head < LayerShape::kv_heads; ++head) {
-            const Index first = head * (stride / LayerShape::kv_heads);
+            const Index first = head * row;
             detail::dot_rows(detail::RowBlock<const float>{queries.data(), d}, rows, keys.data() + first, stride,
                              product_keys, dim, detail::RowBlock<float>{score, product_keys});
             detail::add_weighted_rows(detail::RowBlock<const float>{score, product_keys}, rows, values.data() + first,
