@@ -96,16 +96,18 @@ RotationSlot& rotation_slot() {
   return slot;
 }
 
-/// The `Rotation` (`KvRotation` or `PagedKvRotation`) of the measured layer at `tokens` stored as `Stored`. One
-/// rotation (1 GiB) is kept at a time, for all types and kinds: cases run context length by context length, so
-/// the cases of one (n, type, kind) share it.
-template <template <class> class Rotation, class Stored>
-const Rotation<Stored>& rotation_of(Index tokens) {
+/// The `Rotation` (`KvRotation` or `PagedKvRotation`) of the measured layer at `tokens` stored as `Stored`, made
+/// as `Rotation<Stored>(tokens, layout...)` (a paged rotation's page size). One rotation (1 GiB) is kept at a
+/// time, for all types and kinds: cases run context length by context length, so the cases of one (n, type,
+/// kind, page size) share it.
+template <template <class> class Rotation, class Stored, class... Layout>
+const Rotation<Stored>& rotation_of(Index tokens, Layout... layout) {
   RotationSlot& slot = rotation_slot();
-  const std::string key = std::string(typeid(Rotation<Stored>).name()) + "/" + std::to_string(tokens);
+  std::string key = std::string(typeid(Rotation<Stored>).name()) + "/" + std::to_string(tokens);
+  ((key += "/" + std::to_string(layout)), ...);
   if (!slot.rotation || slot.key != key) {
     slot.rotation.reset();  // free the old copies before making the new ones
-    slot.rotation = std::make_shared<const Rotation<Stored>>(tokens);
+    slot.rotation = std::make_shared<const Rotation<Stored>>(tokens, layout...);
     slot.key = key;
   }
   return *static_cast<const Rotation<Stored>*>(slot.rotation.get());
@@ -113,17 +115,22 @@ const Rotation<Stored>& rotation_of(Index tokens) {
 
 /// Tokens per page of the paged cases (`decode_paged/...`), as engines commonly use.
 constexpr Index paged_page_size = 16;
+/// A larger page size the paged cases at the longest context also run with (`decode_paged/.../page:64`): how
+/// much of the paged cost is the jump from page to page.
+constexpr Index large_page_size = 64;
 
-/// The rotation's copies in token-major pages (`paged_page_size` tokens each, `PagePool`'s default layout) of
-/// one pool per copy, placed in a shuffled order that a block table undoes, as a paged KV cache shared by many
+/// The rotation's copies in token-major pages (`page_size` tokens each, `PagePool`'s default layout) of one
+/// pool per copy, placed in a shuffled order that a block table undoes, as a paged KV cache shared by many
 /// sequences holds one of them.
 template <class Stored>
 class PagedKvRotation {
  public:
-  explicit PagedKvRotation(Index tokens)
+  PagedKvRotation(Index tokens, Index page_size)
       : tokens_(tokens),
-        pages_((tokens + paged_page_size - 1) / paged_page_size),
-        pool_size_(std::size_t(pages_ * page_elements)),
+        page_size_(page_size),
+        page_elements_(page_size * LayerShape::kv_heads * row_elements<Stored>),
+        pages_((tokens + page_size - 1) / page_size),
+        pool_size_(std::size_t(pages_ * page_elements_)),
         copies_(std::max<Index>(1, Index(std::ceil(rotation_bytes / (2.0 * double(pool_size_) * sizeof(Stored)))))),
         data_(2 * std::size_t(copies_) * pool_size_) {
     for (Index b = 0; b < pages_; ++b) block_table_.push_back(std::int32_t(b));
@@ -134,8 +141,8 @@ class PagedKvRotation {
         for (Index t = 0; t < tokens_; ++t)
           for (Index h = 0; h < LayerShape::kv_heads; ++h) {
             const Index from = (t * LayerShape::kv_heads + h) * row;
-            const std::ptrdiff_t to = std::ptrdiff_t(block_table_[std::size_t(t / paged_page_size)] * page_elements +
-                                                     (t % paged_page_size * LayerShape::kv_heads + h) * row);
+            const std::ptrdiff_t to = std::ptrdiff_t(block_table_[std::size_t(t / page_size_)] * page_elements_ +
+                                                     (t % page_size_ * LayerShape::kv_heads + h) * row);
             std::copy_n(k + from, row, data_.begin() + std::ptrdiff_t(pool(2 * c)) + to);
             std::copy_n(v + from, row, data_.begin() + std::ptrdiff_t(pool(2 * c + 1)) + to);
           }
@@ -147,13 +154,11 @@ class PagedKvRotation {
   PagedTensorView<const Stored> values(Index copy) const { return view(2 * copy + 1); }
 
  private:
-  static constexpr Index page_elements = paged_page_size * LayerShape::kv_heads * row_elements<Stored>;
-
   std::size_t pool(Index slot) const { return std::size_t(slot) * pool_size_; }
   PagedTensorView<const Stored> view(Index slot) const {
     return {data_.data() + pool(slot),
             pages_,
-            paged_page_size,
+            page_size_,
             block_table_.data(),
             tokens_,
             LayerShape::kv_heads,
@@ -161,7 +166,7 @@ class PagedKvRotation {
             PageLayout::token_major};
   }
 
-  Index tokens_, pages_;
+  Index tokens_, page_size_, page_elements_, pages_;
   std::size_t pool_size_;
   Index copies_;
   AlignedVector<Stored> data_;
@@ -224,20 +229,21 @@ const AlignedVector<Scalar>& dense_decode_output(Index tokens) {
 /// of paging. With K and V of q8_0 blocks (type `q8`; q and the output f32) the error is against f32 dense, so
 /// it holds the quantization's error and the sparsity's.
 template <class Scalar, class KvView>
-void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens) {
+void register_decode_case(const Kernel<Scalar, KvView>& entry, Index tokens, Index page_size = paged_page_size) {
   using Stored = typename KvView::value_type;
   constexpr bool paged = detail::is_paged_view_v<KvView>;
   const std::string name = std::string(paged ? "decode_paged/" : "decode/") + entry.name +
-                           "/kv:" + std::to_string(tokens) + "/" + type_name<Stored>();
+                           "/kv:" + std::to_string(tokens) + "/" + type_name<Stored>() +
+                           (page_size != paged_page_size ? "/page:" + std::to_string(page_size) : "");
   auto summary = std::make_shared<std::optional<CallSummary>>();  // set by the case's first run
-  register_case(name, tokens == quick_context_length, [&entry, tokens, summary](benchmark::State& state) {
+  register_case(name, tokens == quick_context_length, [&entry, tokens, page_size, summary](benchmark::State& state) {
     const OpenMPExecutor executor{settings().threads};
     const LayerThresholds* thresholds = thresholds_for(entry, Phase::decode, tokens);
     AlignedVector<Scalar> out;
     const AttentionCall<Scalar> step = decode_call<Scalar>(tokens, out);
     const auto& rotation = [&]() -> const auto& {
       if constexpr (paged)
-        return rotation_of<PagedKvRotation, Stored>(tokens);
+        return rotation_of<PagedKvRotation, Stored>(tokens, page_size);
       else
         return rotation_of<KvRotation, Stored>(tokens);
     }
@@ -265,13 +271,17 @@ void register_decode_benchmarks() {
     for (const Kernel<float>& entry : kernels<float>()) register_decode_case(entry, tokens);
     for (const Kernel<Eigen::bfloat16>& entry : kernels<Eigen::bfloat16>()) register_decode_case(entry, tokens);
   }
+  // The paged cases of one type at the longest context run at `large_page_size` too, after those at the common one.
+  const auto register_paged_cases = [](const auto& entries, Index tokens) {
+    for (const auto& entry : entries) register_decode_case(entry, tokens);
+    if (tokens == std::end(paged_context_lengths)[-1])
+      for (const auto& entry : entries) register_decode_case(entry, tokens, large_page_size);
+  };
   for (Index tokens : paged_context_lengths) {
-    for (const auto& entry : cache_kernels<float, PagedTensorView<const float>>()) register_decode_case(entry, tokens);
-    for (const auto& entry : cache_kernels<Eigen::bfloat16, PagedTensorView<const Eigen::bfloat16>>())
-      register_decode_case(entry, tokens);
+    register_paged_cases(cache_kernels<float, PagedTensorView<const float>>(), tokens);
+    register_paged_cases(cache_kernels<Eigen::bfloat16, PagedTensorView<const Eigen::bfloat16>>(), tokens);
     for (const auto& entry : cache_kernels<float, TensorView<const BlockQ8_0>>()) register_decode_case(entry, tokens);
-    for (const auto& entry : cache_kernels<float, PagedTensorView<const BlockQ8_0>>())
-      register_decode_case(entry, tokens);
+    register_paged_cases(cache_kernels<float, PagedTensorView<const BlockQ8_0>>(), tokens);
   }
 }
 
