@@ -128,9 +128,8 @@ class PagedKvRotation {
   PagedKvRotation(Index tokens, Index page_size)
       : tokens_(tokens),
         page_size_(page_size),
-        page_elements_(page_size * LayerShape::kv_heads * row_elements<Stored>),
         pages_((tokens + page_size - 1) / page_size),
-        pool_size_(std::size_t(pages_ * page_elements_)),
+        pool_size_(std::size_t(pages_ * page_elements())),
         copies_(std::max<Index>(1, Index(std::ceil(rotation_bytes / (2.0 * double(pool_size_) * sizeof(Stored)))))),
         data_(2 * std::size_t(copies_) * pool_size_) {
     for (Index b = 0; b < pages_; ++b) block_table_.push_back(std::int32_t(b));
@@ -141,7 +140,7 @@ class PagedKvRotation {
         for (Index t = 0; t < tokens_; ++t)
           for (Index h = 0; h < LayerShape::kv_heads; ++h) {
             const Index from = (t * LayerShape::kv_heads + h) * row;
-            const std::ptrdiff_t to = std::ptrdiff_t(block_table_[std::size_t(t / page_size_)] * page_elements_ +
+            const std::ptrdiff_t to = std::ptrdiff_t(block_table_[std::size_t(t / page_size_)] * page_elements() +
                                                      (t % page_size_ * LayerShape::kv_heads + h) * row);
             std::copy_n(k + from, row, data_.begin() + std::ptrdiff_t(pool(2 * c)) + to);
             std::copy_n(v + from, row, data_.begin() + std::ptrdiff_t(pool(2 * c + 1)) + to);
@@ -154,6 +153,7 @@ class PagedKvRotation {
   PagedTensorView<const Stored> values(Index copy) const { return view(2 * copy + 1); }
 
  private:
+  Index page_elements() const { return page_size_ * LayerShape::kv_heads * row_elements<Stored>; }
   std::size_t pool(Index slot) const { return std::size_t(slot) * pool_size_; }
   PagedTensorView<const Stored> view(Index slot) const {
     return {data_.data() + pool(slot),
@@ -166,7 +166,7 @@ class PagedKvRotation {
             PageLayout::token_major};
   }
 
-  Index tokens_, page_size_, page_elements_, pages_;
+  Index tokens_, page_size_, pages_;
   std::size_t pool_size_;
   Index copies_;
   AlignedVector<Stored> data_;
